@@ -1,0 +1,14 @@
+//! MixNN's cryptographic foundations: peer identities, signed descriptors,
+//! the constant-size onion used to set up mix circuits, and the AEAD cells
+//! that carry tensors through them.
+//!
+//! Pure code: no I/O beyond key files, no async runtime, no network.
+
+pub mod cells;
+pub mod descriptor;
+pub mod identity;
+pub mod onion;
+pub mod replay;
+
+pub use descriptor::{Capacity, Descriptor, DescriptorError, Roles, SignedDescriptor};
+pub use identity::{peer_id_bytes, verify_signature, Identity, KeyFileError, OnionKeyPair, SignatureError};

@@ -1,0 +1,8 @@
+pub mod node;
+pub mod peers;
+pub mod train;
+
+/// A multi-threaded tokio runtime for one command.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}

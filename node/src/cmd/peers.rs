@@ -1,0 +1,57 @@
+//! `mixnn peers`
+
+use std::time::Duration;
+
+use clap::Args;
+use mixnn_node::config::parse_addrs;
+use mixnn_node::discovery::{discover_at_least, join_as_client, VolunteerSummary};
+use mixnn_node::network::TransportKind;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Args, Debug)]
+pub struct PeersArgs {
+    /// Bootstrap peers, each ending in /p2p/<peer id>.
+    #[arg(long, env = "MIXNN_BOOTSTRAP", value_delimiter = ',', required = true)]
+    bootstrap: Vec<String>,
+    /// Keep looking until at least this many volunteers are found (or --timeout).
+    #[arg(long, default_value_t = 1)]
+    min: usize,
+    /// Give up after this many seconds.
+    #[arg(long, default_value_t = 10)]
+    timeout: u64,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: PeersArgs) -> anyhow::Result<()> {
+    let bootstrap = parse_addrs("bootstrap address", &args.bootstrap)?;
+    super::runtime()?.block_on(async move {
+        let cancel = CancellationToken::new();
+        let network = join_as_client(bootstrap, TransportKind::Tcp, vec![], cancel.clone()).await?;
+        let (found, stats) =
+            discover_at_least(&network, args.min, Duration::from_secs(args.timeout)).await;
+        cancel.cancel();
+        let rows: Vec<VolunteerSummary> = found.iter().map(VolunteerSummary::from).collect();
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({ "volunteers": rows, "count": rows.len(), "stats": stats })
+            );
+        } else {
+            println!("{:<54} {:<16} {:>5} {:>12} {:>8}", "PEER", "ROLES", "FREE", "MAX PARAMS", "EPOCH");
+            for r in &rows {
+                println!(
+                    "{:<54} {:<16} {:>5} {:>12} {:>8}",
+                    r.peer_id,
+                    r.roles.join("+"),
+                    r.free_slots,
+                    r.max_params,
+                    r.epoch
+                );
+            }
+            eprintln!("{} volunteers ({} providers found)", rows.len(), stats.providers_found);
+        }
+        Ok(())
+    })
+}

@@ -1,0 +1,11 @@
+//! The MixNN node: libp2p network (Kademlia, identify, ping, direct
+//! streams), the slot store on sled, discovery of volunteers, and the
+//! runtime that `mixnn node` and `mixnn-bootstrap` share.
+
+pub mod config;
+pub mod discovery;
+pub mod metrics;
+pub mod network;
+pub mod node;
+pub mod runtime;
+pub mod store;

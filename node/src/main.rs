@@ -1,0 +1,49 @@
+//! `mixnn`: run a volunteer node, find volunteers, train and query models
+//! through mix circuits.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "mixnn",
+    version,
+    about = "Train and run neural networks on volunteers' machines without trusting any of them with the model",
+    long_about = "MixNN splits a model into layers held by different volunteers. Activations and \
+gradients travel through onion-encrypted mix circuits, so no volunteer holds the whole model, \
+learns its structure, or knows who holds the layers that are not next to its own.\n\n\
+Volunteers run `mixnn node`; clients run `mixnn train` and `mixnn infer`; \
+`mixnn train --local` trains the same model in this process for comparison."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a volunteer node: join the DHT, offer layer slots and mix capacity, serve circuits.
+    Node(cmd::node::NodeArgs),
+    /// List the volunteers the DHT knows, with verified descriptors.
+    Peers(cmd::peers::PeersArgs),
+    /// Train a model, locally (--local) or through the network.
+    Train(cmd::train::TrainArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    mixnn_node::runtime::init_tracing();
+    let result = match cli.command {
+        Command::Node(a) => cmd::node::run(a),
+        Command::Peers(a) => cmd::peers::run(a),
+        Command::Train(a) => cmd::train::run(a),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

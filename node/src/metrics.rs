@@ -1,0 +1,192 @@
+//! The node's counters and gauges, exported in Prometheus text format.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: String,
+}
+
+/// All metrics of one node. Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub peers_connected: Gauge,
+    pub records_stored: Counter,
+    pub records_refused: Family<Reason, Counter>,
+    pub slots_held: Gauge,
+    pub bytes_relayed: Counter,
+    pub cells_relayed: Counter,
+    pub circuits_active: Gauge,
+    pub circuits_refused: Family<Reason, Counter>,
+    pub streams_refused: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("mixnn");
+        let peers_connected = Gauge::default();
+        let records_stored = Counter::default();
+        let records_refused = Family::<Reason, Counter>::default();
+        let slots_held = Gauge::default();
+        let bytes_relayed = Counter::default();
+        let cells_relayed = Counter::default();
+        let circuits_active = Gauge::default();
+        let circuits_refused = Family::<Reason, Counter>::default();
+        let streams_refused = Counter::default();
+        registry.register(
+            "peers_connected",
+            "Peers with an open connection",
+            peers_connected.clone(),
+        );
+        registry.register(
+            "records_stored",
+            "DHT records and provider records accepted into the local store",
+            records_stored.clone(),
+        );
+        registry.register(
+            "records_refused",
+            "DHT records refused on store or on read, by reason",
+            records_refused.clone(),
+        );
+        registry.register("slots_held", "Layer slots held", slots_held.clone());
+        registry.register(
+            "bytes_relayed",
+            "Cell bytes forwarded or served on circuits",
+            bytes_relayed.clone(),
+        );
+        registry.register(
+            "cells_relayed",
+            "Cells forwarded or served on circuits",
+            cells_relayed.clone(),
+        );
+        registry.register(
+            "circuits_active",
+            "Circuits currently open through this node",
+            circuits_active.clone(),
+        );
+        registry.register(
+            "circuits_refused",
+            "Circuit setups refused, by reason",
+            circuits_refused.clone(),
+        );
+        registry.register(
+            "streams_refused",
+            "Inbound streams refused because the node was at its limit",
+            streams_refused.clone(),
+        );
+        Self {
+            registry: Arc::new(registry),
+            peers_connected,
+            records_stored,
+            records_refused,
+            slots_held,
+            bytes_relayed,
+            cells_relayed,
+            circuits_active,
+            circuits_refused,
+            streams_refused,
+        }
+    }
+
+    pub fn refuse_record(&self, reason: &str) {
+        self.records_refused
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    pub fn refuse_circuit(&self, reason: &str) {
+        self.circuits_refused
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
+    }
+
+    /// Total records refused, all reasons.
+    pub fn records_refused_total(&self) -> u64 {
+        let mut text = String::new();
+        // Family has no iterator; read the encoded text back.
+        if encode(&mut text, &self.registry).is_err() {
+            return 0;
+        }
+        text.lines()
+            .filter(|l| l.starts_with("mixnn_records_refused_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum()
+    }
+
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        let _ = encode(&mut text, &self.registry);
+        text
+    }
+}
+
+/// Serve `GET /metrics` on `addr` until `cancel` fires. Returns the bound
+/// address (useful with port 0).
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Metrics,
+    cancel: CancellationToken,
+) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(16));
+    tokio::spawn(async move {
+        loop {
+            let (mut sock, _) = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                r = listener.accept() => match r {
+                    Ok(s) => s,
+                    Err(_) => continue,
+                },
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                continue; // at the limit: drop the connection
+            };
+            let metrics = metrics.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut buf = [0u8; 4096];
+                let read = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
+                let Ok(Ok(n)) = read else { return };
+                let req = String::from_utf8_lossy(&buf[..n]);
+                let (status, body) = if req.starts_with("GET /metrics") || req.starts_with("GET / ")
+                {
+                    ("200 OK", metrics.render())
+                } else {
+                    ("404 Not Found", "not found\n".to_string())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = tokio::time::timeout(Duration::from_secs(5), sock.write_all(resp.as_bytes()))
+                    .await;
+            });
+        }
+    });
+    Ok(local)
+}

@@ -1,0 +1,321 @@
+//! A running volunteer node: data directory, network, onion key rotation,
+//! descriptor publication, metrics. `mixnn node` and `mixnn-bootstrap` both
+//! run this; the bootstrap simply offers no roles.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use mixnn_crypto::{Capacity, Descriptor, OnionKeyPair, Roles};
+use thiserror::Error;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigError, NodeConfig};
+use crate::metrics::{self, Metrics};
+use crate::network::records::{unix_now, Role};
+use crate::network::{Network, NetworkError};
+use crate::store::{DataDir, SledStore, SlotStore, StoreError};
+
+#[derive(Debug, Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("could not serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("identity key could not be used by libp2p: {0}")]
+    Identity(String),
+}
+
+/// The current and previous epoch's onion keys.
+pub struct OnionKeys {
+    pub current: OnionKeyPair,
+    pub previous: Option<OnionKeyPair>,
+}
+
+impl OnionKeys {
+    /// The key for `epoch`, if we still hold it.
+    pub fn for_epoch(&self, epoch: u64) -> Option<&OnionKeyPair> {
+        if self.current.epoch() == epoch {
+            Some(&self.current)
+        } else {
+            self.previous.as_ref().filter(|k| k.epoch() == epoch)
+        }
+    }
+}
+
+/// Shared state of a running node that circuit code needs.
+pub struct NodeState {
+    pub config: NodeConfig,
+    pub data: DataDir,
+    pub slots: SledStore,
+    pub onion: RwLock<OnionKeys>,
+    pub metrics: Metrics,
+    /// Wakes the publisher when something in the descriptor changed.
+    pub republish: tokio::sync::Notify,
+}
+
+impl NodeState {
+    pub fn roles(&self) -> Roles {
+        Roles {
+            layer_host: self.config.layers,
+            mix: self.config.mix,
+        }
+    }
+
+    pub fn free_slots(&self) -> u32 {
+        if !self.config.layers {
+            return 0;
+        }
+        let held = self.slots.list_slots().map(|s| s.len()).unwrap_or(0) as u32;
+        self.config.slots.saturating_sub(held)
+    }
+
+    fn epoch_now(&self) -> u64 {
+        unix_now() / self.config.epoch_secs
+    }
+
+    /// Make sure the current epoch has a key; keep the previous one.
+    fn rotate_onion_keys(&self) -> Result<bool, StoreError> {
+        let epoch = self.epoch_now();
+        let mut keys = self.onion.write().unwrap_or_else(|p| p.into_inner());
+        if keys.current.epoch() == epoch {
+            return Ok(false);
+        }
+        let fresh = OnionKeyPair::generate(epoch, (epoch + 2) * self.config.epoch_secs);
+        self.data.save_onion_key(&fresh)?;
+        let old = std::mem::replace(&mut keys.current, fresh);
+        if let Some(stale) = keys.previous.replace(old) {
+            self.data.remove_onion_key(stale.epoch())?;
+        }
+        tracing::info!(event = "onion_key_rotated", epoch);
+        Ok(true)
+    }
+}
+
+/// A node started in this process.
+pub struct RunningNode {
+    pub network: Network,
+    pub state: Arc<NodeState>,
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    listen_addrs: Vec<Multiaddr>,
+    metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl RunningNode {
+    pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Self, NodeError> {
+        config.validate()?;
+        let data = DataDir::open(&config.data_dir)?;
+        let slots = data.slots()?;
+        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(data.identity().secret_bytes().to_vec())
+            .map_err(|e| NodeError::Identity(e.to_string()))?;
+        let metrics = Metrics::new();
+        metrics
+            .slots_held
+            .set(slots.list_slots()?.len() as i64);
+
+        // Onion keys: reuse what is on disk for this and the last epoch.
+        let epoch = unix_now() / config.epoch_secs;
+        let mut stored = data.load_onion_keys()?;
+        stored.sort_by_key(|k| k.epoch());
+        let mut current = None;
+        let mut previous = None;
+        for k in stored {
+            if k.epoch() == epoch {
+                current = Some(k);
+            } else if k.epoch() + 1 == epoch {
+                previous = Some(k);
+            } else {
+                data.remove_onion_key(k.epoch())?;
+            }
+        }
+        let current = match current {
+            Some(k) => k,
+            None => {
+                let k = OnionKeyPair::generate(epoch, (epoch + 2) * config.epoch_secs);
+                data.save_onion_key(&k)?;
+                k
+            }
+        };
+
+        let mut tasks = Vec::new();
+        let (network, net_task) =
+            Network::start(keypair, config.network(), metrics.clone(), cancel.child_token()).await?;
+        tasks.push(net_task);
+        let listen_addrs = network.listen_addrs().await?;
+
+        let metrics_addr = match config.metrics {
+            Some(addr) => Some(
+                metrics::serve(addr, metrics.clone(), cancel.child_token())
+                    .await
+                    .map_err(|source| NodeError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+
+        let state = Arc::new(NodeState {
+            config,
+            data,
+            slots,
+            onion: RwLock::new(OnionKeys { current, previous }),
+            metrics,
+            republish: tokio::sync::Notify::new(),
+        });
+
+        let roles = state.roles();
+        if roles.layer_host || roles.mix {
+            tasks.push(tokio::spawn(publisher(
+                state.clone(),
+                network.clone(),
+                listen_addrs.clone(),
+                cancel.child_token(),
+            )));
+        }
+
+        tracing::info!(
+            event = "node_started",
+            peer = %network.peer_id(),
+            roles = %roles,
+            free_slots = state.free_slots(),
+        );
+        Ok(Self {
+            network,
+            state,
+            cancel,
+            tasks,
+            listen_addrs,
+            metrics_addr,
+        })
+    }
+
+    pub fn peer_id(&self) -> PeerId {
+        self.network.peer_id()
+    }
+
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Listen addresses with `/p2p/<peer id>` appended, loopback first.
+    pub fn full_addrs(&self) -> Vec<Multiaddr> {
+        let mut addrs: Vec<Multiaddr> = self
+            .listen_addrs
+            .iter()
+            .map(|a| a.clone().with(Protocol::P2p(self.peer_id())))
+            .collect();
+        addrs.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_loopback())));
+        addrs
+    }
+
+    /// Stop every task and flush the database.
+    pub async fn shutdown(self) -> Result<(), NodeError> {
+        self.cancel.cancel();
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+        self.state.data.flush()?;
+        tracing::info!(event = "node_stopped", peer = %self.network.peer_id());
+        Ok(())
+    }
+}
+
+/// Keeps the descriptor and the role provider records in the DHT: at start
+/// (retrying quickly until the first publication lands), at every epoch
+/// change, when slots change, and every `republish_secs`.
+async fn publisher(state: Arc<NodeState>, network: Network, listen: Vec<Multiaddr>, cancel: CancellationToken) {
+    let addresses: Vec<String> = listen
+        .iter()
+        .filter(|a| {
+            !a.iter().any(|p| match p {
+                Protocol::Ip4(ip) => ip.is_unspecified(),
+                Protocol::Ip6(ip) => ip.is_unspecified(),
+                _ => false,
+            })
+        })
+        .take(mixnn_crypto::descriptor::MAX_ADDRESSES)
+        .map(|a| a.to_string())
+        .collect();
+    let mut backoff = Duration::from_millis(200);
+    let mut published_once = false;
+    loop {
+        if let Err(e) = state.rotate_onion_keys() {
+            tracing::warn!(event = "onion_rotation_failed", error = %e);
+        }
+        let ok = publish_once(&state, &network, &addresses).await;
+        let wait = if ok {
+            if !published_once {
+                tracing::info!(event = "descriptor_published", peer = %network.peer_id());
+            }
+            published_once = true;
+            backoff = Duration::from_millis(200);
+            state.config.republish_interval()
+        } else {
+            backoff = (backoff * 2).min(state.config.republish_interval());
+            backoff
+        };
+        // Wake at the next epoch boundary at the latest.
+        let now = unix_now();
+        let next_epoch = ((now / state.config.epoch_secs) + 1) * state.config.epoch_secs;
+        let wait = wait.min(Duration::from_secs(next_epoch.saturating_sub(now).max(1)));
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+            _ = state.republish.notified() => {}
+        }
+    }
+}
+
+async fn publish_once(state: &NodeState, network: &Network, addresses: &[String]) -> bool {
+    let identity = state.data.identity();
+    let (onion_key, epoch) = {
+        let keys = state.onion.read().unwrap_or_else(|p| p.into_inner());
+        (keys.current.public(), keys.current.epoch())
+    };
+    let now = unix_now();
+    let descriptor = Descriptor {
+        peer_id: identity.peer_id_bytes(),
+        identity_key: identity.public_key(),
+        onion_key,
+        epoch,
+        expires_at: now + 2 * state.config.epoch_secs,
+        roles: state.roles(),
+        free_slots: state.free_slots(),
+        capacity: Capacity {
+            max_params: state.config.max_params,
+            memory_bytes: state.config.max_params * 4 * 4 * state.config.slots as u64,
+        },
+        addresses: addresses.to_vec(),
+    };
+    let signed = match descriptor.sign(identity) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(event = "descriptor_sign_failed", error = %e);
+            return false;
+        }
+    };
+    let mut ok = true;
+    if let Err(e) = network.put_descriptor(signed).await {
+        tracing::debug!(event = "descriptor_publish_failed", error = %e);
+        ok = false;
+    }
+    let roles = state.roles();
+    for (role, wanted) in [(Role::LayerHost, roles.layer_host), (Role::Mix, roles.mix)] {
+        if wanted {
+            if let Err(e) = network.provide(role).await {
+                tracing::debug!(event = "provide_failed", ?role, error = %e);
+                ok = false;
+            }
+        }
+    }
+    ok
+}
