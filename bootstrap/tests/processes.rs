@@ -1,0 +1,131 @@
+//! The bootstrap and volunteer nodes as separate processes on loopback.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills the process when dropped, so a failed assertion leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn bootstrap_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mixnn-bootstrap"))
+}
+
+/// `mixnn` is built beside `mixnn-bootstrap` by `cargo test --workspace`.
+fn mixnn_bin() -> PathBuf {
+    let p = bootstrap_bin().with_file_name("mixnn");
+    assert!(
+        p.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` (or build -p mixnn-node first)",
+        p.display()
+    );
+    p
+}
+
+/// Start a process and return it with the first line it prints.
+fn spawn_first_line(cmd: &mut Command) -> (Proc, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("process starts");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(l)) = lines.next() {
+            let _ = tx.send(l);
+        }
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("process printed its address");
+    (Proc(child), line)
+}
+
+fn start_node(boot: &str, dir: &Path, mix: bool) -> (Proc, String) {
+    let mut cmd = Command::new(mixnn_bin());
+    cmd.args(["node", "--bootstrap", boot, "--listen", "/ip4/127.0.0.1/tcp/0", "--slots", "2"])
+        .arg("--data-dir")
+        .arg(dir)
+        .env("MIXNN_REPUBLISH_SECS", "2");
+    if mix {
+        cmd.arg("--mix");
+    }
+    spawn_first_line(&mut cmd)
+}
+
+fn peer_of(addr: &str) -> String {
+    addr.rsplit("/p2p/").next().expect("peer id").to_string()
+}
+
+fn peers_json(boot: &str, min: usize) -> serde_json::Value {
+    let out = Command::new(mixnn_bin())
+        .args(["peers", "--bootstrap", boot, "--json", "--timeout", "20", "--min", &min.to_string()])
+        .output()
+        .expect("mixnn peers runs");
+    assert!(out.status.success(), "mixnn peers failed: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let last = text.lines().last().expect("json line");
+    serde_json::from_str(last).expect("valid json")
+}
+
+#[test]
+fn bootstrap_and_two_nodes_are_listed_by_peers_and_a_restart_keeps_identity_and_slots() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (_boot, boot_addr) = spawn_first_line(
+        Command::new(bootstrap_bin())
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+            .arg(tmp.path().join("boot")),
+    );
+    assert!(boot_addr.contains("/p2p/"), "bootstrap printed {boot_addr}");
+
+    let (mut a, a_addr) = start_node(&boot_addr, &tmp.path().join("a"), true);
+    let (_b, b_addr) = start_node(&boot_addr, &tmp.path().join("b"), false);
+
+    let listed = peers_json(&boot_addr, 2);
+    let vols = listed["volunteers"].as_array().expect("volunteers");
+    let find = |peer: &str| vols.iter().find(|v| v["peer_id"] == peer).cloned();
+    let va = find(&peer_of(&a_addr)).expect("node a listed");
+    let vb = find(&peer_of(&b_addr)).expect("node b listed");
+    assert_eq!(va["roles"], serde_json::json!(["layer-host", "mix"]));
+    assert_eq!(vb["roles"], serde_json::json!(["layer-host"]));
+    assert_eq!(va["free_slots"], 2);
+
+    // SIGTERM, then restart on the same data dir: same peer id.
+    let status = Command::new("kill")
+        .args(["-TERM", &a.0.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let exit = loop {
+        if let Some(s) = a.0.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "node did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(exit.success(), "node exited with {exit} on SIGTERM");
+    let (_a2, a2_addr) = start_node(&boot_addr, &tmp.path().join("a"), true);
+    assert_eq!(peer_of(&a2_addr), peer_of(&a_addr));
+
+    // A second node on a held data dir is refused with a clear message.
+    let out = Command::new(mixnn_bin())
+        .args(["node", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir"])
+        .arg(tmp.path().join("a"))
+        .output()
+        .expect("runs");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("in use by another running node"), "{err}");
+}
