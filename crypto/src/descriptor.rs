@@ -170,8 +170,12 @@ impl SignedDescriptor {
             return Err(DescriptorError::Malformed);
         }
         d.check_limits()?;
-        verify_signature(&d.identity_key, &signed_message(&self.body), &self.signature)
-            .map_err(|_| DescriptorError::BadSignature)?;
+        verify_signature(
+            &d.identity_key,
+            &signed_message(&self.body),
+            &self.signature,
+        )
+        .map_err(|_| DescriptorError::BadSignature)?;
         if d.peer_id != peer_id_bytes(&d.identity_key) {
             return Err(DescriptorError::PeerIdMismatch);
         }
@@ -196,6 +200,13 @@ impl SignedDescriptor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn descriptor_with_expiry(id: &Identity, expires_at: u64) -> Descriptor {
+        Descriptor {
+            expires_at,
+            ..sample(id)
+        }
+    }
 
     fn sample(id: &Identity) -> Descriptor {
         Descriptor {
@@ -251,15 +262,19 @@ mod tests {
             Err(DescriptorError::Expired { .. })
         ));
         // Valid for too long.
+        let long = descriptor_with_expiry(&id, 1_000 + MAX_LIFETIME_SECS + 1);
         assert_eq!(
-            SignedDescriptor::decode_verified(&bytes, 1),
+            SignedDescriptor::decode_verified(&long.sign(&id).expect("sign").to_bytes(), 1_000),
             Err(DescriptorError::LifetimeTooLong)
         );
         // Any flipped bit.
         for i in 0..bytes.len() {
             let mut b = bytes.clone();
             b[i] ^= 0x10;
-            assert!(SignedDescriptor::decode_verified(&b, 1_000).is_err(), "bit {i}");
+            assert!(
+                SignedDescriptor::decode_verified(&b, 1_000).is_err(),
+                "bit {i}"
+            );
         }
         // Truncation.
         for n in 0..bytes.len() {

@@ -349,10 +349,16 @@ mod tests {
         fs::write(&path, &bytes).expect("write");
         assert!(matches!(
             Identity::load(&path),
-            Err(KeyFileError::Corrupt { reason: "checksum mismatch", .. })
+            Err(KeyFileError::Corrupt {
+                reason: "checksum mismatch",
+                ..
+            })
         ));
         fs::write(&path, &bytes[..10]).expect("write");
-        assert!(matches!(Identity::load(&path), Err(KeyFileError::Corrupt { .. })));
+        assert!(matches!(
+            Identity::load(&path),
+            Err(KeyFileError::Corrupt { .. })
+        ));
     }
 
     #[cfg(unix)]

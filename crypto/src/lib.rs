@@ -11,4 +11,6 @@ pub mod onion;
 pub mod replay;
 
 pub use descriptor::{Capacity, Descriptor, DescriptorError, Roles, SignedDescriptor};
-pub use identity::{peer_id_bytes, verify_signature, Identity, KeyFileError, OnionKeyPair, SignatureError};
+pub use identity::{
+    peer_id_bytes, verify_signature, Identity, KeyFileError, OnionKeyPair, SignatureError,
+};

@@ -1,0 +1,189 @@
+//! Circuit setup and cell crypto against their raw primitives.
+//!
+//! `cargo bench -p mixnn-crypto --bench crypto`
+//!
+//! - `setup_build/{3,16}`: a client building a setup packet.
+//! - `setup_peel_per_hop` beside `x25519_agreement`: one hop's peel against
+//!   one raw `StaticSecret::diffie_hellman` (target: at most 2x).
+//! - `cells/*`: sealing and opening a message that fills its 16-cell bucket
+//!   (~1 MiB), in message bytes per second, beside `raw_chacha20poly1305`
+//!   over the same bytes in 64 KiB chunks (target: at least 80%).
+//!   `cells/seal_open_1MiB_exact` shows a message of exactly 1 MiB, which
+//!   its length prefix pushes into the 32-cell bucket (half padding).
+
+use std::hint::black_box;
+use std::time::Duration;
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
+use mixnn_crypto::cells::{
+    seal_message, CellKey, CellOpener, CellSealer, MessageReader, CELL_BYTES, CELL_PAYLOAD,
+};
+use mixnn_crypto::onion::{build_setup, peel_setup, HopSpec, HOP_PAYLOAD_BYTES};
+use mixnn_crypto::replay::ReplayCache;
+use mixnn_crypto::OnionKeyPair;
+use x25519_dalek::{PublicKey, StaticSecret};
+
+/// Accepts every tag, so one packet can be peeled over and over.
+struct AlwaysFresh;
+
+impl ReplayCache for AlwaysFresh {
+    fn check_and_insert(&mut self, _tag: [u8; 32]) -> bool {
+        true
+    }
+}
+
+fn route(keys: &[OnionKeyPair]) -> Vec<HopSpec> {
+    let n = keys.len();
+    keys.iter()
+        .enumerate()
+        .map(|(i, k)| HopSpec {
+            onion_key: k.public(),
+            next_hop: (i + 1 < n).then(|| vec![i as u8; 38]),
+            payload: vec![i as u8; HOP_PAYLOAD_BYTES],
+        })
+        .collect()
+}
+
+fn setup(c: &mut Criterion) {
+    let keys: Vec<_> = (0..16).map(|_| OnionKeyPair::generate(1, 2)).collect();
+    let mut g = c.benchmark_group("setup");
+    for n in [3usize, 16] {
+        let hops = route(&keys[..n]);
+        g.bench_function(format!("setup_build/{n}"), |b| {
+            b.iter(|| build_setup(black_box(&hops)).map(|(p, _)| p))
+        });
+    }
+    let hops = route(&keys[..3]);
+    let packet = match build_setup(&hops) {
+        Ok((p, _)) => p,
+        Err(e) => panic!("build: {e}"),
+    };
+    g.bench_function("setup_peel_per_hop", |b| {
+        b.iter(|| {
+            peel_setup(black_box(packet.as_bytes()), &keys[0], &mut AlwaysFresh)
+                .map(|p| p.payload.len())
+        })
+    });
+    let secret = StaticSecret::from([7u8; 32]);
+    let public = PublicKey::from(keys[1].public());
+    g.bench_function("x25519_agreement", |b| {
+        b.iter(|| {
+            black_box(&secret)
+                .diffie_hellman(black_box(&public))
+                .to_bytes()
+        })
+    });
+    g.finish();
+}
+
+fn cells(c: &mut Criterion) {
+    // Fills a 16-cell bucket exactly: 16 * CELL_PAYLOAD minus the length prefix.
+    let msg = vec![0x5Au8; 16 * CELL_PAYLOAD - 8];
+    let exact = vec![0x5Au8; 1 << 20];
+    let key = CellKey::random();
+
+    let mut g = c.benchmark_group("cells");
+    g.throughput(Throughput::Bytes(msg.len() as u64));
+
+    let mut wire = Vec::with_capacity(32 * CELL_BYTES);
+    let mut sealer = CellSealer::new(&key);
+    g.bench_function("seal_1MiB", |b| {
+        b.iter(|| {
+            wire.clear();
+            seal_message(&mut sealer, black_box(&msg), &mut wire)
+        })
+    });
+
+    let mut sealed = Vec::new();
+    if let Err(e) = seal_message(&mut CellSealer::new(&key), &msg, &mut sealed) {
+        panic!("seal: {e}");
+    }
+    let mut reader = MessageReader::new(1 << 21);
+    g.bench_function("open_1MiB", |b| {
+        b.iter_batched_ref(
+            || sealed.clone(),
+            |cells| {
+                let mut opener = CellOpener::new(&key);
+                let mut got = None;
+                for cell in cells.chunks_exact_mut(CELL_BYTES) {
+                    got = reader.push(&mut opener, cell).ok().flatten().or(got);
+                }
+                if let Some(m) = got {
+                    reader.recycle(m);
+                }
+            },
+            BatchSize::LargeInput,
+        )
+    });
+
+    let seal_open = |name: &str, msg: &[u8], g: &mut criterion::BenchmarkGroup<'_, _>| {
+        let mut sealer = CellSealer::new(&key);
+        let mut opener = CellOpener::new(&key);
+        let mut reader = MessageReader::new(1 << 21);
+        let mut wire = Vec::with_capacity(32 * CELL_BYTES);
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                wire.clear();
+                let _ = seal_message(&mut sealer, black_box(msg), &mut wire);
+                let mut got = None;
+                for cell in wire.chunks_exact_mut(CELL_BYTES) {
+                    got = reader.push(&mut opener, cell).ok().flatten().or(got);
+                }
+                if let Some(m) = got {
+                    reader.recycle(m);
+                }
+            })
+        });
+    };
+    seal_open("seal_open_1MiB", &msg, &mut g);
+    g.throughput(Throughput::Bytes(exact.len() as u64));
+    seal_open("seal_open_1MiB_exact", &exact, &mut g);
+    g.finish();
+
+    // Raw AEAD over the same message bytes in 64 KiB chunks.
+    let mut g = c.benchmark_group("raw_chacha20poly1305");
+    g.throughput(Throughput::Bytes(msg.len() as u64));
+    let cipher = ChaCha20Poly1305::new(&[3u8; 32].into());
+    let mut buf = msg.clone();
+    let mut tags = vec![Tag::default(); buf.len().div_ceil(64 * 1024)];
+    g.bench_function("encrypt_1MiB", |b| {
+        b.iter(|| {
+            for (i, (chunk, tag)) in buf.chunks_mut(64 * 1024).zip(tags.iter_mut()).enumerate() {
+                let mut n = [0u8; 12];
+                n[4..].copy_from_slice(&(i as u64).to_le_bytes());
+                if let Ok(t) = cipher.encrypt_in_place_detached(Nonce::from_slice(&n), &[], chunk) {
+                    *tag = t;
+                }
+            }
+        })
+    });
+    g.bench_function("encrypt_decrypt_1MiB", |b| {
+        b.iter(|| {
+            for (i, chunk) in buf.chunks_mut(64 * 1024).enumerate() {
+                let mut n = [0u8; 12];
+                n[4..].copy_from_slice(&(i as u64).to_le_bytes());
+                let nonce = Nonce::from_slice(&n);
+                if let Ok(t) = cipher.encrypt_in_place_detached(nonce, &[], chunk) {
+                    let _ = black_box(cipher.decrypt_in_place_detached(nonce, &[], chunk, &t));
+                }
+            }
+        })
+    });
+    g.finish();
+}
+
+fn config() -> Criterion {
+    Criterion::default()
+        .sample_size(20)
+        .measurement_time(Duration::from_secs(3))
+        .warm_up_time(Duration::from_secs(1))
+}
+
+criterion_group! {
+    name = benches;
+    config = config();
+    targets = setup, cells
+}
+criterion_main!(benches);

@@ -1,0 +1,515 @@
+//! Fixed-size AEAD data cells and the messages (tensors) split across them.
+//!
+//! # Cells
+//!
+//! Every cell is [`CELL_BYTES`] on the wire after the node's 8-byte circuit id:
+//!
+//! ```text
+//! seq: u64 LE (8) | ChaCha20-Poly1305 ciphertext (CELL_PAYLOAD) | tag (16)
+//! ```
+//!
+//! The nonce is `0u32 || seq LE`, so the sequence number is bound to the
+//! ciphertext without associated data. A [`CellSealer`] numbers cells 0, 1,
+//! 2, ... and a [`CellOpener`] accepts only the next number: an old number is
+//! a [`CellError::Replay`], a later one a [`CellError::Gap`], and the expected
+//! one after a later one has been seen a [`CellError::Reordered`]. Refused
+//! cells are not decrypted and do not move the opener. Keys are per segment
+//! and per direction ([`CellKey::derive`]); never use one key in two sealers.
+//!
+//! # Messages
+//!
+//! A message (an encoded tensor) becomes the plaintext
+//! `len: u64 LE | message | zero padding` cut into cells; the number of cells
+//! is rounded up to a size class (see [`message_cells`]) so that a mix, which
+//! sees only cell counts, cannot tell nearby layer shapes apart. [`seal_message`] writes
+//! whole sealed cells; [`MessageReader`] takes them one at a time, learns the
+//! length from the first one (refusing one over its limit before allocating),
+//! checks that all padding is zero and returns the message once the whole
+//! bucket has arrived.
+//!
+//! Hot path: sealing copies each message byte once into the output and
+//! encrypts in place; opening decrypts in place and copies each byte once into
+//! the message buffer, which can be handed back with
+//! [`MessageReader::recycle`].
+
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
+use hkdf::Hkdf;
+use rand::rngs::OsRng;
+use rand::RngCore;
+use sha2::Sha256;
+use zeroize::Zeroize;
+
+/// Bytes of one cell on the wire, not counting the node's circuit id.
+pub const CELL_BYTES: usize = 64 * 1024;
+/// Bytes of the sequence number heading a cell.
+pub const CELL_SEQ_BYTES: usize = 8;
+/// Bytes of the AEAD tag ending a cell.
+pub const CELL_TAG_BYTES: usize = 16;
+/// Plaintext bytes one cell carries.
+pub const CELL_PAYLOAD: usize = CELL_BYTES - CELL_SEQ_BYTES - CELL_TAG_BYTES;
+/// Largest message [`seal_message`] accepts.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+const LEN_PREFIX_BYTES: usize = 8;
+const PAYLOAD_RANGE: std::ops::Range<usize> = CELL_SEQ_BYTES..CELL_SEQ_BYTES + CELL_PAYLOAD;
+const KDF_SALT: &[u8] = b"mixnn/cell/v1";
+
+/// Why a cell or message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CellError {
+    #[error("cell buffer is {got} bytes, expected {expected}")]
+    Length { expected: usize, got: usize },
+    #[error("cell failed authentication")]
+    Auth,
+    #[error("replayed cell: seq {seq}, expected {expected}")]
+    Replay { seq: u64, expected: u64 },
+    #[error("gap in cells: seq {seq}, expected {expected}")]
+    Gap { seq: u64, expected: u64 },
+    #[error("reordered cell: seq {seq} arrived after a later cell (up to {ahead})")]
+    Reordered { seq: u64, ahead: u64 },
+    #[error("sequence numbers exhausted for this key")]
+    SequenceExhausted,
+    #[error("message of {len} bytes exceeds the limit of {max}")]
+    MessageTooLarge { len: u64, max: usize },
+    #[error("nonzero message padding")]
+    BadPadding,
+}
+
+/// A 32-byte cell key. Zeroized on drop.
+#[derive(Clone)]
+pub struct CellKey([u8; 32]);
+
+impl CellKey {
+    /// Wraps key bytes (for example a key from [`crate::onion::HopSecrets::key`]).
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    /// A fresh random key.
+    pub fn random() -> Self {
+        let mut k = [0u8; 32];
+        OsRng.fill_bytes(&mut k);
+        Self(k)
+    }
+
+    /// An independent key for `label` (HKDF-SHA256), e.g. `"forward"` and
+    /// `"backward"` from one segment secret.
+    pub fn derive(&self, label: &str) -> CellKey {
+        let hk = Hkdf::<Sha256>::new(Some(KDF_SALT), &self.0);
+        let mut out = [0u8; 32];
+        if hk.expand(label.as_bytes(), &mut out).is_err() {
+            // 32 bytes is far below HKDF-SHA256's limit of 255 * 32.
+            unreachable!("HKDF-SHA256 can always expand 32 bytes");
+        }
+        Self(out)
+    }
+
+    /// The key bytes (to hand to a peer inside a sealed setup payload).
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    fn cipher(&self) -> ChaCha20Poly1305 {
+        ChaCha20Poly1305::new(&self.0.into())
+    }
+}
+
+impl Drop for CellKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl std::fmt::Debug for CellKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CellKey(..)")
+    }
+}
+
+fn nonce(seq: u64) -> Nonce {
+    let mut n = [0u8; 12];
+    n[4..].copy_from_slice(&seq.to_le_bytes());
+    n.into()
+}
+
+fn check_cell_len(len: usize) -> Result<(), CellError> {
+    if len == CELL_BYTES {
+        Ok(())
+    } else {
+        Err(CellError::Length {
+            expected: CELL_BYTES,
+            got: len,
+        })
+    }
+}
+
+/// Seals cells with consecutive sequence numbers starting at 0.
+pub struct CellSealer {
+    cipher: ChaCha20Poly1305,
+    next_seq: u64,
+}
+
+impl CellSealer {
+    /// A sealer for `key`, starting at sequence number 0.
+    pub fn new(key: &CellKey) -> Self {
+        Self {
+            cipher: key.cipher(),
+            next_seq: 0,
+        }
+    }
+
+    /// The sequence number the next cell will carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Seals a cell whose plaintext the caller already wrote at
+    /// `cell[8..8 + CELL_PAYLOAD]`; fills in the sequence number and tag.
+    /// `cell` must be exactly [`CELL_BYTES`]. Returns the sequence number used.
+    pub fn seal_in_place(&mut self, cell: &mut [u8]) -> Result<u64, CellError> {
+        check_cell_len(cell.len())?;
+        let seq = self.next_seq;
+        // u64::MAX is never used, so `seq + 1` cannot overflow.
+        if seq == u64::MAX {
+            return Err(CellError::SequenceExhausted);
+        }
+        let (head, rest) = cell.split_at_mut(CELL_SEQ_BYTES);
+        let (body, tag_out) = rest.split_at_mut(CELL_PAYLOAD);
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(&nonce(seq), &[], body)
+            .map_err(|_| CellError::Length {
+                expected: CELL_PAYLOAD,
+                got: body.len(),
+            })?;
+        head.copy_from_slice(&seq.to_le_bytes());
+        tag_out.copy_from_slice(&tag);
+        self.next_seq = seq + 1;
+        Ok(seq)
+    }
+
+    /// Seals `plaintext` into `out` (exactly [`CELL_BYTES`]).
+    pub fn seal_into(
+        &mut self,
+        plaintext: &[u8; CELL_PAYLOAD],
+        out: &mut [u8],
+    ) -> Result<u64, CellError> {
+        check_cell_len(out.len())?;
+        out[PAYLOAD_RANGE].copy_from_slice(plaintext);
+        self.seal_in_place(out)
+    }
+}
+
+/// Opens cells, accepting only the next sequence number.
+pub struct CellOpener {
+    cipher: ChaCha20Poly1305,
+    next_seq: u64,
+    /// Highest sequence number seen beyond `next_seq`, once order is broken.
+    ahead: Option<u64>,
+}
+
+impl CellOpener {
+    /// An opener for `key`, expecting sequence number 0 first.
+    pub fn new(key: &CellKey) -> Self {
+        Self {
+            cipher: key.cipher(),
+            next_seq: 0,
+            ahead: None,
+        }
+    }
+
+    /// The sequence number the next cell must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Authenticates and decrypts `cell` (exactly [`CELL_BYTES`]) in place
+    /// and returns its plaintext, a [`CELL_PAYLOAD`]-byte slice of `cell`.
+    ///
+    /// Once a cell from beyond the expected number has been seen, the stream
+    /// is out of order for good: the expected cell is then refused as
+    /// [`CellError::Reordered`]; the circuit should be torn down.
+    pub fn open_in_place<'a>(&mut self, cell: &'a mut [u8]) -> Result<&'a [u8], CellError> {
+        check_cell_len(cell.len())?;
+        let (head, rest) = cell.split_at_mut(CELL_SEQ_BYTES);
+        let mut seq_bytes = [0u8; 8];
+        seq_bytes.copy_from_slice(head);
+        let seq = u64::from_le_bytes(seq_bytes);
+        let expected = self.next_seq;
+        if seq < expected {
+            return Err(CellError::Replay { seq, expected });
+        }
+        if seq > expected {
+            self.ahead = Some(self.ahead.map_or(seq, |a| a.max(seq)));
+            return Err(CellError::Gap { seq, expected });
+        }
+        if let Some(ahead) = self.ahead {
+            return Err(CellError::Reordered { seq, ahead });
+        }
+        if seq == u64::MAX {
+            return Err(CellError::SequenceExhausted);
+        }
+        let (body, tag) = rest.split_at_mut(CELL_PAYLOAD);
+        self.cipher
+            .decrypt_in_place_detached(&nonce(seq), &[], body, Tag::from_slice(tag))
+            .map_err(|_| CellError::Auth)?;
+        self.next_seq = seq + 1;
+        Ok(body)
+    }
+}
+
+/// Size classes per power of two above [`EXACT_CELLS`].
+pub const CLASSES_PER_OCTAVE: usize = 8;
+/// Messages of up to this many cells are not padded further.
+pub const EXACT_CELLS: usize = 8;
+
+/// How many cells a message of `len` bytes occupies: its cells rounded up to
+/// a size class. Up to [`EXACT_CELLS`] cells every count is a class; above,
+/// each power of two is cut into [`CLASSES_PER_OCTAVE`] classes, so padding
+/// costs at most 1/8 while a mix learns only about 3 bits of a tensor's size
+/// beyond its order of magnitude. (Whole powers of two would waste up to half
+/// of every power-of-two tensor, which the length prefix always pushes over.)
+pub fn message_cells(len: usize) -> usize {
+    let plain = len.saturating_add(LEN_PREFIX_BYTES);
+    let cells = plain.div_ceil(CELL_PAYLOAD).max(1);
+    if cells <= EXACT_CELLS {
+        return cells;
+    }
+    let octave = usize::BITS - 1 - cells.leading_zeros(); // floor(log2(cells))
+    let step = 1usize << (octave as usize - CLASSES_PER_OCTAVE.trailing_zeros() as usize);
+    cells.div_ceil(step) * step
+}
+
+/// Seals `msg` into whole cells (without circuit id) appended to `out` and
+/// returns how many. On error `out` is left as it was.
+pub fn seal_message(
+    sealer: &mut CellSealer,
+    msg: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<usize, CellError> {
+    if msg.len() > MAX_MESSAGE_BYTES {
+        return Err(CellError::MessageTooLarge {
+            len: msg.len() as u64,
+            max: MAX_MESSAGE_BYTES,
+        });
+    }
+    let cells = message_cells(msg.len());
+    // The last sequence number used must stay below u64::MAX.
+    match sealer.next_seq.checked_add(cells as u64) {
+        Some(end) if end < u64::MAX => {}
+        _ => return Err(CellError::SequenceExhausted),
+    }
+    let start_len = out.len();
+    out.reserve(cells * CELL_BYTES);
+    let mut rest = msg;
+    for k in 0..cells {
+        let cell_start = out.len();
+        out.extend_from_slice(&[0u8; CELL_SEQ_BYTES]);
+        let mut room = CELL_PAYLOAD;
+        if k == 0 {
+            out.extend_from_slice(&(msg.len() as u64).to_le_bytes());
+            room -= LEN_PREFIX_BYTES;
+        }
+        let take = rest.len().min(room);
+        out.extend_from_slice(&rest[..take]);
+        rest = &rest[take..];
+        // Zero padding and the tag's place.
+        out.resize(cell_start + CELL_BYTES, 0);
+        if let Err(e) = sealer.seal_in_place(&mut out[cell_start..]) {
+            out.truncate(start_len);
+            return Err(e);
+        }
+    }
+    Ok(cells)
+}
+
+struct Partial {
+    len: usize,
+    cells_total: usize,
+    cells_done: usize,
+    buf: Vec<u8>,
+}
+
+/// Reassembles messages from cells fed one at a time.
+pub struct MessageReader {
+    max_len: usize,
+    partial: Option<Partial>,
+    spare: Vec<u8>,
+}
+
+impl MessageReader {
+    /// A reader that refuses messages longer than `max_len` bytes (capped at
+    /// [`MAX_MESSAGE_BYTES`]).
+    pub fn new(max_len: usize) -> Self {
+        Self {
+            max_len: max_len.min(MAX_MESSAGE_BYTES),
+            partial: None,
+            spare: Vec::new(),
+        }
+    }
+
+    /// The length limit in force.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Whether a message has started but not finished.
+    pub fn in_progress(&self) -> bool {
+        self.partial.is_some()
+    }
+
+    /// Hands back a finished message's buffer so the next message reuses
+    /// its allocation.
+    pub fn recycle(&mut self, buf: Vec<u8>) {
+        if buf.capacity() > self.spare.capacity() {
+            self.spare = buf;
+        }
+    }
+
+    /// Opens `cell` in place with `opener` and adds it to the current message.
+    /// Returns the message once its last (padding included) cell is in.
+    ///
+    /// Any error drops the partial message; the circuit should be torn down.
+    pub fn push(
+        &mut self,
+        opener: &mut CellOpener,
+        cell: &mut [u8],
+    ) -> Result<Option<Vec<u8>>, CellError> {
+        let r = self.push_inner(opener, cell);
+        if r.is_err() {
+            if let Some(p) = self.partial.take() {
+                self.recycle(p.buf);
+            }
+        }
+        r
+    }
+
+    fn push_inner(
+        &mut self,
+        opener: &mut CellOpener,
+        cell: &mut [u8],
+    ) -> Result<Option<Vec<u8>>, CellError> {
+        let plain = opener.open_in_place(cell)?;
+        let (partial, data) = match self.partial.as_mut() {
+            Some(p) => (p, plain),
+            None => {
+                let mut len_bytes = [0u8; LEN_PREFIX_BYTES];
+                len_bytes.copy_from_slice(&plain[..LEN_PREFIX_BYTES]);
+                let claimed = u64::from_le_bytes(len_bytes);
+                let len = match usize::try_from(claimed) {
+                    Ok(len) if len <= self.max_len => len,
+                    _ => {
+                        return Err(CellError::MessageTooLarge {
+                            len: claimed,
+                            max: self.max_len,
+                        })
+                    }
+                };
+                let mut buf = std::mem::take(&mut self.spare);
+                buf.clear();
+                buf.reserve_exact(len);
+                let p = self.partial.insert(Partial {
+                    len,
+                    cells_total: message_cells(len),
+                    cells_done: 0,
+                    buf,
+                });
+                (p, &plain[LEN_PREFIX_BYTES..])
+            }
+        };
+        let take = (partial.len - partial.buf.len()).min(data.len());
+        partial.buf.extend_from_slice(&data[..take]);
+        if !is_zero(&data[take..]) {
+            return Err(CellError::BadPadding);
+        }
+        partial.cells_done += 1;
+        if partial.cells_done < partial.cells_total {
+            return Ok(None);
+        }
+        Ok(self.partial.take().map(|p| p.buf))
+    }
+}
+
+fn is_zero(b: &[u8]) -> bool {
+    // Word-at-a-time OR; the compiler vectorizes this.
+    let mut chunks = b.chunks_exact(8);
+    let mut acc = 0u64;
+    for c in &mut chunks {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(c);
+        acc |= u64::from_ne_bytes(w);
+    }
+    let tail = chunks.remainder().iter().fold(0u8, |a, x| a | x);
+    acc == 0 && tail == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_constants() {
+        assert_eq!(CELL_PAYLOAD, 65_512);
+        assert_eq!(message_cells(0), 1);
+        assert_eq!(message_cells(CELL_PAYLOAD - 8), 1);
+        assert_eq!(message_cells(CELL_PAYLOAD - 7), 2);
+        assert_eq!(message_cells(2 * CELL_PAYLOAD), 3);
+        assert_eq!(message_cells(8 * CELL_PAYLOAD - 8), 8);
+        assert_eq!(message_cells(8 * CELL_PAYLOAD), 9);
+        assert_eq!(message_cells(16 * CELL_PAYLOAD), 18);
+        assert_eq!(message_cells(33 * CELL_PAYLOAD), 36);
+        assert_eq!(message_cells(64 * CELL_PAYLOAD), 72);
+    }
+
+    #[test]
+    fn nonce_is_seq_le_after_four_zero_bytes() {
+        let n = nonce(0x0102_0304_0506_0708);
+        assert_eq!(n.as_slice(), &[0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]);
+    }
+
+    #[test]
+    fn derive_separates_labels_and_is_deterministic() {
+        let k = CellKey::from_bytes([7; 32]);
+        assert_eq!(
+            k.derive("forward").as_bytes(),
+            k.derive("forward").as_bytes()
+        );
+        assert_ne!(
+            k.derive("forward").as_bytes(),
+            k.derive("backward").as_bytes()
+        );
+        assert_ne!(k.derive("forward").as_bytes(), k.as_bytes());
+    }
+
+    #[test]
+    fn is_zero_sees_every_byte() {
+        for len in [0usize, 1, 7, 8, 9, 100] {
+            let mut v = vec![0u8; len];
+            assert!(is_zero(&v));
+            for i in 0..len {
+                v[i] = 0x10;
+                assert!(!is_zero(&v), "len {len} byte {i}");
+                v[i] = 0;
+            }
+        }
+    }
+
+    #[test]
+    fn sealed_cell_layout() {
+        let key = CellKey::from_bytes([1; 32]);
+        let mut s = CellSealer::new(&key);
+        let mut cell = vec![0u8; CELL_BYTES];
+        let pt = Box::new([0x55u8; CELL_PAYLOAD]);
+        assert_eq!(s.seal_into(&pt, &mut cell), Ok(0));
+        assert_eq!(s.seal_into(&pt, &mut cell), Ok(1));
+        assert_eq!(&cell[..8], &1u64.to_le_bytes());
+        // Matches a plain ChaCha20-Poly1305 seal with nonce 0^4 || seq.
+        let mut body = pt.to_vec();
+        let tag = ChaCha20Poly1305::new(&[1u8; 32].into())
+            .encrypt_in_place_detached(&nonce(1), &[], &mut body)
+            .expect("seal");
+        assert_eq!(&cell[8..8 + CELL_PAYLOAD], &body[..]);
+        assert_eq!(&cell[8 + CELL_PAYLOAD..], tag.as_slice());
+    }
+}
