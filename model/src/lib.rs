@@ -1,1 +1,39 @@
+//! MixNN model crate: the math one volunteer slot runs, and everything needed
+//! to check it against local training.
+//!
+//! - [`spec`]: architectures (`mlp:784-512-256-10`) and the stages they split into.
+//! - [`tensor`]: [`HostTensor`] and its wire codec.
+//! - [`slot`]: one stage's parameters, optimizer state and forward/backward.
+//! - [`optim`]: our own optimizers (SGD, momentum, Adam) on plain `f32` slices.
+//! - [`loss`]: softmax cross-entropy, computed by the client.
+//! - [`digest`]: parameter digests (per stage and per model).
+//! - [`data`]: MNIST IDX loader, synthetic dataset, deterministic batching.
+//! - [`train`]: the whole-model reference trainer.
+//!
+//! The slots and the local trainer share one stage implementation
+//! (`stage::StageCore`) and one optimizer, so a model trained slot by slot has
+//! the same parameters, bit for bit, as the same model trained locally.
 
+pub mod data;
+pub mod digest;
+mod error;
+pub mod loss;
+pub mod optim;
+pub mod slot;
+pub mod spec;
+mod stage;
+pub mod tensor;
+pub mod train;
+
+pub use data::{load_mnist, synthetic, DataError, Dataset, Split};
+pub use digest::{model_digest, to_hex};
+pub use error::ModelError;
+pub use loss::{accuracy, softmax_cross_entropy};
+pub use optim::{OptimizerSpec, OptimizerState};
+pub use slot::{InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
+pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
+pub use tensor::{CodecError, DecodeLimits, HostTensor};
+pub use train::{train_local, LocalModel, StepInfo, TrainConfig, TrainReport};
+
+/// Result type of the model crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -102,7 +102,9 @@ impl NodeConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.listen.is_empty() && !self.dht_client {
-            return Err(ConfigError::Invalid("at least one --listen address is needed".into()));
+            return Err(ConfigError::Invalid(
+                "at least one --listen address is needed".into(),
+            ));
         }
         for b in &self.bootstrap {
             if split_peer_addr(b).is_none() {
@@ -136,7 +138,9 @@ impl NodeConfig {
             ));
         }
         if self.max_circuits == 0 || self.max_circuits > 65_536 {
-            return Err(ConfigError::Invalid("max_circuits must be between 1 and 65536".into()));
+            return Err(ConfigError::Invalid(
+                "max_circuits must be between 1 and 65536".into(),
+            ));
         }
         Ok(())
     }
@@ -176,8 +180,9 @@ mod tests {
 
     #[test]
     fn file_config_parses_and_refuses_unknown_keys() {
-        let f: FileConfig = toml::from_str("slots = 3\nmix = false\nlisten = [\"/ip4/127.0.0.1/tcp/1\"]")
-            .expect("parse");
+        let f: FileConfig =
+            toml::from_str("slots = 3\nmix = false\nlisten = [\"/ip4/127.0.0.1/tcp/1\"]")
+                .expect("parse");
         assert_eq!(f.slots, Some(3));
         assert_eq!(f.mix, Some(false));
         assert!(toml::from_str::<FileConfig>("slotz = 3").is_err());

@@ -183,8 +183,9 @@ pub async fn serve(
                     "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
-                let _ = tokio::time::timeout(Duration::from_secs(5), sock.write_all(resp.as_bytes()))
-                    .await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), sock.write_all(resp.as_bytes()))
+                        .await;
             });
         }
     });

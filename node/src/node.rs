@@ -116,12 +116,11 @@ impl RunningNode {
         config.validate()?;
         let data = DataDir::open(&config.data_dir)?;
         let slots = data.slots()?;
-        let keypair = libp2p::identity::Keypair::ed25519_from_bytes(data.identity().secret_bytes().to_vec())
-            .map_err(|e| NodeError::Identity(e.to_string()))?;
+        let keypair =
+            libp2p::identity::Keypair::ed25519_from_bytes(data.identity().secret_bytes().to_vec())
+                .map_err(|e| NodeError::Identity(e.to_string()))?;
         let metrics = Metrics::new();
-        metrics
-            .slots_held
-            .set(slots.list_slots()?.len() as i64);
+        metrics.slots_held.set(slots.list_slots()?.len() as i64);
 
         // Onion keys: reuse what is on disk for this and the last epoch.
         let epoch = unix_now() / config.epoch_secs;
@@ -148,8 +147,13 @@ impl RunningNode {
         };
 
         let mut tasks = Vec::new();
-        let (network, net_task) =
-            Network::start(keypair, config.network(), metrics.clone(), cancel.child_token()).await?;
+        let (network, net_task) = Network::start(
+            keypair,
+            config.network(),
+            metrics.clone(),
+            cancel.child_token(),
+        )
+        .await?;
         tasks.push(net_task);
         let listen_addrs = network.listen_addrs().await?;
 
@@ -212,7 +216,10 @@ impl RunningNode {
             .iter()
             .map(|a| a.clone().with(Protocol::P2p(self.peer_id())))
             .collect();
-        addrs.sort_by_key(|a| !a.iter().any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_loopback())));
+        addrs.sort_by_key(|a| {
+            !a.iter()
+                .any(|p| matches!(p, Protocol::Ip4(ip) if ip.is_loopback()))
+        });
         addrs
     }
 
@@ -231,7 +238,12 @@ impl RunningNode {
 /// Keeps the descriptor and the role provider records in the DHT: at start
 /// (retrying quickly until the first publication lands), at every epoch
 /// change, when slots change, and every `republish_secs`.
-async fn publisher(state: Arc<NodeState>, network: Network, listen: Vec<Multiaddr>, cancel: CancellationToken) {
+async fn publisher(
+    state: Arc<NodeState>,
+    network: Network,
+    listen: Vec<Multiaddr>,
+    cancel: CancellationToken,
+) {
     let addresses: Vec<String> = listen
         .iter()
         .filter(|a| {

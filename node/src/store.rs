@@ -316,7 +316,8 @@ mod tests {
             peer = data.identity().public_key();
             let store = data.slots().expect("slots");
             exercise(&store);
-            data.save_onion_key(&OnionKeyPair::generate(4, 99)).expect("onion");
+            data.save_onion_key(&OnionKeyPair::generate(4, 99))
+                .expect("onion");
             data.flush().expect("flush");
         }
         let data = DataDir::open(dir.path()).expect("reopen");
@@ -324,7 +325,10 @@ mod tests {
         assert_eq!(data.identity().public_key(), peer);
         let store = data.slots().expect("slots");
         assert_eq!(store.list_slots().expect("list").len(), 1);
-        assert_eq!(store.get_slot(&[1; 16]).expect("get").map(|s| s.version), Some(2));
+        assert_eq!(
+            store.get_slot(&[1; 16]).expect("get").map(|s| s.version),
+            Some(2)
+        );
         assert_eq!(data.load_onion_keys().expect("keys")[0].epoch(), 4);
     }
 

@@ -47,7 +47,9 @@ async fn forger(bootstrap: &[libp2p::Multiaddr], id: &Identity) -> Network {
     let (net, _task) = Network::start(kp, cfg, Default::default(), CancellationToken::new())
         .await
         .expect("forger starts");
-    net.wait_for_peers(1, Duration::from_secs(5)).await.expect("forger connects");
+    net.wait_for_peers(1, Duration::from_secs(5))
+        .await
+        .expect("forger connects");
     net
 }
 
@@ -57,15 +59,32 @@ fn peer_of(id: &Identity) -> PeerId {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_nodes_are_found_and_forgeries_are_not() {
-    let dirs: Vec<_> = (0..21).map(|_| tempfile::tempdir().expect("tempdir")).collect();
-    let boot = common::start(dirs[0].path(), &[], common::BOOTSTRAP, TransportKind::Memory).await;
+    let dirs: Vec<_> = (0..21)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let boot = common::start(
+        dirs[0].path(),
+        &[],
+        common::BOOTSTRAP,
+        TransportKind::Memory,
+    )
+    .await;
     let boot_addr = boot.full_addrs();
     let mut nodes = Vec::new();
     for (i, d) in dirs[1..].iter().enumerate() {
         let roles = match i % 3 {
-            0 => common::Roles { layers: true, mix: false },
-            1 => common::Roles { layers: false, mix: true },
-            _ => common::Roles { layers: true, mix: true },
+            0 => common::Roles {
+                layers: true,
+                mix: false,
+            },
+            1 => common::Roles {
+                layers: false,
+                mix: true,
+            },
+            _ => common::Roles {
+                layers: true,
+                mix: true,
+            },
         };
         nodes.push(common::start(d.path(), &boot_addr, roles, TransportKind::Memory).await);
     }
@@ -73,10 +92,24 @@ async fn twenty_nodes_are_found_and_forgeries_are_not() {
     // Three forgers: a bad signature, someone else's peer id, an expired
     // descriptor. Each announces the role so a client will try to read it.
     let now = unix_now();
-    let (fa, fb, fc, victim) = (Identity::generate(), Identity::generate(), Identity::generate(), Identity::generate());
-    let bad_sig = descriptor_for(&fa, now + 600).sign(&victim).expect("sign").to_bytes();
-    let wrong_peer = descriptor_for(&victim, now + 600).sign(&victim).expect("sign").to_bytes();
-    let expired = descriptor_for(&fc, now.saturating_sub(1)).sign(&fc).expect("sign").to_bytes();
+    let (fa, fb, fc, victim) = (
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+        Identity::generate(),
+    );
+    let bad_sig = descriptor_for(&fa, now + 600)
+        .sign(&victim)
+        .expect("sign")
+        .to_bytes();
+    let wrong_peer = descriptor_for(&victim, now + 600)
+        .sign(&victim)
+        .expect("sign")
+        .to_bytes();
+    let expired = descriptor_for(&fc, now.saturating_sub(1))
+        .sign(&fc)
+        .expect("sign")
+        .to_bytes();
     let mut forgers = Vec::new();
     for (id, value) in [(&fa, bad_sig), (&fb, wrong_peer), (&fc, expired)] {
         let f = forger(&boot_addr, id).await;
@@ -98,20 +131,42 @@ async fn twenty_nodes_are_found_and_forgeries_are_not() {
     let (found, _stats) = discover_at_least(&client, 20, Duration::from_secs(30)).await;
     let found_ids: HashSet<PeerId> = found.iter().map(|v| v.peer_id).collect();
     for (i, n) in nodes.iter().enumerate() {
-        assert!(found_ids.contains(&n.peer_id()), "node {i} was not discovered");
-        let v = found.iter().find(|v| v.peer_id == n.peer_id()).expect("found");
-        assert_eq!(v.descriptor.roles.layer_host, i % 3 != 1, "node {i} layer role");
+        assert!(
+            found_ids.contains(&n.peer_id()),
+            "node {i} was not discovered"
+        );
+        let v = found
+            .iter()
+            .find(|v| v.peer_id == n.peer_id())
+            .expect("found");
+        assert_eq!(
+            v.descriptor.roles.layer_host,
+            i % 3 != 1,
+            "node {i} layer role"
+        );
         assert_eq!(v.descriptor.roles.mix, i % 3 != 0, "node {i} mix role");
     }
     for id in [&fa, &fb, &fc] {
-        assert!(!found_ids.contains(&peer_of(id)), "a forged descriptor was returned");
+        assert!(
+            !found_ids.contains(&peer_of(id)),
+            "a forged descriptor was returned"
+        );
     }
-    assert!(!found_ids.contains(&boot.peer_id()), "the bootstrap offers no roles");
+    assert!(
+        !found_ids.contains(&boot.peer_id()),
+        "the bootstrap offers no roles"
+    );
     assert_eq!(found.len(), 20);
 
-    let refused: u64 = nodes.iter().map(|n| n.state.metrics.records_refused_total()).sum::<u64>()
+    let refused: u64 = nodes
+        .iter()
+        .map(|n| n.state.metrics.records_refused_total())
+        .sum::<u64>()
         + boot.state.metrics.records_refused_total();
-    assert!(refused >= 3, "forged records were not refused on store (refused {refused})");
+    assert!(
+        refused >= 3,
+        "forged records were not refused on store (refused {refused})"
+    );
     assert!(client.metrics().records_refused_total() == 0 || found.len() == 20);
 
     for n in nodes {
@@ -122,29 +177,74 @@ async fn twenty_nodes_are_found_and_forgeries_are_not() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_oversize_records_are_refused_and_counted() {
-    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
-    let boot = common::start(dirs[0].path(), &[], common::BOOTSTRAP, TransportKind::Memory).await;
+    let dirs: Vec<_> = (0..3)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let boot = common::start(
+        dirs[0].path(),
+        &[],
+        common::BOOTSTRAP,
+        TransportKind::Memory,
+    )
+    .await;
     let addr = boot.full_addrs();
-    let a = common::start(dirs[1].path(), &addr, common::Roles { layers: true, mix: true }, TransportKind::Memory).await;
-    let b = common::start(dirs[2].path(), &addr, common::Roles { layers: true, mix: false }, TransportKind::Memory).await;
+    let a = common::start(
+        dirs[1].path(),
+        &addr,
+        common::Roles {
+            layers: true,
+            mix: true,
+        },
+        TransportKind::Memory,
+    )
+    .await;
+    let b = common::start(
+        dirs[2].path(),
+        &addr,
+        common::Roles {
+            layers: true,
+            mix: false,
+        },
+        TransportKind::Memory,
+    )
+    .await;
     let id = Identity::generate();
     let f = forger(&addr, &id).await;
     f.wait_for_peers(3, Duration::from_secs(10)).await.ok();
     let key = descriptor_key(&peer_of(&id));
-    let before: u64 = [&boot, &a, &b].iter().map(|n| n.state.metrics.records_refused_total()).sum();
-    f.put_raw_record_for_tests(kad::Record::new(key.clone(), vec![0xAB; 200])).await.ok();
-    f.put_raw_record_for_tests(kad::Record::new(key, vec![1; 20_000])).await.ok();
-    f.put_raw_record_for_tests(kad::Record::new(kad::RecordKey::new(&"/not/ours"), vec![1; 10])).await.ok();
+    let before: u64 = [&boot, &a, &b]
+        .iter()
+        .map(|n| n.state.metrics.records_refused_total())
+        .sum();
+    f.put_raw_record_for_tests(kad::Record::new(key.clone(), vec![0xAB; 200]))
+        .await
+        .ok();
+    f.put_raw_record_for_tests(kad::Record::new(key, vec![1; 20_000]))
+        .await
+        .ok();
+    f.put_raw_record_for_tests(kad::Record::new(
+        kad::RecordKey::new(&"/not/ours"),
+        vec![1; 10],
+    ))
+    .await
+    .ok();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut after = before;
     while tokio::time::Instant::now() < deadline {
-        after = [&boot, &a, &b].iter().map(|n| n.state.metrics.records_refused_total()).sum();
+        after = [&boot, &a, &b]
+            .iter()
+            .map(|n| n.state.metrics.records_refused_total())
+            .sum();
         if after >= before + 3 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(after >= before + 3, "expected 3 refusals, saw {}", after - before);
+    assert!(
+        after >= before + 3,
+        "expected 3 refusals, saw {}",
+        after - before
+    );
     let text = boot.state.metrics.render() + &a.state.metrics.render() + &b.state.metrics.render();
     assert!(text.contains("reason=\"malformed\""), "{text}");
     assert!(text.contains("reason=\"too_large\""), "{text}");
@@ -154,7 +254,10 @@ async fn malformed_and_oversize_records_are_refused_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_keeps_its_peer_id_and_slots() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let roles = || common::Roles { layers: true, mix: false };
+    let roles = || common::Roles {
+        layers: true,
+        mix: false,
+    };
     let node = common::start(dir.path(), &[], roles(), TransportKind::Memory).await;
     let peer = node.peer_id();
     let slot = StoredSlot {
@@ -170,7 +273,10 @@ async fn a_restarted_node_keeps_its_peer_id_and_slots() {
 
     let node = common::start(dir.path(), &[], roles(), TransportKind::Memory).await;
     assert_eq!(node.peer_id(), peer);
-    assert_eq!(node.state.slots.get_slot(&[3; 16]).expect("get"), Some(slot));
+    assert_eq!(
+        node.state.slots.get_slot(&[3; 16]).expect("get"),
+        Some(slot)
+    );
     assert_eq!(node.state.free_slots(), 1);
     node.shutdown().await.expect("shutdown");
 }

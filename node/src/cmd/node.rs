@@ -58,11 +58,19 @@ impl NodeArgs {
             .or(file.data_dir)
             .context("no data directory: pass --data-dir DIR (or set MIXNN_DATA_DIR or data_dir in the config file)")?;
         let mut c = NodeConfig::new(data_dir);
-        let listen = if self.listen.is_empty() { file.listen } else { Some(self.listen) };
+        let listen = if self.listen.is_empty() {
+            file.listen
+        } else {
+            Some(self.listen)
+        };
         if let Some(l) = listen {
             c.listen = parse_addrs("listen address", &l)?;
         }
-        let bootstrap = if self.bootstrap.is_empty() { file.bootstrap } else { Some(self.bootstrap) };
+        let bootstrap = if self.bootstrap.is_empty() {
+            file.bootstrap
+        } else {
+            Some(self.bootstrap)
+        };
         if let Some(b) = bootstrap {
             c.bootstrap = parse_addrs("bootstrap address", &b)?;
         }

@@ -39,7 +39,10 @@ pub fn run(args: PeersArgs) -> anyhow::Result<()> {
                 serde_json::json!({ "volunteers": rows, "count": rows.len(), "stats": stats })
             );
         } else {
-            println!("{:<54} {:<16} {:>5} {:>12} {:>8}", "PEER", "ROLES", "FREE", "MAX PARAMS", "EPOCH");
+            println!(
+                "{:<54} {:<16} {:>5} {:>12} {:>8}",
+                "PEER", "ROLES", "FREE", "MAX PARAMS", "EPOCH"
+            );
             for r in &rows {
                 println!(
                     "{:<54} {:<16} {:>5} {:>12} {:>8}",
@@ -50,7 +53,11 @@ pub fn run(args: PeersArgs) -> anyhow::Result<()> {
                     r.epoch
                 );
             }
-            eprintln!("{} volunteers ({} providers found)", rows.len(), stats.providers_found);
+            eprintln!(
+                "{} volunteers ({} providers found)",
+                rows.len(),
+                stats.providers_found
+            );
         }
         Ok(())
     })

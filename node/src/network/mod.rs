@@ -18,8 +18,8 @@ use libp2p::core::upgrade;
 use libp2p::kad::{self, store::MemoryStore, QueryId, QueryResult, StoreInserts};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    connection_limits, identify, identity::Keypair, noise, ping, Multiaddr, PeerId,
-    StreamProtocol, Swarm, Transport,
+    connection_limits, identify, identity::Keypair, noise, ping, Multiaddr, PeerId, StreamProtocol,
+    Swarm, Transport,
 };
 use mixnn_crypto::descriptor::MAX_DESCRIPTOR_BYTES;
 use mixnn_crypto::{Descriptor, SignedDescriptor};
@@ -136,7 +136,10 @@ pub struct Network {
     metrics: Metrics,
 }
 
-fn build_transport(key: &Keypair, kind: TransportKind) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetworkError> {
+fn build_transport(
+    key: &Keypair,
+    kind: TransportKind,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetworkError> {
     let noise = noise::Config::new(key).map_err(|e| NetworkError::Transport(e.to_string()))?;
     let mut yamux = libp2p::yamux::Config::default();
     yamux.set_max_num_streams(256);
@@ -148,11 +151,12 @@ fn build_transport(key: &Keypair, kind: TransportKind) -> Result<Boxed<(PeerId, 
             .timeout(Duration::from_secs(20))
             .boxed(),
         TransportKind::Tcp => {
-            let tcp = libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default().nodelay(true))
-                .upgrade(upgrade::Version::V1)
-                .authenticate(noise)
-                .multiplex(yamux)
-                .timeout(Duration::from_secs(20));
+            let tcp =
+                libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default().nodelay(true))
+                    .upgrade(upgrade::Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux)
+                    .timeout(Duration::from_secs(20));
             let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
             let both = OrTransport::new(quic, tcp).map(|either, _| match either {
                 futures::future::Either::Left((peer, muxer)) => (peer, StreamMuxerBox::new(muxer)),
@@ -245,21 +249,29 @@ impl Network {
         let control = swarm.behaviour().stream.new_control();
         let mut listeners = HashSet::new();
         for addr in &cfg.listen {
-            let id = swarm.listen_on(addr.clone()).map_err(|e| NetworkError::Listen {
-                addr: addr.clone(),
-                reason: e.to_string(),
-            })?;
+            let id = swarm
+                .listen_on(addr.clone())
+                .map_err(|e| NetworkError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
             listeners.insert(id);
         }
         // Wait until each listener reports its first address.
         let wait = async {
             while !listeners.is_empty() {
                 match swarm.select_next_some().await {
-                    SwarmEvent::NewListenAddr { listener_id, address } => {
+                    SwarmEvent::NewListenAddr {
+                        listener_id,
+                        address,
+                    } => {
                         tracing::info!(event = "listening", %address);
                         listeners.remove(&listener_id);
                     }
-                    SwarmEvent::ListenerError { error, .. } | SwarmEvent::ListenerClosed { reason: Err(error), .. } => {
+                    SwarmEvent::ListenerError { error, .. }
+                    | SwarmEvent::ListenerClosed {
+                        reason: Err(error), ..
+                    } => {
                         return Err(NetworkError::Listen {
                             addr: cfg.listen.first().cloned().unwrap_or_else(Multiaddr::empty),
                             reason: error.to_string(),
@@ -275,8 +287,8 @@ impl Network {
             .map_err(|_| NetworkError::Timeout(Duration::from_secs(10), "listen addresses"))??;
 
         for addr in &cfg.bootstrap {
-            let (peer, base) =
-                split_peer_addr(addr).ok_or_else(|| NetworkError::BootstrapWithoutPeerId(addr.clone()))?;
+            let (peer, base) = split_peer_addr(addr)
+                .ok_or_else(|| NetworkError::BootstrapWithoutPeerId(addr.clone()))?;
             if peer == *swarm.local_peer_id() {
                 continue;
             }
@@ -327,9 +339,15 @@ impl Network {
         self.control.clone()
     }
 
-    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetworkError> {
+    async fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, NetworkError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| NetworkError::Stopped)?;
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| NetworkError::Stopped)?;
         rx.await.map_err(|_| NetworkError::Stopped)
     }
 
@@ -395,8 +413,21 @@ struct EventLoop {
     rx: mpsc::Receiver<Command>,
     metrics: Metrics,
     max_queries: usize,
-    providers: HashMap<QueryId, (HashSet<PeerId>, oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>)>,
-    descriptors: HashMap<QueryId, (PeerId, Option<Descriptor>, oneshot::Sender<Result<Descriptor, NetworkError>>)>,
+    providers: HashMap<
+        QueryId,
+        (
+            HashSet<PeerId>,
+            oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>,
+        ),
+    >,
+    descriptors: HashMap<
+        QueryId,
+        (
+            PeerId,
+            Option<Descriptor>,
+            oneshot::Sender<Result<Descriptor, NetworkError>>,
+        ),
+    >,
     puts: HashMap<QueryId, oneshot::Sender<Result<(), NetworkError>>>,
 }
 
@@ -540,9 +571,13 @@ impl EventLoop {
     fn on_kad(&mut self, event: kad::Event) {
         match event {
             kad::Event::InboundRequest { request } => self.on_inbound(request),
-            kad::Event::OutboundQueryProgressed { id, result, step, .. } => match result {
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => match result {
                 QueryResult::GetProviders(res) => {
-                    let Some((found, _)) = self.providers.get_mut(&id) else { return };
+                    let Some((found, _)) = self.providers.get_mut(&id) else {
+                        return;
+                    };
                     match res {
                         Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
                             found.extend(providers);
@@ -560,18 +595,27 @@ impl EventLoop {
                     }
                 }
                 QueryResult::GetRecord(res) => {
-                    let Some(entry) = self.descriptors.get_mut(&id) else { return };
+                    let Some(entry) = self.descriptors.get_mut(&id) else {
+                        return;
+                    };
                     if let Ok(kad::GetRecordOk::FoundRecord(peer_record)) = &res {
                         match check_descriptor_record(&peer_record.record, unix_now()) {
                             Ok(d) if d.peer_id == entry.0.to_bytes() => {
-                                let newer = entry.1.as_ref().is_none_or(|old| d.expires_at > old.expires_at);
+                                let newer = entry
+                                    .1
+                                    .as_ref()
+                                    .is_none_or(|old| d.expires_at > old.expires_at);
                                 if newer {
                                     entry.1 = Some(d);
                                 }
                             }
                             Ok(_) => self.metrics.refuse_record("wrong_key"),
                             Err(e) => {
-                                tracing::debug!(event = "record_refused", on = "read", reason = e.label());
+                                tracing::debug!(
+                                    event = "record_refused",
+                                    on = "read",
+                                    reason = e.label()
+                                );
                                 self.metrics.refuse_record(e.label());
                             }
                         }
@@ -601,17 +645,27 @@ impl EventLoop {
                 }
                 QueryResult::PutRecord(res) => {
                     if let Some(reply) = self.puts.remove(&id) {
-                        let _ = reply.send(res.map(|_| ()).map_err(|e| NetworkError::Query(e.to_string())));
+                        let _ = reply.send(
+                            res.map(|_| ())
+                                .map_err(|e| NetworkError::Query(e.to_string())),
+                        );
                     }
                 }
                 QueryResult::StartProviding(res) => {
                     if let Some(reply) = self.puts.remove(&id) {
-                        let _ = reply.send(res.map(|_| ()).map_err(|e| NetworkError::Query(e.to_string())));
+                        let _ = reply.send(
+                            res.map(|_| ())
+                                .map_err(|e| NetworkError::Query(e.to_string())),
+                        );
                     }
                 }
                 _ => {}
             },
-            kad::Event::RoutingUpdated { peer, is_new_peer: true, .. } => {
+            kad::Event::RoutingUpdated {
+                peer,
+                is_new_peer: true,
+                ..
+            } => {
                 tracing::debug!(event = "routing_updated", %peer);
             }
             _ => {}
@@ -657,7 +711,12 @@ impl EventLoop {
                     }
                 }
                 Err(e) => {
-                    tracing::info!(event = "record_refused", on = "store", kind = "provider", reason = e.label());
+                    tracing::info!(
+                        event = "record_refused",
+                        on = "store",
+                        kind = "provider",
+                        reason = e.label()
+                    );
                     self.metrics.refuse_record(e.label());
                 }
             },

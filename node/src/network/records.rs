@@ -144,10 +144,19 @@ mod tests {
             Err(RecordError::Descriptor(DescriptorError::Expired { .. }))
         ));
         let wrong = kad::Record::new(descriptor_key(&peer_of(&other)), value.clone());
-        assert_eq!(check_descriptor_record(&wrong, 100), Err(RecordError::WrongKey));
+        assert_eq!(
+            check_descriptor_record(&wrong, 100),
+            Err(RecordError::WrongKey)
+        );
         let odd = kad::Record::new(RecordKey::new(&"elsewhere"), value);
-        assert_eq!(check_descriptor_record(&odd, 100), Err(RecordError::UnknownKey));
+        assert_eq!(
+            check_descriptor_record(&odd, 100),
+            Err(RecordError::UnknownKey)
+        );
         let big = kad::Record::new(descriptor_key(&peer_of(&id)), vec![0; 10_000]);
-        assert_eq!(check_descriptor_record(&big, 100), Err(RecordError::TooLarge(10_000)));
+        assert_eq!(
+            check_descriptor_record(&big, 100),
+            Err(RecordError::TooLarge(10_000))
+        );
     }
 }

@@ -19,7 +19,12 @@ pub const BOOTSTRAP: Roles = Roles {
     mix: false,
 };
 
-pub fn config(dir: &Path, bootstrap: &[Multiaddr], roles: Roles, transport: TransportKind) -> NodeConfig {
+pub fn config(
+    dir: &Path,
+    bootstrap: &[Multiaddr],
+    roles: Roles,
+    transport: TransportKind,
+) -> NodeConfig {
     let mut c = NodeConfig::new(dir.to_path_buf());
     c.listen = vec![match transport {
         TransportKind::Memory => "/memory/0".parse().expect("addr"),
@@ -40,7 +45,10 @@ pub async fn start(
     roles: Roles,
     transport: TransportKind,
 ) -> RunningNode {
-    RunningNode::start(config(dir, bootstrap, roles, transport), CancellationToken::new())
-        .await
-        .expect("node starts")
+    RunningNode::start(
+        config(dir, bootstrap, roles, transport),
+        CancellationToken::new(),
+    )
+    .await
+    .expect("node starts")
 }

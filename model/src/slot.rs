@@ -1,0 +1,262 @@
+//! A volunteer's slot: one stage's parameters and optimizer state, and the
+//! forward and backward passes it serves.
+
+use std::collections::BTreeMap;
+
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{OptimizerSpec, OptimizerState};
+use crate::spec::StageSpec;
+use crate::stage::{backprop, Mat, StageCore};
+use crate::tensor::HostTensor;
+use crate::ModelError;
+
+/// Forward passes a slot keeps for their backward pass, by default.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 8;
+
+const MAGIC: &[u8; 6] = b"MXSLOT";
+const VERSION: u8 = 1;
+const CHECKSUM_LEN: usize = 32;
+
+/// How a slot's parameters are initialized: the owner's seed and the stage's
+/// position in the model. The same pair always gives the same parameters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InitSpec {
+    pub seed: u64,
+    pub stage_index: u32,
+}
+
+/// One stage held by a volunteer.
+///
+/// `forward` keeps the stage's input for `step` until `backward` for that
+/// step arrives (at most [`Slot::max_in_flight`] steps at once); `backward`
+/// recomputes the stage with a gradient tape, backpropagates, applies the
+/// optimizer and returns the gradient for the previous stage. Recomputing
+/// (rather than keeping dfdx's tape, which is not `Send`) keeps `Slot`
+/// `Send` and costs one extra forward pass of this stage.
+///
+/// Equivalence with local training holds when every step's backward comes
+/// before the next step's forward, as `LocalModel` does it.
+#[derive(Debug)]
+pub struct Slot {
+    core: StageCore,
+    pending: BTreeMap<u64, Mat>,
+    max_in_flight: usize,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SlotRecordV1 {
+    spec: StageSpec,
+    optimizer: OptimizerSpec,
+    optimizer_state: OptimizerState,
+    steps_applied: u64,
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Slot {
+    /// A fresh slot with deterministic initial parameters.
+    pub fn new(stage: &StageSpec, init: InitSpec, opt: OptimizerSpec) -> Result<Slot, ModelError> {
+        let core = StageCore::init(stage, init.seed, init.stage_index, opt)?;
+        Ok(Slot::from_core(core))
+    }
+
+    fn from_core(core: StageCore) -> Slot {
+        Slot {
+            core,
+            pending: BTreeMap::new(),
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
+    }
+
+    /// Sets how many forward passes may wait for their backward (at least 1).
+    pub fn set_max_in_flight(&mut self, n: usize) {
+        self.max_in_flight = n.max(1);
+    }
+
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Steps whose forward pass is kept, waiting for backward.
+    pub fn in_flight(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Drops what was kept for `step` (an aborted job); true if there was any.
+    pub fn cancel(&mut self, step: u64) -> bool {
+        self.pending.remove(&step).is_some()
+    }
+
+    /// Drops everything kept for steps in flight.
+    pub fn cancel_all(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Training forward pass for `step`; keeps the input for `backward`.
+    ///
+    /// `input` is `[batch, ...]` with `input_dim` features per example.
+    pub fn forward(&mut self, step: u64, input: &HostTensor) -> Result<HostTensor, ModelError> {
+        if self.pending.contains_key(&step) {
+            return Err(ModelError::DuplicateStep(step));
+        }
+        if self.pending.len() >= self.max_in_flight {
+            return Err(ModelError::TooManyInFlight {
+                limit: self.max_in_flight,
+            });
+        }
+        let x = self.core.upload_input(input)?;
+        let out = self.run(x.clone());
+        self.pending.insert(step, x);
+        Ok(out)
+    }
+
+    /// Backward pass for `step`: applies this slot's optimizer step and
+    /// returns the gradient with respect to the step's input (shaped
+    /// `[batch, input_dim]`).
+    ///
+    /// `grad_out` must have the shape of the forward output. On a shape
+    /// error the step stays in flight.
+    pub fn backward(&mut self, step: u64, grad_out: &HostTensor) -> Result<HostTensor, ModelError> {
+        let x = self
+            .pending
+            .get(&step)
+            .ok_or(ModelError::UnknownStep(step))?;
+        let batch = x.shape().0;
+        if grad_out.shape != [batch, self.core.outputs()] {
+            return Err(ModelError::Shape {
+                what: "output gradient",
+                expected: format!("[{batch}, {}]", self.core.outputs()),
+                got: grad_out.shape.clone(),
+            });
+        }
+        let g = self.core.upload(grad_out, batch, self.core.outputs())?;
+        let x = self
+            .pending
+            .remove(&step)
+            .ok_or(ModelError::UnknownStep(step))?;
+        let out = self.core.forward(x.trace(Gradients::leaky()));
+        let grads = backprop(out, g);
+        let grad_in = grads.get(&x).as_vec();
+        self.core.apply_grads(&grads);
+        Ok(HostTensor {
+            shape: vec![batch, self.core.inputs()],
+            data: grad_in,
+        })
+    }
+
+    /// Inference: forward only, keeps nothing.
+    pub fn infer(&self, input: &HostTensor) -> Result<HostTensor, ModelError> {
+        let x = self.core.upload_input(input)?;
+        Ok(self.run(x))
+    }
+
+    fn run(&self, x: Mat) -> HostTensor {
+        let y = self.core.forward(x);
+        let shape = y.shape();
+        HostTensor {
+            shape: vec![shape.0, shape.1],
+            data: y.as_vec(),
+        }
+    }
+
+    /// Digest of this stage's parameters (see [`crate::digest`]).
+    pub fn params_digest(&self) -> [u8; 32] {
+        self.core.digest()
+    }
+
+    /// Optimizer steps applied so far.
+    pub fn steps_applied(&self) -> u64 {
+        self.core.steps()
+    }
+
+    pub fn spec(&self) -> &StageSpec {
+        self.core.spec()
+    }
+
+    pub fn optimizer(&self) -> &OptimizerSpec {
+        self.core.optimizer()
+    }
+
+    pub fn input_dim(&self) -> usize {
+        self.core.inputs()
+    }
+
+    pub fn output_dim(&self) -> usize {
+        self.core.outputs()
+    }
+
+    /// Weight, `[outputs, inputs]` row-major.
+    pub fn weight(&self) -> &[f32] {
+        self.core.weight()
+    }
+
+    pub fn bias(&self) -> &[f32] {
+        self.core.bias()
+    }
+
+    /// Serializes spec, parameters, optimizer state and step counter (not
+    /// the steps in flight): `MXSLOT`, version byte, postcard record, blake3
+    /// checksum of everything before it.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let record = SlotRecordV1 {
+            spec: self.core.spec().clone(),
+            optimizer: *self.core.optimizer(),
+            optimizer_state: self.core.optimizer_state().clone(),
+            steps_applied: self.core.steps(),
+            weight: self.core.weight().to_vec(),
+            bias: self.core.bias().to_vec(),
+        };
+        let mut out = Vec::with_capacity(64 + 4 * 3 * (record.weight.len() + record.bias.len()));
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        // Serializing plain data to a Vec cannot fail.
+        out = postcard::to_extend(&record, out).unwrap_or_default();
+        let sum = blake3::hash(&out);
+        out.extend_from_slice(sum.as_bytes());
+        out
+    }
+
+    /// Restores a slot written by [`Slot::to_bytes`]. Truncated, corrupt or
+    /// inconsistent bytes are an error.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Slot, ModelError> {
+        let bad = |m: &str| ModelError::SlotBytes(m.to_string());
+        if bytes.len() < MAGIC.len() + 1 + CHECKSUM_LEN {
+            return Err(bad("too short"));
+        }
+        if &bytes[..MAGIC.len()] != MAGIC {
+            return Err(bad("not a slot (bad magic)"));
+        }
+        let version = bytes[MAGIC.len()];
+        if version != VERSION {
+            return Err(ModelError::SlotBytes(format!(
+                "unsupported version {version} (expected {VERSION})"
+            )));
+        }
+        let (body, sum) = bytes.split_at(bytes.len() - CHECKSUM_LEN);
+        if blake3::hash(body).as_bytes() != sum {
+            return Err(bad("checksum mismatch (truncated or corrupt)"));
+        }
+        let (record, rest): (SlotRecordV1, _) = postcard::take_from_bytes(&body[MAGIC.len() + 1..])
+            .map_err(|e| ModelError::SlotBytes(format!("record: {e}")))?;
+        if !rest.is_empty() {
+            return Err(bad("trailing bytes after the record"));
+        }
+        let core = StageCore::from_parts(
+            record.spec,
+            record.weight,
+            record.bias,
+            record.optimizer,
+            record.optimizer_state,
+            record.steps_applied,
+        )?;
+        Ok(Slot::from_core(core))
+    }
+}
+
+#[allow(dead_code)]
+fn assert_send() {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<Slot>();
+}

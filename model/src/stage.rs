@@ -1,0 +1,268 @@
+//! One stage's math, shared by [`crate::Slot`] and [`crate::LocalModel`] so
+//! that both run exactly the same operations in the same order.
+
+use dfdx::prelude::*;
+
+use crate::optim::{OptimizerSpec, OptimizerState};
+use crate::spec::{LayerSpec, StageSpec};
+use crate::tensor::HostTensor;
+use crate::ModelError;
+
+/// A `[batch, features]` matrix on the CPU backend.
+pub(crate) type Mat<T = NoneTape> = Tensor<(usize, usize), f32, Cpu, T>;
+type Vector = Tensor<(usize,), f32, Cpu>;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Relu,
+    Tanh,
+}
+
+/// Parameters, optimizer state and step counter of one stage.
+#[derive(Debug, Clone)]
+pub(crate) struct StageCore {
+    spec: StageSpec,
+    inputs: usize,
+    outputs: usize,
+    acts: Vec<Act>,
+    dev: Cpu,
+    /// `[outputs, inputs]`, row-major, like PyTorch's `nn.Linear`.
+    weight: Mat,
+    bias: Vector,
+    /// Host copies of `weight` and `bias`, always equal to them.
+    host_w: Vec<f32>,
+    host_b: Vec<f32>,
+    opt: OptimizerSpec,
+    opt_state: OptimizerState,
+    steps: u64,
+    /// Reused buffer for gradients read out of the tape.
+    scratch: Vec<f32>,
+}
+
+impl StageCore {
+    /// Deterministic Kaiming-uniform init (PyTorch's `nn.Linear` default:
+    /// weight and bias uniform in `±1/sqrt(inputs)`), drawn from ChaCha20
+    /// seeded by `(seed, stage_index)`: weight row by row, then bias.
+    pub(crate) fn init(
+        spec: &StageSpec,
+        seed: u64,
+        stage_index: u32,
+        opt: OptimizerSpec,
+    ) -> Result<StageCore, ModelError> {
+        spec.validate()?;
+        opt.validate()?;
+        let (inputs, outputs) = spec.linear().unwrap_or((0, 0));
+        let mut rng = init_rng(seed, stage_index);
+        let bound = 1.0 / (inputs as f32).sqrt();
+        let mut sample = || {
+            use rand::RngCore;
+            let u = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
+            (2.0 * u - 1.0) * bound
+        };
+        let w: Vec<f32> = (0..inputs * outputs).map(|_| sample()).collect();
+        let b: Vec<f32> = (0..outputs).map(|_| sample()).collect();
+        let state = OptimizerState::new(&opt, &[w.len(), b.len()]);
+        StageCore::from_parts(spec.clone(), w, b, opt, state, 0)
+    }
+
+    /// Rebuilds a stage from its parts, checking that they fit together.
+    pub(crate) fn from_parts(
+        spec: StageSpec,
+        host_w: Vec<f32>,
+        host_b: Vec<f32>,
+        opt: OptimizerSpec,
+        opt_state: OptimizerState,
+        steps: u64,
+    ) -> Result<StageCore, ModelError> {
+        spec.validate()?;
+        opt.validate()?;
+        let (inputs, outputs) = spec.linear().unwrap_or((0, 0));
+        if host_w.len() != inputs * outputs || host_b.len() != outputs {
+            return Err(ModelError::SlotBytes(format!(
+                "parameter sizes {}+{} do not fit the stage {inputs}->{outputs}",
+                host_w.len(),
+                host_b.len()
+            )));
+        }
+        if !opt_state.matches(&opt, &[host_w.len(), host_b.len()]) {
+            return Err(ModelError::SlotBytes(
+                "optimizer state does not fit the optimizer or the stage".into(),
+            ));
+        }
+        let acts = spec
+            .layers
+            .iter()
+            .filter_map(|l| match l {
+                LayerSpec::Relu => Some(Act::Relu),
+                LayerSpec::Tanh => Some(Act::Tanh),
+                _ => None,
+            })
+            .collect();
+        let dev = Cpu::default();
+        let weight = dev.try_tensor_from_vec(host_w.clone(), (outputs, inputs))?;
+        let bias = dev.try_tensor_from_vec(host_b.clone(), (outputs,))?;
+        Ok(StageCore {
+            spec,
+            inputs,
+            outputs,
+            acts,
+            dev,
+            weight,
+            bias,
+            host_w,
+            host_b,
+            opt,
+            opt_state,
+            steps,
+            scratch: Vec::new(),
+        })
+    }
+
+    pub(crate) fn spec(&self) -> &StageSpec {
+        &self.spec
+    }
+    pub(crate) fn optimizer(&self) -> &OptimizerSpec {
+        &self.opt
+    }
+    pub(crate) fn optimizer_state(&self) -> &OptimizerState {
+        &self.opt_state
+    }
+    pub(crate) fn steps(&self) -> u64 {
+        self.steps
+    }
+    pub(crate) fn weight(&self) -> &[f32] {
+        &self.host_w
+    }
+    pub(crate) fn bias(&self) -> &[f32] {
+        &self.host_b
+    }
+    pub(crate) fn inputs(&self) -> usize {
+        self.inputs
+    }
+    pub(crate) fn outputs(&self) -> usize {
+        self.outputs
+    }
+    pub(crate) fn device(&self) -> &Cpu {
+        &self.dev
+    }
+
+    /// The stage's forward pass: linear, then its activations.
+    pub(crate) fn forward<T: Tape<f32, Cpu>>(&self, x: Mat<T>) -> Mat<T> {
+        let w = self
+            .weight
+            .retaped::<T>()
+            .permute::<(usize, usize), Axes2<1, 0>>();
+        let y = x.matmul(w);
+        let shape = *y.shape();
+        let mut y = y + self
+            .bias
+            .retaped::<T>()
+            .broadcast_like::<_, Axis<0>>(&shape);
+        for act in &self.acts {
+            y = match act {
+                Act::Relu => y.relu(),
+                Act::Tanh => y.tanh(),
+            };
+        }
+        y
+    }
+
+    /// Checks `t` is `[batch ≥ 1, ...]` with `inputs` features per example
+    /// (extra dims are flattened) and finite, and uploads it.
+    pub(crate) fn upload_input(&self, t: &HostTensor) -> Result<Mat, ModelError> {
+        let batch = check_batch(t, self.inputs, "stage input")?;
+        self.upload(t, batch, self.inputs)
+    }
+
+    /// Uploads `t` as a `[batch, features]` matrix after checking it is finite.
+    pub(crate) fn upload(
+        &self,
+        t: &HostTensor,
+        batch: usize,
+        features: usize,
+    ) -> Result<Mat, ModelError> {
+        check_finite(&t.data, "tensor")?;
+        Ok(self
+            .dev
+            .try_tensor_from_vec(t.data.clone(), (batch, features))?)
+    }
+
+    /// Applies one optimizer step from the gradients of a backward pass
+    /// through [`StageCore::forward`].
+    pub(crate) fn apply_grads(&mut self, grads: &Gradients<f32, Cpu>) {
+        self.opt_state.begin_step();
+        self.scratch.resize(self.host_w.len(), 0.0);
+        grads.get(&self.weight).copy_into(&mut self.scratch);
+        self.opt_state
+            .update(&self.opt, 0, &mut self.host_w, &self.scratch);
+        self.weight.copy_from(&self.host_w);
+        let gb = &mut self.scratch[..self.host_b.len()];
+        grads.get(&self.bias).copy_into(gb);
+        self.opt_state.update(&self.opt, 1, &mut self.host_b, gb);
+        self.bias.copy_from(&self.host_b);
+        self.steps += 1;
+    }
+
+    /// blake3 over the weight then the bias, little-endian `f32`.
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        crate::digest::hash_f32s(&mut h, &self.host_w);
+        crate::digest::hash_f32s(&mut h, &self.host_b);
+        *h.finalize().as_bytes()
+    }
+}
+
+/// The rows of `t` when it is `[batch ≥ 1, ...]` with `features` per row.
+pub(crate) fn check_batch(
+    t: &HostTensor,
+    features: usize,
+    what: &'static str,
+) -> Result<usize, ModelError> {
+    let expected = || format!("[batch, {features}]");
+    let (&batch, rest) = t.shape.split_first().ok_or_else(|| ModelError::Shape {
+        what,
+        expected: expected(),
+        got: t.shape.clone(),
+    })?;
+    let per_row = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+    if batch == 0
+        || rest.is_empty()
+        || per_row != Some(features)
+        || batch.checked_mul(features) != Some(t.data.len())
+    {
+        return Err(ModelError::Shape {
+            what,
+            expected: expected(),
+            got: t.shape.clone(),
+        });
+    }
+    Ok(batch)
+}
+
+pub(crate) fn check_finite(data: &[f32], what: &'static str) -> Result<(), ModelError> {
+    match data.iter().position(|x| !x.is_finite()) {
+        Some(index) => Err(ModelError::NonFinite { what, index }),
+        None => Ok(()),
+    }
+}
+
+/// Backpropagates `grad` (same shape as `out`) into `out`'s tape.
+pub(crate) fn backprop(out: Mat<OwnedTape<f32, Cpu>>, grad: Mat) -> Gradients<f32, Cpu> {
+    (out * grad).sum::<(), _>().backward()
+}
+
+fn init_rng(seed: u64, stage_index: u32) -> rand_chacha::ChaCha20Rng {
+    use rand::SeedableRng;
+    let mut material = [0u8; 12];
+    material[..8].copy_from_slice(&seed.to_le_bytes());
+    material[8..].copy_from_slice(&stage_index.to_le_bytes());
+    let key = blake3::derive_key("mixnn-model 2025 stage init v1", &material);
+    rand_chacha::ChaCha20Rng::from_seed(key)
+}
+
+#[allow(dead_code)]
+fn assert_send() {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<StageCore>();
+    is_send::<Mat>();
+}

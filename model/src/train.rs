@@ -1,0 +1,228 @@
+//! The whole-model reference trainer: all stages in one process, one
+//! gradient tape through the whole model per step.
+
+use std::time::Instant;
+
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Dataset, Split};
+use crate::digest::{model_digest, to_hex};
+use crate::loss::{correct, softmax_cross_entropy};
+use crate::optim::OptimizerSpec;
+use crate::spec::Arch;
+use crate::stage::{backprop, check_batch, StageCore};
+use crate::tensor::HostTensor;
+use crate::ModelError;
+
+/// A whole model held locally. Stage `i` is initialized exactly as
+/// `Slot::new(&arch.stages()[i], InitSpec { seed, stage_index: i }, opt)`.
+#[derive(Debug, Clone)]
+pub struct LocalModel {
+    arch: Arch,
+    stages: Vec<StageCore>,
+    steps: u64,
+}
+
+impl LocalModel {
+    pub fn new(arch: &Arch, seed: u64, opt: OptimizerSpec) -> Result<LocalModel, ModelError> {
+        let stages = arch
+            .stages()
+            .iter()
+            .enumerate()
+            .map(|(i, s)| StageCore::init(s, seed, i as u32, opt))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(LocalModel {
+            arch: arch.clone(),
+            stages,
+            steps: 0,
+        })
+    }
+
+    pub fn arch(&self) -> &Arch {
+        &self.arch
+    }
+
+    /// Training steps taken.
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// One training step on a batch; returns the batch's mean loss.
+    pub fn train_step(&mut self, x: &HostTensor, labels: &[u8]) -> Result<f32, ModelError> {
+        let first = &self.stages[0];
+        let x = first.upload_input(x)?;
+        let mut y = x.trace(Gradients::leaky());
+        for stage in &self.stages {
+            y = stage.forward(y);
+        }
+        let (logits, tape) = y.split_tape();
+        let (batch, classes) = *logits.shape();
+        let host = HostTensor {
+            shape: vec![batch, classes],
+            data: logits.as_vec(),
+        };
+        let (loss, grad) = softmax_cross_entropy(&host, labels)?;
+        let g = first
+            .device()
+            .try_tensor_from_vec(grad.data, (batch, classes))?;
+        let grads = backprop(logits.put_tape(tape), g);
+        for stage in &mut self.stages {
+            stage.apply_grads(&grads);
+        }
+        self.steps += 1;
+        Ok(loss)
+    }
+
+    /// Forward pass through all stages (logits).
+    pub fn infer(&self, x: &HostTensor) -> Result<HostTensor, ModelError> {
+        check_batch(x, self.arch.input_dim(), "model input")?;
+        let mut y = self.stages[0].upload_input(x)?;
+        for stage in &self.stages {
+            y = stage.forward(y);
+        }
+        let (batch, classes) = *y.shape();
+        Ok(HostTensor {
+            shape: vec![batch, classes],
+            data: y.as_vec(),
+        })
+    }
+
+    /// Accuracy over `split`, in order, `batch` examples at a time.
+    pub fn evaluate(&self, split: &Split, batch: usize) -> f32 {
+        let batch = batch.max(1);
+        let mut hits = 0usize;
+        let mut start = 0;
+        while start < split.len() {
+            let (x, labels) = split.slice(start, batch);
+            hits += self
+                .infer(&x)
+                .ok()
+                .and_then(|l| correct(&l, labels))
+                .unwrap_or(0);
+            start += batch;
+        }
+        if split.is_empty() {
+            0.0
+        } else {
+            hits as f32 / split.len() as f32
+        }
+    }
+
+    /// Per-stage parameter digests, in stage order.
+    pub fn stage_digests(&self) -> Vec<[u8; 32]> {
+        self.stages.iter().map(StageCore::digest).collect()
+    }
+
+    /// The model digest over [`LocalModel::stage_digests`].
+    pub fn params_digest(&self) -> [u8; 32] {
+        model_digest(&self.stage_digests())
+    }
+}
+
+/// What [`train_local`] trains.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub arch: Arch,
+    pub epochs: u32,
+    pub batch: usize,
+    pub optimizer: OptimizerSpec,
+    /// Seeds parameter init and the batch order.
+    pub seed: u64,
+    /// Train on the first `limit` training examples only.
+    pub limit: Option<usize>,
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<(), ModelError> {
+        self.optimizer.validate()?;
+        if self.epochs == 0 {
+            return Err(ModelError::Config("epochs must be at least 1".into()));
+        }
+        if self.batch == 0 || self.batch > 1 << 16 {
+            return Err(ModelError::Config(format!(
+                "batch {} is out of range 1..=65536",
+                self.batch
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Progress after one step.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepInfo {
+    pub step: u64,
+    pub epoch: u32,
+    pub loss: f32,
+    pub examples_done: u64,
+    pub examples_total: u64,
+}
+
+/// Summary of a [`train_local`] run.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TrainReport {
+    pub steps: u64,
+    pub final_loss: f32,
+    pub losses: Vec<f32>,
+    pub test_accuracy: f32,
+    pub seconds: f64,
+    pub params_digest_hex: String,
+}
+
+/// Trains `cfg.arch` locally on `data.train` (batches from
+/// `Split::batches(cfg.batch, epoch, cfg.seed)`), then evaluates on `data.test`.
+pub fn train_local(
+    cfg: &TrainConfig,
+    data: &Dataset,
+    on_step: &mut dyn FnMut(StepInfo),
+) -> Result<TrainReport, ModelError> {
+    cfg.validate()?;
+    if data.train.features != cfg.arch.input_dim() {
+        return Err(ModelError::Config(format!(
+            "dataset has {} features, {} takes {}",
+            data.train.features,
+            cfg.arch,
+            cfg.arch.input_dim()
+        )));
+    }
+    let started = Instant::now();
+    let limited;
+    let train = match cfg.limit {
+        Some(n) if n < data.train.len() => {
+            limited = data.train.clone().limit(n);
+            &limited
+        }
+        _ => &data.train,
+    };
+    if train.is_empty() {
+        return Err(ModelError::Config("no training examples".into()));
+    }
+    let mut model = LocalModel::new(&cfg.arch, cfg.seed, cfg.optimizer)?;
+    let examples_total = u64::from(cfg.epochs) * train.len() as u64;
+    let mut losses = Vec::with_capacity(cfg.epochs as usize * train.num_batches(cfg.batch));
+    let mut examples_done = 0u64;
+    for epoch in 0..cfg.epochs {
+        for (x, labels) in train.batches(cfg.batch, epoch, cfg.seed) {
+            let loss = model.train_step(&x, &labels)?;
+            losses.push(loss);
+            examples_done += labels.len() as u64;
+            on_step(StepInfo {
+                step: model.steps(),
+                epoch,
+                loss,
+                examples_done,
+                examples_total,
+            });
+        }
+    }
+    let test_accuracy = model.evaluate(&data.test, 1000);
+    Ok(TrainReport {
+        steps: model.steps(),
+        final_loss: losses.last().copied().unwrap_or(f32::NAN),
+        losses,
+        test_accuracy,
+        seconds: started.elapsed().as_secs_f64(),
+        params_digest_hex: to_hex(&model.params_digest()),
+    })
+}

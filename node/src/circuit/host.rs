@@ -1,0 +1,271 @@
+//! The slots a layer host serves: admission, owner checks, computation and
+//! checkpoints.
+//!
+//! A slot lives in sled between jobs and in memory while circuits use it.
+//! The forward and backward circuits of one job share the in-memory slot.
+//! A circuit that breaks evicts it, so the next job starts again from the
+//! last checkpoint, never from half-applied steps.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use mixnn_model::{DecodeLimits, HostTensor, Slot};
+use thiserror::Error;
+
+use super::payload::{Assignment, ControlOp, Direction, JobMsg, SlotReport};
+use crate::store::{SlotId, SlotStore, StoreError, StoredSlot};
+
+/// Hard cap on the rows of one batch, whatever the client asks.
+pub const MAX_BATCH: u32 = 16_384;
+/// Hard cap on one tensor message (elements).
+pub const MAX_TENSOR_ELEMENTS: usize = 64 << 20;
+
+#[derive(Debug, Error)]
+pub enum HostError {
+    #[error("slot refused: {0}")]
+    Refused(String),
+    #[error("message refused: {0}")]
+    BadMessage(String),
+    #[error("computation failed: {0}")]
+    Compute(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// A slot in memory with what the host knows about it.
+pub struct HostedSlot {
+    pub slot: Slot,
+    pub owner: [u8; 32],
+    pub version: u64,
+}
+
+pub type SharedSlot = Arc<Mutex<HostedSlot>>;
+
+/// Admission policy of this host.
+#[derive(Clone, Copy, Debug)]
+pub struct HostPolicy {
+    pub slots: u32,
+    pub max_params: u64,
+}
+
+/// All slots this host serves right now.
+pub struct Host {
+    store: Arc<dyn SlotStore>,
+    policy: HostPolicy,
+    live: Mutex<HashMap<SlotId, SharedSlot>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Host {
+    pub fn new(store: Arc<dyn SlotStore>, policy: HostPolicy) -> Self {
+        Self {
+            store,
+            policy,
+            live: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn SlotStore> {
+        &self.store
+    }
+
+    /// Bind a circuit to the slot its assignment names, creating the slot
+    /// if the assignment asks and the host has room. Returns the slot and
+    /// whether it was created.
+    pub fn bind(
+        &self,
+        a: &Assignment,
+        hop_onion_key: &[u8; 32],
+    ) -> Result<(SharedSlot, bool), HostError> {
+        a.verify(hop_onion_key)
+            .map_err(|e| HostError::Refused(e.to_string()))?;
+        let body = &a.body;
+        if body.max_batch == 0 || body.max_batch > MAX_BATCH {
+            return Err(HostError::Refused(format!(
+                "max batch {} outside 1..={MAX_BATCH}",
+                body.max_batch
+            )));
+        }
+        let mut live = lock(&self.live);
+        if let Some(s) = live.get(&body.slot_id) {
+            if lock(s).owner != body.owner {
+                return Err(HostError::Refused(
+                    "the slot belongs to another owner".into(),
+                ));
+            }
+            return Ok((s.clone(), false));
+        }
+        if let Some(stored) = self.store.get_slot(&body.slot_id)? {
+            if stored.owner != body.owner {
+                return Err(HostError::Refused(
+                    "the slot belongs to another owner".into(),
+                ));
+            }
+            let slot = Slot::from_bytes(&stored.state)
+                .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
+            let shared = Arc::new(Mutex::new(HostedSlot {
+                slot,
+                owner: stored.owner,
+                version: stored.version,
+            }));
+            live.insert(body.slot_id, shared.clone());
+            return Ok((shared, false));
+        }
+        let Some(create) = &body.create else {
+            return Err(HostError::Refused("no such slot on this host".into()));
+        };
+        if body.infer_only || body.direction != Direction::Forward {
+            return Err(HostError::Refused(
+                "a slot is created by a training forward circuit".into(),
+            ));
+        }
+        create
+            .stage
+            .validate()
+            .map_err(|e| HostError::Refused(format!("invalid stage: {e}")))?;
+        let params = create.stage.param_count() as u64;
+        if params > self.policy.max_params {
+            return Err(HostError::Refused(format!(
+                "the layer has {params} parameters, more than the {} this host accepts",
+                self.policy.max_params
+            )));
+        }
+        let held = self.store.list_slots()?.len() as u32;
+        if held >= self.policy.slots {
+            return Err(HostError::Refused(format!(
+                "all {} slots are taken",
+                self.policy.slots
+            )));
+        }
+        let slot = Slot::new(&create.stage, create.init, create.optimizer)
+            .map_err(|e| HostError::Refused(format!("cannot create the slot: {e}")))?;
+        let hosted = HostedSlot {
+            slot,
+            owner: body.owner,
+            version: 0,
+        };
+        // Claim the slot on disk at once, so a restart keeps it.
+        self.persist(&body.slot_id, &hosted)?;
+        let shared = Arc::new(Mutex::new(hosted));
+        live.insert(body.slot_id, shared.clone());
+        Ok((shared, true))
+    }
+
+    fn persist(&self, id: &SlotId, s: &HostedSlot) -> Result<(), HostError> {
+        self.store.put_slot(&StoredSlot {
+            id: *id,
+            owner: s.owner,
+            version: s.version,
+            param_count: s.slot.spec().param_count() as u64,
+            state: s.slot.to_bytes(),
+        })?;
+        Ok(())
+    }
+
+    /// Forget the in-memory copy: the next bind reloads the last checkpoint.
+    pub fn evict(&self, id: &SlotId) {
+        lock(&self.live).remove(id);
+    }
+
+    /// Drop the in-memory copy after a clean end of the job.
+    pub fn release(&self, id: &SlotId) {
+        self.evict(id)
+    }
+
+    /// Run one message through the slot. Returns the message for the next
+    /// hop. Blocking (dfdx computes on this thread).
+    pub fn process(
+        &self,
+        slot_id: &SlotId,
+        shared: &SharedSlot,
+        a: &Assignment,
+        msg: JobMsg,
+        seal: &dyn Fn(&SlotReport) -> Vec<u8>,
+    ) -> Result<JobMsg, HostError> {
+        let body = &a.body;
+        let mut s = lock(shared);
+        let check_rows = |t: &HostTensor, want: usize| -> Result<(), HostError> {
+            let rows = t.shape.first().copied().unwrap_or(0);
+            if t.shape.len() != 2
+                || t.shape[1] != want
+                || rows == 0
+                || rows > body.max_batch as usize
+            {
+                return Err(HostError::BadMessage(format!(
+                    "tensor of shape {:?} where [1..={}, {want}] was expected",
+                    t.shape, body.max_batch
+                )));
+            }
+            Ok(())
+        };
+        match (msg, body.direction) {
+            (JobMsg::Forward { step, tensor }, Direction::Forward) if !body.infer_only => {
+                check_rows(&tensor, s.slot.input_dim())?;
+                let out = s
+                    .slot
+                    .forward(step, &tensor)
+                    .map_err(|e| HostError::Compute(e.to_string()))?;
+                Ok(JobMsg::Forward { step, tensor: out })
+            }
+            (JobMsg::Infer { step, tensor }, Direction::Forward) => {
+                check_rows(&tensor, s.slot.input_dim())?;
+                let out = s
+                    .slot
+                    .infer(&tensor)
+                    .map_err(|e| HostError::Compute(e.to_string()))?;
+                Ok(JobMsg::Infer { step, tensor: out })
+            }
+            (JobMsg::Backward { step, tensor }, Direction::Backward) if !body.infer_only => {
+                check_rows(&tensor, s.slot.output_dim())?;
+                let grad_in = s
+                    .slot
+                    .backward(step, &tensor)
+                    .map_err(|e| HostError::Compute(e.to_string()))?;
+                if body.first {
+                    Ok(JobMsg::Ack { step })
+                } else {
+                    Ok(JobMsg::Backward {
+                        step,
+                        tensor: grad_in,
+                    })
+                }
+            }
+            (JobMsg::Control { op, mut reports }, Direction::Forward) => {
+                if op != ControlOp::Digest && !body.infer_only {
+                    s.version += 1;
+                    self.persist(slot_id, &s)?;
+                }
+                reports.push(seal(&SlotReport {
+                    slot_id: *slot_id,
+                    version: s.version,
+                    steps_applied: s.slot.steps_applied(),
+                    params_digest: s.slot.params_digest(),
+                }));
+                Ok(JobMsg::Control { op, reports })
+            }
+            (m, d) => Err(HostError::BadMessage(format!(
+                "a {} message on a {:?} circuit{}",
+                m.name(),
+                d,
+                if body.infer_only {
+                    " for inference"
+                } else {
+                    ""
+                }
+            ))),
+        }
+    }
+
+    /// Decode limits for messages into `slot`: rows times its widest side.
+    pub fn limits(slot: &SharedSlot, max_batch: u32) -> DecodeLimits {
+        let s = lock(slot);
+        let width = s.slot.input_dim().max(s.slot.output_dim());
+        DecodeLimits {
+            max_rank: 2,
+            max_elements: (max_batch as usize * width).min(MAX_TENSOR_ELEMENTS),
+        }
+    }
+}

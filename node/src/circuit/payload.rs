@@ -1,0 +1,494 @@
+//! What travels inside the onion and inside the cells. Pure.
+//!
+//! - [`HopPayload`]: the per-hop part of a circuit setup: the role the hop
+//!   plays and, for a layer host, its slot assignment signed by the model's
+//!   owner and the segment keys it shares with its neighbouring layer hosts.
+//! - [`JobMsg`]: a message between layer hosts (and the client) on a
+//!   segment: activations, gradients, acknowledgements, control.
+//! - Reports: a hop seals what only the client may read (errors, digests)
+//!   with a key from its onion secrets; relays pass them on unopened.
+
+use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use mixnn_crypto::onion::HOP_PAYLOAD_BYTES;
+use mixnn_crypto::{verify_signature, Identity};
+use mixnn_model::{DecodeLimits, HostTensor, InitSpec, OptimizerSpec, StageSpec};
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::store::SlotId;
+
+const AUTH_DOMAIN: &[u8] = b"mixnn-slot-auth-v1";
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum PayloadError {
+    #[error("hop payload is malformed")]
+    Malformed,
+    #[error("hop payload of {0} bytes exceeds the onion's per-hop capacity")]
+    TooLarge(usize),
+    #[error("the owner's signature on the slot assignment does not verify")]
+    BadAuth,
+    #[error("job message is malformed: {0}")]
+    BadMessage(&'static str),
+    #[error("sealed report does not open")]
+    BadReport,
+}
+
+/// Which ring a layer host's circuit belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Direction {
+    /// Activations from the previous layer host to the next.
+    Forward,
+    /// Gradients from the next layer host to the previous.
+    Backward,
+}
+
+/// Create the slot if the host does not hold it yet.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SlotCreate {
+    pub stage: StageSpec,
+    pub init: InitSpec,
+    pub optimizer: OptimizerSpec,
+}
+
+/// The part of a layer host's assignment the owner signs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AssignmentBody {
+    pub slot_id: SlotId,
+    /// The model owner's ed25519 key.
+    pub owner: [u8; 32],
+    pub direction: Direction,
+    /// Only inference: the host refuses training messages.
+    pub infer_only: bool,
+    pub create: Option<SlotCreate>,
+    /// Segment key shared with the previous layer host (or the client).
+    pub in_key: [u8; 32],
+    /// Segment key shared with the next layer host (or the client).
+    pub out_key: [u8; 32],
+    /// The first stage of the model: on the backward ring it acknowledges
+    /// instead of sending an input gradient nobody needs.
+    pub first: bool,
+    /// Largest batch the client will send (bounds message sizes).
+    pub max_batch: u32,
+    /// Fresh per setup, so two signatures never cover the same bytes.
+    pub nonce: [u8; 16],
+}
+
+/// A layer host's assignment with the owner's signature over the body and
+/// the host's onion key (so it is good for this host and epoch only).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub body: AssignmentBody,
+    pub signature: ([u8; 32], [u8; 32]),
+}
+
+fn auth_message(body: &AssignmentBody, hop_onion_key: &[u8; 32]) -> Result<Vec<u8>, PayloadError> {
+    let mut m = AUTH_DOMAIN.to_vec();
+    m.extend_from_slice(hop_onion_key);
+    m.extend_from_slice(&postcard::to_allocvec(body).map_err(|_| PayloadError::Malformed)?);
+    Ok(m)
+}
+
+impl Assignment {
+    pub fn sign(
+        body: AssignmentBody,
+        owner: &Identity,
+        hop_onion_key: &[u8; 32],
+    ) -> Result<Self, PayloadError> {
+        let sig = owner.sign(&auth_message(&body, hop_onion_key)?);
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        a.copy_from_slice(&sig[..32]);
+        b.copy_from_slice(&sig[32..]);
+        Ok(Self {
+            body,
+            signature: (a, b),
+        })
+    }
+
+    /// Check the owner's signature for this host's onion key.
+    pub fn verify(&self, hop_onion_key: &[u8; 32]) -> Result<(), PayloadError> {
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&self.signature.0);
+        sig[32..].copy_from_slice(&self.signature.1);
+        verify_signature(
+            &self.body.owner,
+            &auth_message(&self.body, hop_onion_key)?,
+            &sig,
+        )
+        .map_err(|_| PayloadError::BadAuth)
+    }
+}
+
+/// The role a hop plays in a circuit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum HopRole {
+    /// Forward cells by circuit id; see no plaintext.
+    Mix,
+    /// Run a slot.
+    Host(Box<Assignment>),
+    /// The client's own end of a ring; `tag` names the circuit.
+    End { tag: [u8; 16] },
+}
+
+/// Everything one hop learns from its onion layer besides its next hop.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HopPayload {
+    /// Epoch of the next hop's onion key (0 at the end).
+    pub next_epoch: u64,
+    pub role: HopRole,
+}
+
+impl HopPayload {
+    pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        let bytes = postcard::to_allocvec(self).map_err(|_| PayloadError::Malformed)?;
+        if bytes.len() > HOP_PAYLOAD_BYTES {
+            return Err(PayloadError::TooLarge(bytes.len()));
+        }
+        Ok(bytes)
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, PayloadError> {
+        if bytes.len() > HOP_PAYLOAD_BYTES {
+            return Err(PayloadError::TooLarge(bytes.len()));
+        }
+        let (p, rest): (HopPayload, _) =
+            postcard::take_from_bytes(bytes).map_err(|_| PayloadError::Malformed)?;
+        if !rest.is_empty() {
+            return Err(PayloadError::Malformed);
+        }
+        Ok(p)
+    }
+}
+
+/// Control operations that travel the forward ring through every host.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlOp {
+    /// Persist the slot; report its version and digest.
+    Checkpoint,
+    /// Report the params digest only.
+    Digest,
+    /// Persist and report; the job is over.
+    Finish,
+}
+
+/// What a host tells the client about its slot, sealed to the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SlotReport {
+    pub slot_id: SlotId,
+    pub version: u64,
+    pub steps_applied: u64,
+    pub params_digest: [u8; 32],
+}
+
+/// What a hop tells the client when it gives up, sealed to the client.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReport {
+    pub code: ErrorCode,
+    pub detail: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The next hop could not be reached or its stream broke.
+    NextHopFailed,
+    /// The previous hop's stream broke or went silent.
+    PrevHopFailed,
+    /// The host refused the slot assignment.
+    SlotRefused,
+    /// A message did not decrypt or decode.
+    BadMessage,
+    /// The slot's computation failed.
+    Compute,
+}
+
+const MAX_REPORTS: usize = 64;
+const MAX_REPORT_BYTES: usize = 256;
+const MAX_DETAIL: usize = 200;
+
+/// A message on a segment.
+#[derive(Clone, Debug, PartialEq)]
+pub enum JobMsg {
+    /// Training forward pass of `step`.
+    Forward { step: u64, tensor: HostTensor },
+    /// Inference pass (keeps nothing).
+    Infer { step: u64, tensor: HostTensor },
+    /// Output gradient of `step`.
+    Backward { step: u64, tensor: HostTensor },
+    /// The first stage finished `step`'s backward pass.
+    Ack { step: u64 },
+    /// A control operation, with the sealed reports of the hosts before.
+    Control {
+        op: ControlOp,
+        reports: Vec<Vec<u8>>,
+    },
+}
+
+const K_FORWARD: u8 = 1;
+const K_INFER: u8 = 2;
+const K_BACKWARD: u8 = 3;
+const K_ACK: u8 = 4;
+const K_CONTROL: u8 = 5;
+
+impl JobMsg {
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), PayloadError> {
+        out.clear();
+        match self {
+            JobMsg::Forward { step, tensor }
+            | JobMsg::Infer { step, tensor }
+            | JobMsg::Backward { step, tensor } => {
+                let kind = match self {
+                    JobMsg::Forward { .. } => K_FORWARD,
+                    JobMsg::Infer { .. } => K_INFER,
+                    _ => K_BACKWARD,
+                };
+                out.reserve(9 + tensor.encoded_len());
+                out.push(kind);
+                out.extend_from_slice(&step.to_le_bytes());
+                tensor.encode_into(out);
+            }
+            JobMsg::Ack { step } => {
+                out.push(K_ACK);
+                out.extend_from_slice(&step.to_le_bytes());
+            }
+            JobMsg::Control { op, reports } => {
+                if reports.len() > MAX_REPORTS || reports.iter().any(|r| r.len() > MAX_REPORT_BYTES)
+                {
+                    return Err(PayloadError::BadMessage("too many or too large reports"));
+                }
+                out.push(K_CONTROL);
+                out.extend_from_slice(&0u64.to_le_bytes());
+                out.extend_from_slice(
+                    &postcard::to_allocvec(&(op, reports)).map_err(|_| PayloadError::Malformed)?,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
+        let mut out = Vec::new();
+        self.encode_into(&mut out)?;
+        Ok(out)
+    }
+
+    pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<Self, PayloadError> {
+        if bytes.len() < 9 {
+            return Err(PayloadError::BadMessage("shorter than its header"));
+        }
+        let step = u64::from_le_bytes(
+            bytes[1..9]
+                .try_into()
+                .map_err(|_| PayloadError::Malformed)?,
+        );
+        let body = &bytes[9..];
+        let tensor =
+            || HostTensor::decode(body, limits).map_err(|_| PayloadError::BadMessage("bad tensor"));
+        Ok(match bytes[0] {
+            K_FORWARD => JobMsg::Forward {
+                step,
+                tensor: tensor()?,
+            },
+            K_INFER => JobMsg::Infer {
+                step,
+                tensor: tensor()?,
+            },
+            K_BACKWARD => JobMsg::Backward {
+                step,
+                tensor: tensor()?,
+            },
+            K_ACK if body.is_empty() => JobMsg::Ack { step },
+            K_CONTROL => {
+                if body.len() > MAX_REPORTS * (MAX_REPORT_BYTES + 2) + 16 {
+                    return Err(PayloadError::BadMessage("control message too large"));
+                }
+                let ((op, reports), rest): ((ControlOp, Vec<Vec<u8>>), _) =
+                    postcard::take_from_bytes(body)
+                        .map_err(|_| PayloadError::BadMessage("bad control"))?;
+                if !rest.is_empty()
+                    || reports.len() > MAX_REPORTS
+                    || reports.iter().any(|r| r.len() > MAX_REPORT_BYTES)
+                {
+                    return Err(PayloadError::BadMessage("bad control"));
+                }
+                JobMsg::Control { op, reports }
+            }
+            _ => return Err(PayloadError::BadMessage("unknown kind")),
+        })
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            JobMsg::Forward { .. } => "forward",
+            JobMsg::Infer { .. } => "infer",
+            JobMsg::Backward { .. } => "backward",
+            JobMsg::Ack { .. } => "ack",
+            JobMsg::Control { .. } => "control",
+        }
+    }
+}
+
+/// Seal `plain` for the client with `key` (random nonce prepended).
+pub fn seal_report(key: &[u8; 32], plain: &[u8]) -> Vec<u8> {
+    let cipher = ChaCha20Poly1305::new(key.into());
+    let mut nonce = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let mut out = nonce.to_vec();
+    // Encryption with a valid key and a small buffer cannot fail.
+    if let Ok(ct) = cipher.encrypt(Nonce::from_slice(&nonce), plain) {
+        out.extend_from_slice(&ct);
+    }
+    out
+}
+
+pub fn open_report(key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, PayloadError> {
+    if sealed.len() < 12 + 16 {
+        return Err(PayloadError::BadReport);
+    }
+    let cipher = ChaCha20Poly1305::new(key.into());
+    cipher
+        .decrypt(Nonce::from_slice(&sealed[..12]), &sealed[12..])
+        .map_err(|_| PayloadError::BadReport)
+}
+
+/// Key labels derived from a hop's onion secrets.
+pub const REPORT_KEY: &str = "mixnn/report";
+pub const ERROR_KEY: &str = "mixnn/error";
+
+pub fn seal_error(key: &[u8; 32], code: ErrorCode, detail: &str) -> Vec<u8> {
+    let mut detail = detail.to_string();
+    if detail.len() > MAX_DETAIL {
+        let mut cut = MAX_DETAIL;
+        while !detail.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        detail.truncate(cut);
+    }
+    let plain = postcard::to_allocvec(&ErrorReport { code, detail }).unwrap_or_default();
+    seal_report(key, &plain)
+}
+
+pub fn open_error(key: &[u8; 32], sealed: &[u8]) -> Result<ErrorReport, PayloadError> {
+    let plain = open_report(key, sealed)?;
+    postcard::from_bytes(&plain).map_err(|_| PayloadError::BadReport)
+}
+
+pub fn seal_slot_report(key: &[u8; 32], report: &SlotReport) -> Vec<u8> {
+    seal_report(key, &postcard::to_allocvec(report).unwrap_or_default())
+}
+
+pub fn open_slot_report(key: &[u8; 32], sealed: &[u8]) -> Result<SlotReport, PayloadError> {
+    let plain = open_report(key, sealed)?;
+    postcard::from_bytes(&plain).map_err(|_| PayloadError::BadReport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mixnn_model::Arch;
+
+    fn body(create: bool) -> AssignmentBody {
+        let stage = Arch::parse("mlp:784-512-256-10")
+            .expect("arch")
+            .stages()
+            .remove(0);
+        AssignmentBody {
+            slot_id: [1; 16],
+            owner: [0; 32],
+            direction: Direction::Forward,
+            infer_only: false,
+            create: create.then(|| SlotCreate {
+                stage,
+                init: InitSpec {
+                    seed: 7,
+                    stage_index: 0,
+                },
+                optimizer: OptimizerSpec::Adam {
+                    lr: 0.001,
+                    beta1: 0.9,
+                    beta2: 0.999,
+                    eps: 1e-8,
+                },
+            }),
+            in_key: [2; 32],
+            out_key: [3; 32],
+            first: true,
+            max_batch: 256,
+            nonce: [4; 16],
+        }
+    }
+
+    #[test]
+    fn assignment_fits_the_onion_and_verifies_only_for_its_host() {
+        let owner = Identity::generate();
+        let mut b = body(true);
+        b.owner = owner.public_key();
+        let a = Assignment::sign(b, &owner, &[9; 32]).expect("sign");
+        let p = HopPayload {
+            next_epoch: 5,
+            role: HopRole::Host(Box::new(a.clone())),
+        };
+        let bytes = p.encode().expect("fits");
+        assert!(bytes.len() <= HOP_PAYLOAD_BYTES);
+        assert_eq!(HopPayload::decode(&bytes).expect("decode"), p);
+        assert_eq!(a.verify(&[9; 32]), Ok(()));
+        assert_eq!(a.verify(&[8; 32]), Err(PayloadError::BadAuth));
+        let mut forged = a.clone();
+        forged.body.slot_id = [2; 16];
+        assert_eq!(forged.verify(&[9; 32]), Err(PayloadError::BadAuth));
+        // Someone else's key cannot sign for the owner.
+        let mut b = body(false);
+        b.owner = owner.public_key();
+        let other = Identity::generate();
+        assert_eq!(
+            Assignment::sign(b, &other, &[9; 32])
+                .expect("sign")
+                .verify(&[9; 32]),
+            Err(PayloadError::BadAuth)
+        );
+        assert!(HopPayload::decode(&[0xff; 40]).is_err());
+    }
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_refused() {
+        let t = HostTensor::new(vec![2, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]).expect("tensor");
+        let limits = DecodeLimits::default();
+        for m in [
+            JobMsg::Forward {
+                step: 3,
+                tensor: t.clone(),
+            },
+            JobMsg::Infer {
+                step: 4,
+                tensor: t.clone(),
+            },
+            JobMsg::Backward { step: 5, tensor: t },
+            JobMsg::Ack { step: 6 },
+            JobMsg::Control {
+                op: ControlOp::Digest,
+                reports: vec![vec![1, 2, 3]],
+            },
+        ] {
+            assert_eq!(
+                JobMsg::decode(&m.encode().expect("encode"), limits).expect("decode"),
+                m
+            );
+        }
+        assert!(JobMsg::decode(&[1, 2, 3], limits).is_err());
+        assert!(JobMsg::decode(&[9; 30], limits).is_err());
+        let mut bytes = JobMsg::Ack { step: 1 }.encode().expect("encode");
+        bytes.push(0);
+        assert!(JobMsg::decode(&bytes, limits).is_err());
+    }
+
+    #[test]
+    fn reports_open_only_with_their_key() {
+        let sealed = seal_error(&[1; 32], ErrorCode::NextHopFailed, &"x".repeat(500));
+        let r = open_error(&[1; 32], &sealed).expect("open");
+        assert_eq!(r.code, ErrorCode::NextHopFailed);
+        assert_eq!(r.detail.len(), MAX_DETAIL);
+        assert!(open_error(&[2; 32], &sealed).is_err());
+        assert!(open_report(&[1; 32], &sealed[..10]).is_err());
+    }
+}

@@ -1,0 +1,668 @@
+//! The hop side of circuits: accept a stream, peel the setup, then relay
+//! cells as a mix or compute as a layer host.
+//!
+//! Per circuit there are two pumps. The downstream pump reads frames from
+//! the previous hop and writes to the next; the upstream pump carries sealed
+//! error reports back towards the client. Every read from a peer has a
+//! timeout, every queue is the stream's own flow-control window, and the
+//! number of circuits is capped in total and per peer.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::io::{AsyncReadExt, ReadHalf, WriteHalf};
+use futures::lock::Mutex as AsyncMutex;
+use futures::StreamExt;
+use libp2p::{PeerId, Stream, StreamProtocol};
+use mixnn_crypto::cells::{seal_message, CellKey, CellOpener, CellSealer, MessageReader};
+use mixnn_crypto::onion::peel_setup;
+use mixnn_crypto::replay::ReplayCache;
+use rand::RngCore;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::host::{Host, HostError, SharedSlot};
+use super::payload::{
+    seal_error, seal_slot_report, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg,
+    ERROR_KEY, REPORT_KEY,
+};
+use super::wire::{self, FrameKind, WireError};
+use crate::metrics::Metrics;
+use crate::node::NodeState;
+
+/// The mixnn circuit protocol on direct libp2p streams.
+pub const CIRCUIT_PROTOCOL: StreamProtocol = StreamProtocol::new("/mixnn/circuit/1.0.0");
+
+/// How long a hop waits on its peers.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// From stream open to a complete setup frame.
+    pub setup: Duration,
+    /// Opening a stream to the next hop.
+    pub open: Duration,
+    /// Silence on a circuit before it is torn down.
+    pub idle: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            setup: Duration::from_secs(10),
+            open: Duration::from_secs(10),
+            idle: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Circuits one peer may hold through this node at once.
+pub const MAX_CIRCUITS_PER_PEER: usize = 64;
+
+type UpWriter = Arc<AsyncMutex<WriteHalf<Stream>>>;
+
+/// A replay cache over sled: tags per epoch, pruned when epochs pass.
+struct SledReplay<'a> {
+    tree: &'a sled::Tree,
+    epoch: u64,
+}
+
+impl ReplayCache for SledReplay<'_> {
+    fn check_and_insert(&mut self, tag: [u8; 32]) -> bool {
+        let mut key = self.epoch.to_be_bytes().to_vec();
+        key.extend_from_slice(&tag);
+        // Fresh only if the key was absent; a storage error refuses.
+        matches!(
+            self.tree
+                .compare_and_swap(key, None as Option<&[u8]>, Some(&[] as &[u8])),
+            Ok(Ok(()))
+        )
+    }
+}
+
+/// Serves circuits for a node.
+pub struct CircuitServer {
+    state: Arc<NodeState>,
+    host: Option<Arc<Host>>,
+    control: libp2p_stream::Control,
+    replay: sled::Tree,
+    total: Arc<Semaphore>,
+    per_peer: Mutex<HashMap<PeerId, usize>>,
+    timeouts: Timeouts,
+}
+
+struct PeerGuard<'a> {
+    server: &'a CircuitServer,
+    peer: PeerId,
+}
+
+impl Drop for PeerGuard<'_> {
+    fn drop(&mut self) {
+        let mut m = self
+            .server
+            .per_peer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Why a circuit ended, for logs.
+#[derive(Debug)]
+enum End {
+    Clean,
+    Refused(&'static str),
+    Failed(String),
+}
+
+impl CircuitServer {
+    pub fn new(
+        state: Arc<NodeState>,
+        host: Option<Arc<Host>>,
+        control: libp2p_stream::Control,
+        timeouts: Timeouts,
+    ) -> Result<Arc<Self>, crate::store::StoreError> {
+        let replay = state.data.replay_tree()?;
+        let total = Arc::new(Semaphore::new(state.config.max_circuits));
+        Ok(Arc::new(Self {
+            state,
+            host,
+            control,
+            replay,
+            total,
+            per_peer: Mutex::new(HashMap::new()),
+            timeouts,
+        }))
+    }
+
+    fn metrics(&self) -> &Metrics {
+        &self.state.metrics
+    }
+
+    /// Accept circuit streams until `cancel` fires.
+    pub async fn run(self: Arc<Self>, cancel: CancellationToken) {
+        let mut control = self.control.clone();
+        let mut incoming = match control.accept(CIRCUIT_PROTOCOL) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(event = "circuit_accept_failed", error = %e);
+                return;
+            }
+        };
+        self.prune_replay();
+        loop {
+            let (peer, stream) = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => break,
+                next = incoming.next() => match next {
+                    Some(s) => s,
+                    None => break,
+                },
+            };
+            let Ok(permit) = self.total.clone().try_acquire_owned() else {
+                self.metrics().streams_refused.inc();
+                continue; // dropping the stream closes it
+            };
+            {
+                let mut m = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+                let n = m.entry(peer).or_insert(0);
+                if *n >= MAX_CIRCUITS_PER_PEER {
+                    self.metrics().streams_refused.inc();
+                    continue;
+                }
+                *n += 1;
+            }
+            let server = self.clone();
+            let cancel = cancel.child_token();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let _guard = PeerGuard {
+                    server: &server,
+                    peer,
+                };
+                server.metrics().circuits_active.inc();
+                let end = server.handle(stream, cancel).await;
+                server.metrics().circuits_active.dec();
+                match end {
+                    End::Clean => tracing::debug!(event = "circuit_closed", from = %peer),
+                    End::Refused(reason) => {
+                        server.metrics().refuse_circuit(reason);
+                        tracing::info!(event = "circuit_refused", from = %peer, reason);
+                    }
+                    End::Failed(reason) => {
+                        tracing::info!(event = "circuit_failed", from = %peer, %reason)
+                    }
+                }
+            });
+        }
+    }
+
+    /// Drop replay tags of epochs older than the previous one.
+    fn prune_replay(&self) {
+        let keep_from = {
+            let keys = self.state.onion.read().unwrap_or_else(|p| p.into_inner());
+            keys.previous
+                .as_ref()
+                .map_or(keys.current.epoch(), |k| k.epoch())
+        };
+        let end = keep_from.to_be_bytes();
+        let stale: Vec<_> = self
+            .replay
+            .range(..end.as_slice())
+            .keys()
+            .filter_map(Result::ok)
+            .collect();
+        for k in stale {
+            let _ = self.replay.remove(k);
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, stream: Stream, cancel: CancellationToken) -> End {
+        let (mut up_r, up_w) = stream.split();
+        let up_w: UpWriter = Arc::new(AsyncMutex::new(up_w));
+        let mut buf = Vec::new();
+        let (cid, epoch) =
+            match tokio::time::timeout(self.timeouts.setup, wire::read_frame(&mut up_r, &mut buf))
+                .await
+            {
+                Ok(Ok((cid, FrameKind::Setup { epoch }))) => (cid, epoch),
+                Ok(Ok(_)) => return End::Refused("no_setup"),
+                Ok(Err(_)) => return End::Refused("bad_setup_frame"),
+                Err(_) => return End::Refused("setup_timeout"),
+            };
+
+        let (peeled, my_onion_key) = {
+            let keys = self.state.onion.read().unwrap_or_else(|p| p.into_inner());
+            let Some(key) = keys.for_epoch(epoch) else {
+                return End::Refused("unknown_epoch");
+            };
+            let mut replay = SledReplay {
+                tree: &self.replay,
+                epoch,
+            };
+            match peel_setup(&buf, key, &mut replay) {
+                Ok(p) => (p, key.public()),
+                Err(mixnn_crypto::onion::OnionError::Replay) => {
+                    return End::Refused("replayed_setup")
+                }
+                Err(_) => return End::Refused("bad_onion"),
+            }
+        };
+        let err_key = peeled.secrets.key(ERROR_KEY);
+        let report_key = peeled.secrets.key(REPORT_KEY);
+        let report = |code: ErrorCode, detail: String| {
+            let up_w = up_w.clone();
+            let sealed = seal_error(&err_key, code, &detail);
+            async move {
+                let mut w = up_w.lock().await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    wire::write_error(&mut *w, cid, &sealed),
+                )
+                .await;
+            }
+        };
+
+        let payload = match HopPayload::decode(&peeled.payload) {
+            Ok(p) => p,
+            Err(e) => {
+                report(ErrorCode::BadMessage, format!("hop payload: {e}")).await;
+                return End::Refused("bad_payload");
+            }
+        };
+        let Some(next) = peeled
+            .next_hop
+            .as_deref()
+            .and_then(|b| PeerId::from_bytes(b).ok())
+        else {
+            report(ErrorCode::BadMessage, "no valid next hop".into()).await;
+            return End::Refused("no_next_hop");
+        };
+
+        // Admission before opening anything downstream.
+        let hosting = match &payload.role {
+            HopRole::Mix if self.state.config.mix => None,
+            HopRole::Mix => {
+                report(ErrorCode::SlotRefused, "this node is not a mix".into()).await;
+                return End::Refused("not_a_mix");
+            }
+            HopRole::Host(a) => {
+                let Some(host) = self.host.clone() else {
+                    report(ErrorCode::SlotRefused, "this node hosts no layers".into()).await;
+                    return End::Refused("not_a_host");
+                };
+                let a: Arc<Assignment> = Arc::new((**a).clone());
+                let bind = {
+                    let host = host.clone();
+                    let a = a.clone();
+                    tokio::task::spawn_blocking(move || host.bind(&a, &my_onion_key)).await
+                };
+                match bind {
+                    Ok(Ok((slot, created))) => {
+                        if created {
+                            self.metrics().slots_held.inc();
+                            self.state.republish.notify_one();
+                            tracing::info!(event = "slot_created", slot = %hex::encode(a.body.slot_id));
+                        }
+                        Some((host, a, slot))
+                    }
+                    Ok(Err(e)) => {
+                        report(ErrorCode::SlotRefused, e.to_string()).await;
+                        return End::Refused("slot_refused");
+                    }
+                    Err(e) => {
+                        report(ErrorCode::Compute, e.to_string()).await;
+                        return End::Failed(e.to_string());
+                    }
+                }
+            }
+            HopRole::End { .. } => {
+                report(
+                    ErrorCode::BadMessage,
+                    "a node is never a circuit's end".into(),
+                )
+                .await;
+                return End::Refused("end_role");
+            }
+        };
+
+        let mut control = self.control.clone();
+        let down = match tokio::time::timeout(
+            self.timeouts.open,
+            control.open_stream(next, CIRCUIT_PROTOCOL),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                report(
+                    ErrorCode::NextHopFailed,
+                    format!("cannot open a stream to the next hop: {e}"),
+                )
+                .await;
+                if let Some((host, a, _)) = &hosting {
+                    host.evict(&a.body.slot_id);
+                }
+                return End::Failed(format!("next hop {next}: {e}"));
+            }
+            Err(_) => {
+                report(
+                    ErrorCode::NextHopFailed,
+                    "the next hop did not answer in time".into(),
+                )
+                .await;
+                if let Some((host, a, _)) = &hosting {
+                    host.evict(&a.body.slot_id);
+                }
+                return End::Failed(format!("next hop {next}: timeout"));
+            }
+        };
+        let (down_r, mut down_w) = down.split();
+        let down_cid = rand::rngs::OsRng.next_u64();
+        if let Err(e) = wire::write_setup(
+            &mut down_w,
+            down_cid,
+            payload.next_epoch,
+            peeled.next_packet.as_bytes(),
+        )
+        .await
+        {
+            report(
+                ErrorCode::NextHopFailed,
+                format!("setup to the next hop failed: {e}"),
+            )
+            .await;
+            return End::Failed(e.to_string());
+        }
+
+        // Upstream pump: sealed errors from downstream go back unopened;
+        // a broken downstream becomes our own report.
+        let circuit = cancel.child_token();
+        let downstream_done = CancellationToken::new();
+        let up_task = {
+            let up_w = up_w.clone();
+            let circuit = circuit.clone();
+            let done = downstream_done.clone();
+            let sealed_broken = seal_error(
+                &err_key,
+                ErrorCode::NextHopFailed,
+                "the stream to the next hop broke",
+            );
+            tokio::spawn(upstream_pump(
+                down_r,
+                up_w,
+                cid,
+                circuit,
+                done,
+                sealed_broken,
+            ))
+        };
+
+        let end = match hosting {
+            None => {
+                self.mix_pump(&mut up_r, &mut down_w, down_cid, &circuit, &mut buf)
+                    .await
+            }
+            Some((host, a, slot)) => {
+                let end = self
+                    .host_pump(
+                        &mut up_r,
+                        &mut down_w,
+                        down_cid,
+                        &circuit,
+                        &mut buf,
+                        &host,
+                        &a,
+                        &slot,
+                        report_key,
+                        &report,
+                    )
+                    .await;
+                match &end {
+                    End::Clean => host.release(&a.body.slot_id),
+                    _ => host.evict(&a.body.slot_id),
+                }
+                end
+            }
+        };
+        downstream_done.cancel();
+        if !matches!(end, End::Clean) {
+            circuit.cancel();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), up_task).await;
+        end
+    }
+
+    async fn mix_pump(
+        &self,
+        up_r: &mut ReadHalf<Stream>,
+        down_w: &mut WriteHalf<Stream>,
+        down_cid: u64,
+        circuit: &CancellationToken,
+        buf: &mut Vec<u8>,
+    ) -> End {
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = circuit.cancelled() => return End::Failed("circuit cancelled".into()),
+                f = tokio::time::timeout(self.timeouts.idle, wire::read_frame(up_r, buf)) => f,
+            };
+            match frame {
+                Ok(Ok((_, FrameKind::Cell))) => {
+                    let w = async {
+                        wire::write_cell(down_w, down_cid, buf).await?;
+                        futures::AsyncWriteExt::flush(down_w).await?;
+                        Ok::<_, WireError>(())
+                    };
+                    if let Err(e) = w.await {
+                        return End::Failed(format!("writing to the next hop: {e}"));
+                    }
+                    self.metrics().cells_relayed.inc();
+                    self.metrics().bytes_relayed.inc_by(buf.len() as u64);
+                }
+                Ok(Ok((_, FrameKind::Teardown))) => {
+                    let _ = wire::write_teardown(down_w, down_cid).await;
+                    return End::Clean;
+                }
+                Ok(Ok((_, kind))) => {
+                    return End::Failed(format!(
+                        "unexpected {} frame from the previous hop",
+                        kind.name()
+                    ))
+                }
+                Ok(Err(WireError::Closed)) => {
+                    return End::Failed("the previous hop closed the circuit".into())
+                }
+                Ok(Err(e)) => return End::Failed(format!("reading from the previous hop: {e}")),
+                Err(_) => return End::Failed("the circuit was idle too long".into()),
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn host_pump<F, Fut>(
+        &self,
+        up_r: &mut ReadHalf<Stream>,
+        down_w: &mut WriteHalf<Stream>,
+        down_cid: u64,
+        circuit: &CancellationToken,
+        buf: &mut Vec<u8>,
+        host: &Arc<Host>,
+        a: &Arc<Assignment>,
+        slot: &SharedSlot,
+        report_key: [u8; 32],
+        report: &F,
+    ) -> End
+    where
+        F: Fn(ErrorCode, String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let limits = Host::limits(slot, a.body.max_batch);
+        let max_msg = limits.max_elements * 4 + 64 * 1024;
+        let mut opener = CellOpener::new(&CellKey::from_bytes(a.body.in_key));
+        let mut sealer = CellSealer::new(&CellKey::from_bytes(a.body.out_key));
+        let mut reader = MessageReader::new(max_msg);
+        let mut encoded = Vec::new();
+        let mut cells = Vec::new();
+        loop {
+            let frame = tokio::select! {
+                biased;
+                _ = circuit.cancelled() => return End::Failed("circuit cancelled".into()),
+                f = tokio::time::timeout(self.timeouts.idle, wire::read_frame(up_r, buf)) => f,
+            };
+            match frame {
+                Ok(Ok((_, FrameKind::Cell))) => {}
+                Ok(Ok((_, FrameKind::Teardown))) => {
+                    let _ = wire::write_teardown(down_w, down_cid).await;
+                    return End::Clean;
+                }
+                Ok(Ok((_, kind))) => {
+                    report(
+                        ErrorCode::BadMessage,
+                        format!("unexpected {} frame", kind.name()),
+                    )
+                    .await;
+                    return End::Failed("unexpected frame".into());
+                }
+                Ok(Err(WireError::Closed)) => {
+                    return End::Failed("the previous hop closed the circuit".into())
+                }
+                Ok(Err(e)) => {
+                    report(
+                        ErrorCode::PrevHopFailed,
+                        format!("reading from the previous hop: {e}"),
+                    )
+                    .await;
+                    return End::Failed(e.to_string());
+                }
+                Err(_) => {
+                    report(
+                        ErrorCode::PrevHopFailed,
+                        "no data from the previous hop in time".into(),
+                    )
+                    .await;
+                    return End::Failed("idle".into());
+                }
+            }
+            let msg = match reader.push(&mut opener, buf) {
+                Ok(None) => continue,
+                Ok(Some(m)) => m,
+                Err(e) => {
+                    report(ErrorCode::BadMessage, format!("cell refused: {e}")).await;
+                    return End::Failed(format!("cell refused: {e}"));
+                }
+            };
+            let job = match JobMsg::decode(&msg, limits) {
+                Ok(j) => j,
+                Err(e) => {
+                    report(ErrorCode::BadMessage, e.to_string()).await;
+                    return End::Failed(e.to_string());
+                }
+            };
+            reader.recycle(msg);
+            let finish = matches!(
+                job,
+                JobMsg::Control {
+                    op: ControlOp::Finish,
+                    ..
+                }
+            );
+            let out = {
+                let (host, a, slot) = (host.clone(), a.clone(), slot.clone());
+                tokio::task::spawn_blocking(move || {
+                    let seal = move |r: &_| seal_slot_report(&report_key, r);
+                    host.process(&a.body.slot_id, &slot, &a, job, &seal)
+                })
+                .await
+            };
+            let out = match out {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    let code = match e {
+                        HostError::BadMessage(_) => ErrorCode::BadMessage,
+                        _ => ErrorCode::Compute,
+                    };
+                    report(code, e.to_string()).await;
+                    return End::Failed(e.to_string());
+                }
+                Err(e) => {
+                    report(ErrorCode::Compute, e.to_string()).await;
+                    return End::Failed(e.to_string());
+                }
+            };
+            cells.clear();
+            let sealed = out
+                .encode_into(&mut encoded)
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    seal_message(&mut sealer, &encoded, &mut cells).map_err(|e| e.to_string())
+                });
+            if let Err(e) = sealed {
+                report(ErrorCode::Compute, e.clone()).await;
+                return End::Failed(e);
+            }
+            if let Err(e) = wire::write_cells(down_w, down_cid, &cells).await {
+                return End::Failed(format!("writing to the next hop: {e}"));
+            }
+            self.metrics()
+                .cells_relayed
+                .inc_by((cells.len() / mixnn_crypto::cells::CELL_BYTES) as u64);
+            self.metrics().bytes_relayed.inc_by(cells.len() as u64);
+            if finish {
+                tracing::info!(event = "slot_checkpointed", slot = %hex::encode(a.body.slot_id), reason = "finish");
+            }
+        }
+    }
+}
+
+async fn upstream_pump(
+    mut down_r: ReadHalf<Stream>,
+    up_w: UpWriter,
+    cid: u64,
+    circuit: CancellationToken,
+    downstream_done: CancellationToken,
+    sealed_broken: Vec<u8>,
+) {
+    let mut buf = Vec::new();
+    loop {
+        let frame = tokio::select! {
+            biased;
+            _ = circuit.cancelled() => return,
+            f = wire::read_frame(&mut down_r, &mut buf) => f,
+        };
+        match frame {
+            Ok((_, FrameKind::Error)) => {
+                let mut w = up_w.lock().await;
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(5),
+                    wire::write_error(&mut *w, cid, &buf),
+                )
+                .await;
+                drop(w);
+                circuit.cancel();
+                return;
+            }
+            Ok(_) => {
+                // Only errors travel upstream.
+                circuit.cancel();
+                return;
+            }
+            Err(_) => {
+                if !downstream_done.is_cancelled() {
+                    let mut w = up_w.lock().await;
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(5),
+                        wire::write_error(&mut *w, cid, &sealed_broken),
+                    )
+                    .await;
+                    circuit.cancel();
+                }
+                return;
+            }
+        }
+    }
+}
