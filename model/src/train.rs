@@ -120,6 +120,10 @@ impl LocalModel {
     }
 }
 
+/// Batch size of evaluation passes; the network client uses the same, so
+/// both compute the test accuracy with the same arithmetic.
+pub const EVAL_BATCH: usize = 1000;
+
 /// What [`train_local`] trains.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
@@ -216,7 +220,7 @@ pub fn train_local(
             });
         }
     }
-    let test_accuracy = model.evaluate(&data.test, 1000);
+    let test_accuracy = model.evaluate(&data.test, EVAL_BATCH);
     Ok(TrainReport {
         steps: model.steps(),
         final_loss: losses.last().copied().unwrap_or(f32::NAN),

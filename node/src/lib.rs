@@ -4,6 +4,7 @@
 
 pub mod circuit;
 pub mod config;
+pub mod dataset;
 pub mod discovery;
 pub mod metrics;
 pub mod network;

@@ -1,14 +1,132 @@
 //! `mixnn train`
 
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
 use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use mixnn_model::{train_local, Arch, OptimizerSpec, StepInfo, TrainConfig};
+
+#[derive(Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Architecture: `mlp:IN-H1-...-OUT` (Linear+ReLU between layers, none after the last).
+    #[arg(long, default_value = "mlp:784-128-10")]
+    pub arch: String,
+    /// `synthetic` (built in) or a directory with the four MNIST IDX files (gzipped or not).
+    #[arg(long, default_value = "synthetic")]
+    pub data: String,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: u32,
+    #[arg(long, default_value_t = 128)]
+    pub batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 0.1)]
+    pub lr: f32,
+    /// sgd, momentum (0.9) or adam.
+    #[arg(long, default_value = "momentum")]
+    pub optimizer: String,
+    /// Seeds parameter initialization and batch order.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Train on the first N training examples only.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+impl ModelArgs {
+    pub fn config(&self) -> anyhow::Result<TrainConfig> {
+        let arch = Arch::parse(&self.arch).with_context(|| format!("--arch {}", self.arch))?;
+        let optimizer = OptimizerSpec::from_name(&self.optimizer, self.lr)
+            .with_context(|| format!("--optimizer {} --lr {}", self.optimizer, self.lr))?;
+        let cfg = TrainConfig {
+            arch,
+            epochs: self.epochs,
+            batch: self.batch,
+            optimizer,
+            seed: self.seed,
+            limit: self.limit,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// Train in this process instead of through the network.
     #[arg(long)]
-    local: bool,
+    pub local: bool,
+    /// Bootstrap peers, each ending in /p2p/<peer id> (network training).
+    #[arg(long, env = "MIXNN_BOOTSTRAP", value_delimiter = ',')]
+    pub bootstrap: Vec<String>,
+    /// Mixes between adjacent layer hosts (and between the client and its first and last host).
+    #[arg(long, default_value_t = 1)]
+    pub mixes: usize,
+    /// Where to write the model map: the owner's private file tying slots, hosts and keys together.
+    #[arg(long, default_value = "model.json")]
+    pub model_map: PathBuf,
+    /// Keep the first and last layer in this process (raw inputs and labels never leave it).
+    #[arg(long)]
+    pub keep_ends: bool,
+    /// Fail the job if one step takes longer than this many seconds.
+    #[arg(long, default_value_t = 60)]
+    pub step_timeout: u64,
+    /// Print one JSON object on stdout's last line.
+    #[arg(long)]
+    pub json: bool,
 }
 
-pub fn run(_args: TrainArgs) -> anyhow::Result<()> {
-    anyhow::bail!("training is not wired up yet")
+/// A progress bar over examples, on stderr (hidden when it is not a terminal).
+pub fn progress(total: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    let style = ProgressStyle::with_template(&format!(
+        "{what} [{{bar:30}}] {{pos}}/{{len}} examples  {{per_sec}}  {{msg}}"
+    ))
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+pub fn on_step(bar: &ProgressBar) -> impl FnMut(StepInfo) + '_ {
+    move |s: StepInfo| {
+        bar.set_position(s.examples_done);
+        if s.step % 10 == 1 {
+            bar.set_message(format!("loss {:.4}", s.loss));
+        }
+    }
+}
+
+pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    let cfg = args.model.config()?;
+    let data = mixnn_node::dataset::load(&args.model.data)?;
+    if !args.local {
+        return super::network::train(&args, cfg, data);
+    }
+    let train_len = args.model.limit.map_or(data.train.len(), |l| l.min(data.train.len()));
+    let bar = progress(cfg.epochs as u64 * train_len as u64, "local");
+    let report = train_local(&cfg, &data, &mut on_step(&bar))?;
+    bar.finish_and_clear();
+    eprintln!(
+        "trained {} locally: {} steps, final loss {:.4}, test accuracy {:.4}, {:.2} s, params digest {}",
+        cfg.arch, report.steps, report.final_loss, report.test_accuracy, report.seconds, report.params_digest_hex
+    );
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": "local",
+                "arch": cfg.arch.to_string(),
+                "test_accuracy": report.test_accuracy,
+                "final_loss": report.final_loss,
+                "steps": report.steps,
+                "seconds": report.seconds,
+                "params_digest": report.params_digest_hex,
+            })
+        );
+    }
+    Ok(())
 }
