@@ -33,7 +33,7 @@ pub use optim::{OptimizerSpec, OptimizerState};
 pub use slot::{InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
 pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
 pub use tensor::{CodecError, DecodeLimits, HostTensor};
-pub use train::{train_local, EVAL_BATCH, LocalModel, StepInfo, TrainConfig, TrainReport};
+pub use train::{train_local, LocalModel, StepInfo, TrainConfig, TrainReport, EVAL_BATCH};
 
 /// Result type of the model crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

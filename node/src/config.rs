@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub epoch_secs: Option<u64>,
     pub republish_secs: Option<u64>,
     pub max_circuits: Option<usize>,
+    pub circuit_idle_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -61,6 +62,8 @@ pub struct NodeConfig {
     pub republish_secs: u64,
     /// Circuits served at once, in total.
     pub max_circuits: usize,
+    /// Silence on a circuit before the node tears it down.
+    pub circuit_idle_secs: u64,
     pub transport: TransportKind,
     /// Kademlia client mode: the node takes no DHT records (jobs, `peers`).
     pub dht_client: bool,
@@ -95,6 +98,7 @@ impl NodeConfig {
             epoch_secs: 3600,
             republish_secs: 300,
             max_circuits: 256,
+            circuit_idle_secs: 120,
             transport: TransportKind::Tcp,
             dht_client: false,
         }
@@ -135,6 +139,11 @@ impl NodeConfig {
         if self.republish_secs == 0 || self.republish_secs > self.epoch_secs {
             return Err(ConfigError::Invalid(
                 "republish_secs must be positive and no longer than an epoch".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.circuit_idle_secs) {
+            return Err(ConfigError::Invalid(
+                "circuit_idle_secs must be between 1 and 3600".into(),
             ));
         }
         if self.max_circuits == 0 || self.max_circuits > 65_536 {

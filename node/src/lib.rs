@@ -3,6 +3,7 @@
 //! runtime that `mixnn node` and `mixnn-bootstrap` share.
 
 pub mod circuit;
+pub mod client;
 pub mod config;
 pub mod dataset;
 pub mod discovery;

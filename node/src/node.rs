@@ -12,6 +12,8 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::circuit::host::{Host, HostPolicy};
+use crate::circuit::server::{CircuitServer, Timeouts};
 use crate::config::{ConfigError, NodeConfig};
 use crate::metrics::{self, Metrics};
 use crate::network::records::{unix_now, Role};
@@ -177,6 +179,25 @@ impl RunningNode {
 
         let roles = state.roles();
         if roles.layer_host || roles.mix {
+            let host = roles.layer_host.then(|| {
+                Arc::new(Host::new(
+                    Arc::new(state.slots.clone()),
+                    HostPolicy {
+                        slots: state.config.slots,
+                        max_params: state.config.max_params,
+                    },
+                ))
+            });
+            let server = CircuitServer::new(
+                state.clone(),
+                host,
+                network.stream_control(),
+                Timeouts {
+                    idle: Duration::from_secs(state.config.circuit_idle_secs),
+                    ..Timeouts::default()
+                },
+            )?;
+            tasks.push(tokio::spawn(server.run(cancel.child_token())));
             tasks.push(tokio::spawn(publisher(
                 state.clone(),
                 network.clone(),

@@ -1,7 +1,6 @@
 //! Mix circuits: frames on direct streams, what the onion carries, the hop
 //! side (mix relay and layer host) and the client side.
 
-pub mod client;
 pub mod host;
 pub mod payload;
 pub mod server;

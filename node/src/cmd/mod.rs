@@ -1,6 +1,6 @@
+pub mod network;
 pub mod node;
 pub mod peers;
-pub mod network;
 pub mod train;
 
 /// A multi-threaded tokio runtime for one command.

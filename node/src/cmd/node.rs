@@ -95,6 +95,9 @@ impl NodeArgs {
         if let Some(v) = file.max_circuits {
             c.max_circuits = v;
         }
+        if let Some(v) = file.circuit_idle_secs {
+            c.circuit_idle_secs = v;
+        }
         c.validate()?;
         Ok(c)
     }

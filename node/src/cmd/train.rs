@@ -106,7 +106,10 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
     if !args.local {
         return super::network::train(&args, cfg, data);
     }
-    let train_len = args.model.limit.map_or(data.train.len(), |l| l.min(data.train.len()));
+    let train_len = args
+        .model
+        .limit
+        .map_or(data.train.len(), |l| l.min(data.train.len()));
     let bar = progress(cfg.epochs as u64 * train_len as u64, "local");
     let report = train_local(&cfg, &data, &mut on_step(&bar))?;
     bar.finish_and_clear();

@@ -101,6 +101,8 @@ pub enum NetworkError {
     Query(String),
     #[error("no descriptor found for {0}")]
     NoDescriptor(PeerId),
+    #[error("could not connect to {peer}: {reason}")]
+    Connect { peer: PeerId, reason: String },
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
 }
@@ -122,6 +124,7 @@ enum Command {
     FindProviders(Role, oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>),
     GetDescriptor(PeerId, oneshot::Sender<Result<Descriptor, NetworkError>>),
     AddAddress(PeerId, Multiaddr),
+    Connect(PeerId, oneshot::Sender<Result<(), NetworkError>>),
     /// Store a record locally without checks (tests that play a forger).
     #[doc(hidden)]
     PutRawRecord(kad::Record, oneshot::Sender<Result<(), NetworkError>>),
@@ -313,6 +316,7 @@ impl Network {
             providers: HashMap::new(),
             descriptors: HashMap::new(),
             puts: HashMap::new(),
+            dials: HashMap::new(),
         };
         let handle = tokio::spawn(event_loop.run(cancel));
         Ok((
@@ -380,6 +384,13 @@ impl Network {
         self.ask(|r| Command::GetDescriptor(peer, r)).await?
     }
 
+    /// Make sure a connection to `peer` is open (dialing its known addresses).
+    pub async fn connect(&self, peer: PeerId, timeout: Duration) -> Result<(), NetworkError> {
+        tokio::time::timeout(timeout, self.ask(|r| Command::Connect(peer, r)))
+            .await
+            .map_err(|_| NetworkError::Timeout(timeout, "a connection"))??
+    }
+
     pub async fn add_address(&self, peer: PeerId, addr: Multiaddr) -> Result<(), NetworkError> {
         self.tx
             .send(Command::AddAddress(peer, addr))
@@ -429,6 +440,7 @@ struct EventLoop {
         ),
     >,
     puts: HashMap<QueryId, oneshot::Sender<Result<(), NetworkError>>>,
+    dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetworkError>>>>,
 }
 
 impl EventLoop {
@@ -463,6 +475,28 @@ impl EventLoop {
             }
             Command::AddAddress(peer, addr) => {
                 self.swarm.add_peer_address(peer, addr);
+            }
+            Command::Connect(peer, reply) => {
+                if self.swarm.is_connected(&peer) {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                if self.dials.len() >= self.max_queries && !self.dials.contains_key(&peer) {
+                    let _ = reply.send(Err(NetworkError::Busy));
+                    return;
+                }
+                let first = !self.dials.contains_key(&peer);
+                self.dials.entry(peer).or_default().push(reply);
+                if first {
+                    if let Err(e) = self.swarm.dial(peer) {
+                        for r in self.dials.remove(&peer).unwrap_or_default() {
+                            let _ = r.send(Err(NetworkError::Connect {
+                                peer,
+                                reason: e.to_string(),
+                            }));
+                        }
+                    }
+                }
             }
             Command::PutDescriptor(d, reply) => {
                 if busy {
@@ -543,6 +577,9 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                for r in self.dials.remove(&peer_id).unwrap_or_default() {
+                    let _ = r.send(Ok(()));
+                }
                 if num_established.get() == 1 {
                     self.metrics.peers_connected.inc();
                     tracing::debug!(event = "peer_connected", peer = %peer_id);
@@ -563,6 +600,14 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(event = "dial_failed", peer = ?peer_id, %error);
+                if let Some(peer) = peer_id {
+                    for r in self.dials.remove(&peer).unwrap_or_default() {
+                        let _ = r.send(Err(NetworkError::Connect {
+                            peer,
+                            reason: error.to_string(),
+                        }));
+                    }
+                }
             }
             _ => {}
         }

@@ -1,0 +1,257 @@
+//! Route choice: which volunteers host which stage, and which mixes sit
+//! between them. Pure: candidates and a random source in, a route out.
+//!
+//! Rules: a layer host has the role, a free slot and room for its stage;
+//! no peer appears twice in one ring; mixes are drawn at random among the
+//! rest, preferring peers on addresses the ring does not use yet.
+
+use std::collections::HashSet;
+
+use libp2p::PeerId;
+use rand::seq::SliceRandom;
+use rand::Rng;
+use thiserror::Error;
+
+use crate::discovery::Volunteer;
+
+/// One peer a route may use.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub peer: PeerId,
+    pub onion_key: [u8; 32],
+    pub epoch: u64,
+    pub layer_host: bool,
+    pub mix: bool,
+    pub free_slots: u32,
+    pub max_params: u64,
+    /// Network addresses (IP part only) for diversity.
+    pub hosts: Vec<String>,
+}
+
+impl From<&Volunteer> for Candidate {
+    fn from(v: &Volunteer) -> Self {
+        let d = &v.descriptor;
+        let hosts = d
+            .addresses
+            .iter()
+            .filter_map(|a| a.split('/').nth(2).map(str::to_string))
+            .collect();
+        Self {
+            peer: v.peer_id,
+            onion_key: d.onion_key,
+            epoch: d.epoch,
+            layer_host: d.roles.layer_host,
+            mix: d.roles.mix,
+            free_slots: d.free_slots,
+            max_params: d.capacity.max_params,
+            hosts,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum RouteError {
+    #[error(
+        "not enough volunteers: stage {stage} needs a layer host with a free slot and room for {params} parameters, \
+         and none is left ({hosts} layer hosts found in all)"
+    )]
+    NoHost {
+        stage: usize,
+        params: u64,
+        hosts: usize,
+    },
+    #[error(
+        "not enough volunteers: a ring needs {need} distinct mixes besides its {hosts} layer hosts, \
+         but only {have} are available; start more `mixnn node --mix` or pass a smaller --mixes"
+    )]
+    NotEnoughMixes {
+        need: usize,
+        have: usize,
+        hosts: usize,
+    },
+}
+
+/// Hosts per remote stage and the mixes of each ring's segments.
+#[derive(Clone, Debug)]
+pub struct Route {
+    pub hosts: Vec<Candidate>,
+    /// `hosts.len() + 1` segments of mixes on the forward ring, in ring order.
+    pub forward_mixes: Vec<Vec<Candidate>>,
+    /// `hosts.len() + 1` segments on the backward ring, in ring order
+    /// (segment 0 runs from the client to the last host).
+    pub backward_mixes: Vec<Vec<Candidate>>,
+}
+
+/// Choose hosts for stages needing `stage_params` parameters each, and
+/// `mixes` mixes per segment for a forward and (if `backward`) a backward ring.
+pub fn choose_route<R: Rng>(
+    candidates: &[Candidate],
+    stage_params: &[u64],
+    mixes: usize,
+    backward: bool,
+    rng: &mut R,
+) -> Result<Route, RouteError> {
+    let mut pool: Vec<&Candidate> = candidates.iter().collect();
+    pool.shuffle(rng);
+    let host_count = candidates.iter().filter(|c| c.layer_host).count();
+    let mut used: HashSet<PeerId> = HashSet::new();
+    let mut hosts = Vec::with_capacity(stage_params.len());
+    for (stage, &params) in stage_params.iter().enumerate() {
+        // Prefer hosts that are not mixes, so mixes stay available.
+        let pick = pool
+            .iter()
+            .filter(|c| {
+                c.layer_host
+                    && c.free_slots > 0
+                    && c.max_params >= params
+                    && !used.contains(&c.peer)
+            })
+            .min_by_key(|c| c.mix)
+            .copied()
+            .ok_or(RouteError::NoHost {
+                stage,
+                params,
+                hosts: host_count,
+            })?;
+        used.insert(pick.peer);
+        hosts.push(pick.clone());
+    }
+    let forward_mixes = choose_mixes(candidates, &hosts, mixes, rng)?;
+    let backward_mixes = if backward {
+        choose_mixes(candidates, &hosts, mixes, rng)?
+    } else {
+        vec![]
+    };
+    Ok(Route {
+        hosts,
+        forward_mixes,
+        backward_mixes,
+    })
+}
+
+/// `mixes` mixes for each of the `hosts.len() + 1` segments of one ring:
+/// distinct, none of them a host of the ring.
+pub fn choose_mixes<R: Rng>(
+    candidates: &[Candidate],
+    hosts: &[Candidate],
+    mixes: usize,
+    rng: &mut R,
+) -> Result<Vec<Vec<Candidate>>, RouteError> {
+    let segments = hosts.len() + 1;
+    if mixes == 0 {
+        return Ok(vec![vec![]; segments]);
+    }
+    let used: HashSet<PeerId> = hosts.iter().map(|h| h.peer).collect();
+    let need = segments * mixes;
+    let mut free: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| c.mix && !used.contains(&c.peer))
+        .collect();
+    if free.len() < need {
+        return Err(RouteError::NotEnoughMixes {
+            need,
+            have: free.len(),
+            hosts: hosts.len(),
+        });
+    }
+    free.shuffle(rng);
+    let mut addrs: HashSet<String> = hosts.iter().flat_map(|h| h.hosts.iter().cloned()).collect();
+    let mut chosen = Vec::with_capacity(need);
+    for _ in 0..need {
+        // Prefer a mix on an address the ring does not use yet.
+        let idx = free
+            .iter()
+            .position(|c| c.hosts.iter().all(|h| !addrs.contains(h)))
+            .unwrap_or(0);
+        let c = free.remove(idx);
+        addrs.extend(c.hosts.iter().cloned());
+        chosen.push(c.clone());
+    }
+    Ok(chosen.chunks(mixes).map(|c| c.to_vec()).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+
+    fn cand(i: u8, host: bool, mix: bool) -> Candidate {
+        Candidate {
+            peer: PeerId::random(),
+            onion_key: [i; 32],
+            epoch: 1,
+            layer_host: host,
+            mix,
+            free_slots: 1,
+            max_params: 1_000_000,
+            hosts: vec![format!("10.0.0.{i}")],
+        }
+    }
+
+    fn all_distinct(ring: &[&Candidate]) -> bool {
+        let set: HashSet<_> = ring.iter().map(|c| c.peer).collect();
+        set.len() == ring.len()
+    }
+
+    #[test]
+    fn rings_never_use_a_peer_twice() {
+        let cands: Vec<_> = (0..12).map(|i| cand(i, i % 2 == 0, true)).collect();
+        for seed in 0..50 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let r = choose_route(&cands, &[100, 100, 100], 1, true, &mut rng).expect("route");
+            assert_eq!(r.hosts.len(), 3);
+            assert_eq!(r.forward_mixes.len(), 4);
+            assert_eq!(r.backward_mixes.len(), 4);
+            for mixes in [&r.forward_mixes, &r.backward_mixes] {
+                let mut ring: Vec<&Candidate> = r.hosts.iter().collect();
+                ring.extend(mixes.iter().flatten());
+                assert_eq!(ring.len(), 7);
+                assert!(all_distinct(&ring), "seed {seed}");
+                assert!(mixes.iter().flatten().all(|m| m.mix));
+            }
+        }
+    }
+
+    #[test]
+    fn capacity_and_shortage_are_errors() {
+        let mut cands: Vec<_> = (0..6).map(|i| cand(i, true, true)).collect();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+        // 2 hosts + 3 mixes fit in 6 peers; 3 hosts + 4 mixes do not.
+        assert!(choose_route(&cands, &[1, 1], 1, true, &mut rng).is_ok());
+        assert!(matches!(
+            choose_route(&cands, &[1, 1, 1], 1, true, &mut rng),
+            Err(RouteError::NotEnoughMixes {
+                need: 4,
+                have: 3,
+                ..
+            })
+        ));
+        cands.iter_mut().for_each(|c| c.max_params = 10);
+        assert!(matches!(
+            choose_route(&cands, &[100], 1, true, &mut rng),
+            Err(RouteError::NoHost { stage: 0, .. })
+        ));
+        cands.iter_mut().for_each(|c| {
+            c.max_params = 1000;
+            c.free_slots = 0
+        });
+        assert!(choose_route(&cands, &[100], 1, true, &mut rng).is_err());
+    }
+
+    #[test]
+    fn mixes_prefer_other_addresses() {
+        let mut cands: Vec<_> = (0..8).map(|i| cand(i, i < 2, i >= 2)).collect();
+        // Two mixes share the first host's address.
+        cands[2].hosts = cands[0].hosts.clone();
+        cands[3].hosts = cands[0].hosts.clone();
+        for seed in 0..20 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let r = choose_route(&cands, &[1, 1], 1, false, &mut rng).expect("route");
+            let used: Vec<_> = r.forward_mixes.iter().flatten().map(|m| m.peer).collect();
+            assert!(
+                !used.contains(&cands[2].peer) && !used.contains(&cands[3].peer),
+                "seed {seed}"
+            );
+        }
+    }
+}

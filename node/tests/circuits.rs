@@ -1,0 +1,196 @@
+//! Training and inference through mix circuits, in one process.
+
+mod common;
+
+use std::time::Duration;
+
+use mixnn_model::{train_local, Arch, OptimizerSpec, TrainConfig};
+use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap};
+use mixnn_node::discovery::{discover_at_least, join_as_client};
+use mixnn_node::network::TransportKind;
+use mixnn_node::node::RunningNode;
+use tokio_util::sync::CancellationToken;
+
+struct Net {
+    _dirs: Vec<tempfile::TempDir>,
+    boot: RunningNode,
+    nodes: Vec<RunningNode>,
+}
+
+async fn network(n: usize) -> Net {
+    let dirs: Vec<_> = (0..=n)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let boot = common::start(
+        dirs[0].path(),
+        &[],
+        common::BOOTSTRAP,
+        TransportKind::Memory,
+    )
+    .await;
+    let addr = boot.full_addrs();
+    let mut nodes = Vec::new();
+    for d in &dirs[1..] {
+        nodes.push(
+            common::start(
+                d.path(),
+                &addr,
+                common::Roles {
+                    layers: true,
+                    mix: true,
+                },
+                TransportKind::Memory,
+            )
+            .await,
+        );
+    }
+    Net {
+        _dirs: dirs,
+        boot,
+        nodes,
+    }
+}
+
+fn config(arch: &str, optimizer: OptimizerSpec) -> TrainConfig {
+    TrainConfig {
+        arch: Arch::parse(arch).expect("arch"),
+        epochs: 1,
+        batch: 64,
+        optimizer,
+        seed: 7,
+        limit: Some(640),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_training_equals_local_training_and_inference_matches() {
+    let net = network(7).await;
+    let client = join_as_client(
+        net.boot.full_addrs(),
+        TransportKind::Memory,
+        vec![],
+        CancellationToken::new(),
+    )
+    .await
+    .expect("client joins");
+    let (vols, _) = discover_at_least(&client, 7, Duration::from_secs(20)).await;
+    assert_eq!(vols.len(), 7);
+
+    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let cfg = config(
+        "mlp:784-64-32-10",
+        OptimizerSpec::Momentum {
+            lr: 0.05,
+            momentum: 0.9,
+        },
+    );
+    let local = train_local(&cfg, &data, &mut |_| {}).expect("local");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map_path = dir.path().join("model.json");
+    let train = data.train.clone().limit(640);
+    let report = train_network(
+        &client,
+        &vols,
+        &cfg,
+        &train,
+        &data.test,
+        &JobOptions::default(),
+        &map_path,
+        &mut |_| {},
+    )
+    .await
+    .expect("network training");
+    assert_eq!(report.steps, local.steps);
+    assert_eq!(report.losses, local.losses, "loss per step differs");
+    assert_eq!(
+        report.params_digest, local.params_digest_hex,
+        "params digest differs"
+    );
+    assert_eq!(report.test_accuracy, local.test_accuracy);
+
+    let map = ModelMap::load(&map_path).expect("map");
+    assert!(map.complete);
+    assert_eq!(map.params_digest, local.params_digest_hex);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&map_path)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o777;
+        assert_eq!(mode, 0o600, "the model map is private");
+    }
+    // Slots were persisted on the hosts.
+    let held: usize = net
+        .nodes
+        .iter()
+        .map(|n| {
+            mixnn_node::store::SlotStore::list_slots(&n.state.slots)
+                .expect("list")
+                .len()
+        })
+        .sum();
+    assert_eq!(held, 3);
+
+    let inferred = infer_network(&client, &vols, &map, &data.test, &JobOptions::default())
+        .await
+        .expect("inference");
+    assert_eq!(inferred.test_accuracy, local.test_accuracy);
+    assert_eq!(inferred.examples, data.test.len());
+    for n in net.nodes {
+        n.shutdown().await.expect("shutdown");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keep_ends_training_equals_local_training() {
+    let net = network(5).await;
+    let client = join_as_client(
+        net.boot.full_addrs(),
+        TransportKind::Memory,
+        vec![],
+        CancellationToken::new(),
+    )
+    .await
+    .expect("client joins");
+    let (vols, _) = discover_at_least(&client, 5, Duration::from_secs(20)).await;
+    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let cfg = config(
+        "mlp:784-64-32-10",
+        OptimizerSpec::Adam {
+            lr: 0.001,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        },
+    );
+    let local = train_local(&cfg, &data, &mut |_| {}).expect("local");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let opts = JobOptions {
+        keep_ends: true,
+        ..JobOptions::default()
+    };
+    let train = data.train.clone().limit(640);
+    let map_path = dir.path().join("model.json");
+    let report = train_network(
+        &client,
+        &vols,
+        &cfg,
+        &train,
+        &data.test,
+        &opts,
+        &map_path,
+        &mut |_| {},
+    )
+    .await
+    .expect("network training");
+    assert_eq!(report.losses, local.losses);
+    assert_eq!(report.params_digest, local.params_digest_hex);
+    let map = ModelMap::load(&map_path).expect("map");
+    let inferred = infer_network(&client, &vols, &map, &data.test, &opts)
+        .await
+        .expect("inference");
+    assert_eq!(inferred.test_accuracy, local.test_accuracy);
+}
