@@ -7,6 +7,7 @@ pub mod client;
 pub mod config;
 pub mod dataset;
 pub mod discovery;
+pub mod local_net;
 pub mod metrics;
 pub mod network;
 pub mod node;

@@ -27,17 +27,28 @@ enum Command {
     Node(cmd::node::NodeArgs),
     /// List the volunteers the DHT knows, with verified descriptors.
     Peers(cmd::peers::PeersArgs),
-    /// Train a model, locally (--local) or through the network.
+    /// Train a model through the network (or locally with --local).
     Train(cmd::train::TrainArgs),
+    /// Run a test set through a trained model's slots, via fresh mix circuits.
+    Infer(cmd::network::InferArgs),
+    /// Start a whole network in this process, train through it and locally, compare.
+    Demo(cmd::demo::DemoArgs),
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    mixnn_node::runtime::init_tracing();
+    // Long-running services log their events; one-shot commands only warnings.
+    let default_log = match cli.command {
+        Command::Node(_) => "warn,mixnn_node=info",
+        _ => "warn",
+    };
+    mixnn_node::runtime::init_tracing(default_log);
     let result = match cli.command {
         Command::Node(a) => cmd::node::run(a),
         Command::Peers(a) => cmd::peers::run(a),
         Command::Train(a) => cmd::train::run(a),
+        Command::Infer(a) => cmd::network::infer(a),
+        Command::Demo(a) => cmd::demo::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

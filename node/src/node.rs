@@ -201,7 +201,6 @@ impl RunningNode {
             tasks.push(tokio::spawn(publisher(
                 state.clone(),
                 network.clone(),
-                listen_addrs.clone(),
                 cancel.child_token(),
             )));
         }
@@ -259,30 +258,17 @@ impl RunningNode {
 /// Keeps the descriptor and the role provider records in the DHT: at start
 /// (retrying quickly until the first publication lands), at every epoch
 /// change, when slots change, and every `republish_secs`.
-async fn publisher(
-    state: Arc<NodeState>,
-    network: Network,
-    listen: Vec<Multiaddr>,
-    cancel: CancellationToken,
-) {
-    let addresses: Vec<String> = listen
-        .iter()
-        .filter(|a| {
-            !a.iter().any(|p| match p {
-                Protocol::Ip4(ip) => ip.is_unspecified(),
-                Protocol::Ip6(ip) => ip.is_unspecified(),
-                _ => false,
-            })
-        })
-        .take(mixnn_crypto::descriptor::MAX_ADDRESSES)
-        .map(|a| a.to_string())
-        .collect();
+async fn publisher(state: Arc<NodeState>, network: Network, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     let mut published_once = false;
     loop {
         if let Err(e) = state.rotate_onion_keys() {
             tracing::warn!(event = "onion_rotation_failed", error = %e);
         }
+        let addresses = match network.listen_addrs().await {
+            Ok(a) => advertised(&a),
+            Err(_) => break,
+        };
         let ok = publish_once(&state, &network, &addresses).await;
         let wait = if ok {
             if !published_once {
@@ -306,6 +292,31 @@ async fn publisher(
             _ = state.republish.notified() => {}
         }
     }
+}
+
+/// The addresses worth publishing: never a wildcard, and loopback only when
+/// the node has nothing else (a peer elsewhere cannot dial our loopback).
+pub fn advertised(listen: &[Multiaddr]) -> Vec<String> {
+    let ip = |a: &Multiaddr| {
+        a.iter().find_map(|p| match p {
+            Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+            Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+            _ => None,
+        })
+    };
+    let usable: Vec<&Multiaddr> = listen
+        .iter()
+        .filter(|a| !ip(a).is_some_and(|ip| ip.is_unspecified()))
+        .collect();
+    let has_external = usable
+        .iter()
+        .any(|a| ip(a).is_none_or(|ip| !ip.is_loopback()));
+    usable
+        .into_iter()
+        .filter(|a| !has_external || ip(a).is_none_or(|ip| !ip.is_loopback()))
+        .take(mixnn_crypto::descriptor::MAX_ADDRESSES)
+        .map(|a| a.to_string())
+        .collect()
 }
 
 async fn publish_once(state: &NodeState, network: &Network, addresses: &[String]) -> bool {
@@ -351,4 +362,27 @@ async fn publish_once(state: &NodeState, network: &Network, addresses: &[String]
         }
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(list: &[&str]) -> Vec<Multiaddr> {
+        list.iter().map(|a| a.parse().expect("addr")).collect()
+    }
+
+    #[test]
+    fn loopback_is_advertised_only_when_nothing_else_is() {
+        let a = addrs(&[
+            "/ip4/127.0.0.1/tcp/4002",
+            "/ip4/172.18.0.3/tcp/4002",
+            "/ip4/0.0.0.0/tcp/4002",
+        ]);
+        assert_eq!(advertised(&a), vec!["/ip4/172.18.0.3/tcp/4002".to_string()]);
+        let a = addrs(&["/ip4/127.0.0.1/tcp/4002", "/ip4/0.0.0.0/tcp/4002"]);
+        assert_eq!(advertised(&a), vec!["/ip4/127.0.0.1/tcp/4002".to_string()]);
+        let a = addrs(&["/memory/1234"]);
+        assert_eq!(advertised(&a), vec!["/memory/1234".to_string()]);
+    }
 }

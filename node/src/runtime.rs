@@ -2,12 +2,11 @@
 
 use tokio_util::sync::CancellationToken;
 
-/// Log to stderr through `tracing`; `RUST_LOG` picks the level (default
-/// `info` for our crates, `warn` for the rest).
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new("warn,mixnn_node=info,mixnn_bootstrap=info")
-    });
+/// Log to stderr through `tracing`; `RUST_LOG` picks the level, else
+/// `default` (such as `warn,mixnn_node=info`).
+pub fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

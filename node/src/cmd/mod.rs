@@ -1,3 +1,4 @@
+pub mod demo;
 pub mod network;
 pub mod node;
 pub mod peers;

@@ -288,6 +288,27 @@ impl Network {
         tokio::time::timeout(Duration::from_secs(10), wait)
             .await
             .map_err(|_| NetworkError::Timeout(Duration::from_secs(10), "listen addresses"))??;
+        // A wildcard listener reports one address per interface: collect the
+        // ones that follow the first for a moment.
+        let wildcard = cfg.listen.iter().any(|a| {
+            a.iter().any(|p| match p {
+                libp2p::multiaddr::Protocol::Ip4(ip) => ip.is_unspecified(),
+                libp2p::multiaddr::Protocol::Ip6(ip) => ip.is_unspecified(),
+                _ => false,
+            })
+        });
+        let settle = tokio::time::sleep(Duration::from_millis(if wildcard { 250 } else { 0 }));
+        tokio::pin!(settle);
+        loop {
+            tokio::select! {
+                _ = &mut settle => break,
+                e = swarm.select_next_some() => {
+                    if let SwarmEvent::NewListenAddr { address, .. } = e {
+                        tracing::info!(event = "listening", %address);
+                    }
+                }
+            }
+        }
 
         for addr in &cfg.bootstrap {
             let (peer, base) = split_peer_addr(addr)

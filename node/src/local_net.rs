@@ -1,0 +1,89 @@
+//! A whole network in this process: a bootstrap and volunteers on loopback
+//! (or the memory transport), each with its own data directory. `mixnn demo`
+//! and `mixnn bench` run jobs through it.
+
+use std::path::Path;
+
+use libp2p::Multiaddr;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NodeConfig;
+use crate::network::TransportKind;
+use crate::node::{NodeError, RunningNode};
+
+pub struct LocalNet {
+    pub bootstrap: RunningNode,
+    pub volunteers: Vec<RunningNode>,
+    _dir: tempfile::TempDir,
+    cancel: CancellationToken,
+}
+
+fn config(
+    dir: &Path,
+    bootstrap: &[Multiaddr],
+    transport: TransportKind,
+    volunteer: bool,
+) -> NodeConfig {
+    let mut c = NodeConfig::new(dir.to_path_buf());
+    c.listen = vec![match transport {
+        TransportKind::Memory => "/memory/0".parse().expect("static multiaddr"),
+        TransportKind::Tcp => "/ip4/127.0.0.1/tcp/0".parse().expect("static multiaddr"),
+    }];
+    c.transport = transport;
+    c.bootstrap = bootstrap.to_vec();
+    c.layers = volunteer;
+    c.mix = volunteer;
+    c.slots = if volunteer { 4 } else { 0 };
+    c.republish_secs = 5;
+    c
+}
+
+impl LocalNet {
+    /// Start a bootstrap and `volunteers` nodes that are layer hosts and mixes.
+    pub async fn start(volunteers: usize, transport: TransportKind) -> Result<Self, NodeError> {
+        let dir = tempfile::Builder::new()
+            .prefix("mixnn-local-net-")
+            .tempdir()
+            .map_err(|source| {
+                NodeError::Store(crate::store::StoreError::DataDir {
+                    path: std::env::temp_dir(),
+                    source,
+                })
+            })?;
+        let cancel = CancellationToken::new();
+        let bootstrap = RunningNode::start(
+            config(&dir.path().join("bootstrap"), &[], transport, false),
+            cancel.child_token(),
+        )
+        .await?;
+        let addrs = bootstrap.full_addrs();
+        let mut nodes = Vec::with_capacity(volunteers);
+        for i in 0..volunteers {
+            let c = config(
+                &dir.path().join(format!("node-{i}")),
+                &addrs,
+                transport,
+                true,
+            );
+            nodes.push(RunningNode::start(c, cancel.child_token()).await?);
+        }
+        Ok(Self {
+            bootstrap,
+            volunteers: nodes,
+            _dir: dir,
+            cancel,
+        })
+    }
+
+    pub fn bootstrap_addrs(&self) -> Vec<Multiaddr> {
+        self.bootstrap.full_addrs()
+    }
+
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        for n in self.volunteers {
+            let _ = n.shutdown().await;
+        }
+        let _ = self.bootstrap.shutdown().await;
+    }
+}
