@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::circuit::host::{Host, HostPolicy};
-use crate::circuit::server::{CircuitServer, Timeouts};
+use crate::circuit::server::{CircuitServer, HopTap, Timeouts};
 use crate::config::{ConfigError, NodeConfig};
 use crate::metrics::{self, Metrics};
 use crate::network::records::{unix_now, Role};
@@ -115,6 +115,15 @@ pub struct RunningNode {
 
 impl RunningNode {
     pub async fn start(config: NodeConfig, cancel: CancellationToken) -> Result<Self, NodeError> {
+        Self::start_with_tap(config, cancel, None).await
+    }
+
+    /// Start with an observer of what the node sees on circuits (tests).
+    pub async fn start_with_tap(
+        config: NodeConfig,
+        cancel: CancellationToken,
+        tap: Option<Arc<dyn HopTap>>,
+    ) -> Result<Self, NodeError> {
         config.validate()?;
         let data = DataDir::open(&config.data_dir)?;
         let slots = data.slots()?;
@@ -196,6 +205,8 @@ impl RunningNode {
                     idle: Duration::from_secs(state.config.circuit_idle_secs),
                     ..Timeouts::default()
                 },
+                network.peer_id(),
+                tap,
             )?;
             tasks.push(tokio::spawn(server.run(cancel.child_token())));
             tasks.push(tokio::spawn(publisher(

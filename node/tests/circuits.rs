@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use mixnn_model::{train_local, Arch, OptimizerSpec, TrainConfig};
-use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap};
+use mixnn_node::client::{infer_network, train_network, Client, JobOptions, ModelMap};
 use mixnn_node::discovery::{discover_at_least, join_as_client};
 use mixnn_node::network::TransportKind;
 use mixnn_node::node::RunningNode;
@@ -75,6 +75,7 @@ async fn network_training_equals_local_training_and_inference_matches() {
     .expect("client joins");
     let (vols, _) = discover_at_least(&client, 7, Duration::from_secs(20)).await;
     assert_eq!(vols.len(), 7);
+    let client = Client::new(client).expect("client");
 
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config(
@@ -156,6 +157,7 @@ async fn keep_ends_training_equals_local_training() {
     .await
     .expect("client joins");
     let (vols, _) = discover_at_least(&client, 5, Duration::from_secs(20)).await;
+    let client = Client::new(client).expect("client");
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config(
         "mlp:784-64-32-10",

@@ -60,6 +60,27 @@ pub const MAX_CIRCUITS_PER_PEER: usize = 64;
 
 type UpWriter = Arc<AsyncMutex<WriteHalf<Stream>>>;
 
+/// What one hop learned when a circuit was set up through it.
+#[derive(Clone, Debug)]
+pub struct HopView {
+    pub me: PeerId,
+    /// The peer that opened the stream to us.
+    pub prev: PeerId,
+    pub next: PeerId,
+    /// `mix` or `host`.
+    pub role: &'static str,
+    pub slot: Option<crate::store::SlotId>,
+}
+
+/// Observes what a hop sees, for tests that check what each hop learns.
+pub trait HopTap: Send + Sync {
+    fn setup(&self, view: &HopView);
+    /// A cell as it arrived from the previous hop.
+    fn cell_in(&self, me: PeerId, cell: &[u8]);
+    /// A message a layer host decrypted.
+    fn plaintext(&self, me: PeerId, msg: &[u8]);
+}
+
 /// A replay cache over sled: tags per epoch, pruned when epochs pass.
 struct SledReplay<'a> {
     tree: &'a sled::Tree,
@@ -88,6 +109,8 @@ pub struct CircuitServer {
     total: Arc<Semaphore>,
     per_peer: Mutex<HashMap<PeerId, usize>>,
     timeouts: Timeouts,
+    me: PeerId,
+    tap: Option<Arc<dyn HopTap>>,
 }
 
 struct PeerGuard<'a> {
@@ -125,6 +148,8 @@ impl CircuitServer {
         host: Option<Arc<Host>>,
         control: libp2p_stream::Control,
         timeouts: Timeouts,
+        me: PeerId,
+        tap: Option<Arc<dyn HopTap>>,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let replay = state.data.replay_tree()?;
         let total = Arc::new(Semaphore::new(state.config.max_circuits));
@@ -136,6 +161,8 @@ impl CircuitServer {
             total,
             per_peer: Mutex::new(HashMap::new()),
             timeouts,
+            me,
+            tap,
         }))
     }
 
@@ -185,7 +212,7 @@ impl CircuitServer {
                     peer,
                 };
                 server.metrics().circuits_active.inc();
-                let end = server.handle(stream, cancel).await;
+                let end = server.handle(peer, stream, cancel).await;
                 server.metrics().circuits_active.dec();
                 match end {
                     End::Clean => tracing::debug!(event = "circuit_closed", from = %peer),
@@ -221,7 +248,12 @@ impl CircuitServer {
         }
     }
 
-    async fn handle(self: &Arc<Self>, stream: Stream, cancel: CancellationToken) -> End {
+    async fn handle(
+        self: &Arc<Self>,
+        prev: PeerId,
+        stream: Stream,
+        cancel: CancellationToken,
+    ) -> End {
         let (mut up_r, up_w) = stream.split();
         let up_w: UpWriter = Arc::new(AsyncMutex::new(up_w));
         let mut buf = Vec::new();
@@ -330,6 +362,15 @@ impl CircuitServer {
             }
         };
 
+        if let Some(tap) = &self.tap {
+            tap.setup(&HopView {
+                me: self.me,
+                prev,
+                next,
+                role: if hosting.is_some() { "host" } else { "mix" },
+                slot: hosting.as_ref().map(|(_, a, _)| a.body.slot_id),
+            });
+        }
         let mut control = self.control.clone();
         let down = match tokio::time::timeout(
             self.timeouts.open,
@@ -453,6 +494,9 @@ impl CircuitServer {
             };
             match frame {
                 Ok(Ok((_, FrameKind::Cell))) => {
+                    if let Some(tap) = &self.tap {
+                        tap.cell_in(self.me, buf);
+                    }
                     let w = async {
                         wire::write_cell(down_w, down_cid, buf).await?;
                         futures::AsyncWriteExt::flush(down_w).await?;
@@ -548,6 +592,9 @@ impl CircuitServer {
                     return End::Failed("idle".into());
                 }
             }
+            if let Some(tap) = &self.tap {
+                tap.cell_in(self.me, buf);
+            }
             let msg = match reader.push(&mut opener, buf) {
                 Ok(None) => continue,
                 Ok(Some(m)) => m,
@@ -556,6 +603,9 @@ impl CircuitServer {
                     return End::Failed(format!("cell refused: {e}"));
                 }
             };
+            if let Some(tap) = &self.tap {
+                tap.plaintext(self.me, &msg);
+            }
             let job = match JobMsg::decode(&msg, limits) {
                 Ok(j) => j,
                 Err(e) => {

@@ -21,11 +21,11 @@ use mixnn_model::{
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 use thiserror::Error;
-use tokio_util::sync::CancellationToken;
 
 use super::model_map::{MapError, ModelMap, StageEntry, FORMAT};
-use super::ring::{EndListener, Ring, RingError, RingHop, RingKeys};
+use super::ring::{Ring, RingError, RingHop, RingKeys};
 use super::route::{choose_mixes, choose_route, Candidate, RouteError};
+use super::Client;
 use crate::circuit::host::MAX_TENSOR_ELEMENTS;
 use crate::circuit::payload::{
     open_slot_report, Assignment, AssignmentBody, ControlOp, Direction, HopRole, JobMsg,
@@ -309,7 +309,7 @@ async fn evaluate(
 
 /// Train `cfg` through the network, writing the model map to `map_path`.
 pub async fn train_network(
-    network: &Network,
+    client: &Client,
     volunteers: &[Volunteer],
     cfg: &TrainConfig,
     train: &Split,
@@ -420,13 +420,10 @@ pub async fn train_network(
         .map(|h| format!("{} {}", h.label, h.peer))
         .collect();
 
-    let cancel = CancellationToken::new();
-    let _stop = cancel.clone().drop_guard();
-    let listener = EndListener::start(network, cancel.child_token())
-        .map_err(|e| ring_setup_error("forward", e))?;
+    let (network, listener) = (client.network(), client.listener());
     let mut fwd = Ring::open(
         network,
-        &listener,
+        listener,
         fwd_hops,
         RingKeys {
             first_segment: fkeys[0],
@@ -441,7 +438,7 @@ pub async fn train_network(
     // The backward ring binds the slots the forward ring created.
     let mut bwd = Ring::open(
         network,
-        &listener,
+        listener,
         bwd_hops,
         RingKeys {
             first_segment: bkeys[m],
@@ -658,13 +655,14 @@ fn check_reports(reports: &[SlotReport], slot_ids: &[[u8; 16]]) -> Result<(), Jo
 
 /// Run the test split through the slots named in the model map.
 pub async fn infer_network(
-    network: &Network,
+    client: &Client,
     volunteers: &[Volunteer],
     map: &ModelMap,
     test: &Split,
     opts: &JobOptions,
 ) -> Result<InferReport, JobError> {
     let started = Instant::now();
+    let (network, listener) = (client.network(), client.listener());
     let owner = map.owner()?;
     let arch = mixnn_model::Arch::parse(&map.arch)
         .map_err(|e| JobError::Invalid(format!("model map arch: {e}")))?;
@@ -771,13 +769,9 @@ pub async fn infer_network(
         });
     }
     hops.extend(mixes[m].iter().map(mix_hop));
-    let cancel = CancellationToken::new();
-    let _stop = cancel.clone().drop_guard();
-    let listener = EndListener::start(network, cancel.child_token())
-        .map_err(|e| ring_setup_error("inference", e))?;
     let mut ring = Ring::open(
         network,
-        &listener,
+        listener,
         hops,
         RingKeys {
             first_segment: keys[0],

@@ -8,3 +8,36 @@ pub mod route;
 
 pub use job::{infer_network, train_network, InferReport, JobError, JobOptions, NetworkReport};
 pub use model_map::ModelMap;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::network::Network;
+use ring::{EndListener, RingError};
+
+/// A client on the network: its network handle and the listener that
+/// receives the far ends of its rings.
+pub struct Client {
+    network: Network,
+    listener: EndListener,
+    _stop: tokio_util::sync::DropGuard,
+}
+
+impl Client {
+    pub fn new(network: Network) -> Result<Self, RingError> {
+        let cancel = CancellationToken::new();
+        let listener = EndListener::start(&network, cancel.child_token())?;
+        Ok(Self {
+            network,
+            listener,
+            _stop: cancel.drop_guard(),
+        })
+    }
+
+    pub fn network(&self) -> &Network {
+        &self.network
+    }
+
+    pub fn listener(&self) -> &EndListener {
+        &self.listener
+    }
+}

@@ -73,7 +73,8 @@ type Pending = Arc<Mutex<HashMap<[u8; 16], oneshot::Sender<(u64, Stream)>>>>;
 
 /// Receives the far ends of the client's rings: the last hop of each ring
 /// opens a stream to the client and sends the last onion layer, sealed to
-/// the client's own one-time key.
+/// the client's own key. One per client network: it owns the protocol's
+/// inbound streams there.
 pub struct EndListener {
     key: Arc<OnionKeyPair>,
     pending: Pending,

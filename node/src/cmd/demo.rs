@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use mixnn_model::train_local;
-use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap};
+use mixnn_node::client::{infer_network, train_network, Client, JobOptions, ModelMap};
 use mixnn_node::discovery::{discover_at_least, join_as_client};
 use mixnn_node::local_net::LocalNet;
 use mixnn_node::network::TransportKind;
@@ -53,14 +53,15 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         let net = LocalNet::start(count, TransportKind::Tcp).await?;
         let cancel = CancellationToken::new();
         let _stop = cancel.clone().drop_guard();
-        let client = join_as_client(
+        let network = join_as_client(
             net.bootstrap_addrs(),
             TransportKind::Tcp,
             vec![],
             cancel.child_token(),
         )
         .await?;
-        let (volunteers, _) = discover_at_least(&client, count, Duration::from_secs(20)).await;
+        let (volunteers, _) = discover_at_least(&network, count, Duration::from_secs(20)).await;
+        let client = Client::new(network)?;
         eprintln!(
             "the client found {} volunteers through the DHT",
             volunteers.len()

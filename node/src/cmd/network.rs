@@ -7,7 +7,9 @@ use anyhow::Context;
 use clap::Args;
 use libp2p::Multiaddr;
 use mixnn_model::{Dataset, TrainConfig};
-use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap, NetworkReport};
+use mixnn_node::client::{
+    infer_network, train_network, Client, JobOptions, ModelMap, NetworkReport,
+};
 use mixnn_node::config::parse_addrs;
 use mixnn_node::discovery::{discover_at_least, join_as_client, Volunteer};
 use mixnn_node::network::{Network, TransportKind};
@@ -74,8 +76,9 @@ pub fn train(args: &TrainArgs, cfg: TrainConfig, data: Dataset) -> anyhow::Resul
         eprintln!("found {} volunteers", volunteers.len());
         let bar = progress(cfg.epochs as u64 * train.len() as u64, "network");
         let mut step = on_step(&bar);
+        let client = Client::new(network)?;
         let report = train_network(
-            &network,
+            &client,
             &volunteers,
             &cfg,
             &train,
@@ -153,7 +156,8 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
             cancel.child_token(),
         )
         .await?;
-        let report = infer_network(&network, &volunteers, &map, &data.test, &opts).await?;
+        let client = Client::new(network)?;
+        let report = infer_network(&client, &volunteers, &map, &data.test, &opts).await?;
         eprintln!(
             "inference through the network: test accuracy {:.4} on {} examples, {:.2} s",
             report.test_accuracy, report.examples, report.seconds
