@@ -140,6 +140,8 @@ enum End {
     Clean,
     Refused(&'static str),
     Failed(String),
+    /// Writing to the next hop failed: the client must hear it from us.
+    NextHop(String),
 }
 
 impl CircuitServer {
@@ -222,6 +224,9 @@ impl CircuitServer {
                     }
                     End::Failed(reason) => {
                         tracing::info!(event = "circuit_failed", from = %peer, %reason)
+                    }
+                    End::NextHop(reason) => {
+                        tracing::info!(event = "circuit_failed", from = %peer, %reason, at = "next_hop")
                     }
                 }
             });
@@ -470,6 +475,13 @@ impl CircuitServer {
                 end
             }
         };
+        if let End::NextHop(reason) = &end {
+            report(
+                ErrorCode::NextHopFailed,
+                format!("the stream to the next hop broke: {reason}"),
+            )
+            .await;
+        }
         downstream_done.cancel();
         if !matches!(end, End::Clean) {
             circuit.cancel();
@@ -503,7 +515,7 @@ impl CircuitServer {
                         Ok::<_, WireError>(())
                     };
                     if let Err(e) = w.await {
-                        return End::Failed(format!("writing to the next hop: {e}"));
+                        return End::NextHop(e.to_string());
                     }
                     self.metrics().cells_relayed.inc();
                     self.metrics().bytes_relayed.inc_by(buf.len() as u64);
@@ -656,7 +668,7 @@ impl CircuitServer {
                 return End::Failed(e);
             }
             if let Err(e) = wire::write_cells(down_w, down_cid, &cells).await {
-                return End::Failed(format!("writing to the next hop: {e}"));
+                return End::NextHop(e.to_string());
             }
             self.metrics()
                 .cells_relayed
