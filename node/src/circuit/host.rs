@@ -39,7 +39,58 @@ pub struct HostedSlot {
     pub version: u64,
 }
 
-pub type SharedSlot = Arc<Mutex<HostedSlot>>;
+/// A slot shared by the circuits of one job.
+pub struct SlotCell {
+    state: Mutex<HostedSlot>,
+    /// Signalled after every backward pass.
+    settled: tokio::sync::Notify,
+}
+
+impl SlotCell {
+    fn new(s: HostedSlot) -> Self {
+        Self {
+            state: Mutex::new(s),
+            settled: tokio::sync::Notify::new(),
+        }
+    }
+
+    pub fn lock(&self) -> std::sync::MutexGuard<'_, HostedSlot> {
+        lock(&self.state)
+    }
+
+    fn is_settled(&self) -> bool {
+        match self.state.try_lock() {
+            Ok(g) => g.slot.in_flight() == 0,
+            Err(_) => false,
+        }
+    }
+
+    /// Wait until no training step is waiting for its backward pass, so a
+    /// forward pass, an evaluation or a checkpoint sees the parameters after
+    /// every update the client sent before it. False on timeout.
+    pub async fn settled(&self, timeout: std::time::Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.settled.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.is_settled() {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // The backward pass signals; the short sleep covers a compute
+            // that held the lock when we looked.
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
+            }
+        }
+    }
+}
+
+pub type SharedSlot = Arc<SlotCell>;
 
 /// Admission policy of this host.
 #[derive(Clone, Copy, Debug)]
@@ -91,7 +142,7 @@ impl Host {
         }
         let mut live = lock(&self.live);
         if let Some(s) = live.get(&body.slot_id) {
-            if lock(s).owner != body.owner {
+            if s.lock().owner != body.owner {
                 return Err(HostError::Refused(
                     "the slot belongs to another owner".into(),
                 ));
@@ -106,7 +157,7 @@ impl Host {
             }
             let slot = Slot::from_bytes(&stored.state)
                 .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
-            let shared = Arc::new(Mutex::new(HostedSlot {
+            let shared = Arc::new(SlotCell::new(HostedSlot {
                 slot,
                 owner: stored.owner,
                 version: stored.version,
@@ -149,7 +200,7 @@ impl Host {
         };
         // Claim the slot on disk at once, so a restart keeps it.
         self.persist(&body.slot_id, &hosted)?;
-        let shared = Arc::new(Mutex::new(hosted));
+        let shared = Arc::new(SlotCell::new(hosted));
         live.insert(body.slot_id, shared.clone());
         Ok((shared, true))
     }
@@ -186,7 +237,7 @@ impl Host {
         seal: &dyn Fn(&SlotReport) -> Vec<u8>,
     ) -> Result<JobMsg, HostError> {
         let body = &a.body;
-        let mut s = lock(shared);
+        let mut s = shared.lock();
         let check_rows = |t: &HostTensor, want: usize| -> Result<(), HostError> {
             let rows = t.shape.first().copied().unwrap_or(0);
             if t.shape.len() != 2
@@ -261,7 +312,7 @@ impl Host {
 
     /// Decode limits for messages into `slot`: rows times its widest side.
     pub fn limits(slot: &SharedSlot, max_batch: u32) -> DecodeLimits {
-        let s = lock(slot);
+        let s = slot.lock();
         let width = s.slot.input_dim().max(s.slot.output_dim());
         DecodeLimits {
             max_rank: 2,

@@ -626,6 +626,16 @@ impl CircuitServer {
                 }
             };
             reader.recycle(msg);
+            // Everything on the forward ring waits for the backward passes
+            // the client sent before it: training equals local training.
+            if !matches!(job, JobMsg::Backward { .. }) && !slot.settled(self.timeouts.idle).await {
+                report(
+                    ErrorCode::Compute,
+                    "the backward pass of an earlier step never came".into(),
+                )
+                .await;
+                return End::Failed("unsettled slot".into());
+            }
             let finish = matches!(
                 job,
                 JobMsg::Control {

@@ -519,7 +519,10 @@ pub async fn train_network(
     let mut examples_done = 0u64;
     let timeout = opts.step_timeout;
     for epoch in 0..cfg.epochs {
-        for (x, labels) in train.batches(cfg.batch, epoch, cfg.seed) {
+        let mut batches = train.batches(cfg.batch, epoch, cfg.seed);
+        // The step whose forward pass is on the forward ring.
+        let mut in_flight: Option<(u64, Vec<u8>)> = None;
+        if let Some((x, labels)) = batches.next() {
             step += 1;
             let t = Instant::now();
             let h = match first.as_mut() {
@@ -527,13 +530,18 @@ pub async fn train_network(
                 None => x,
             };
             b.client_compute_seconds += t.elapsed().as_secs_f64();
-            let during = format!("step {step} (forward pass)");
-            let t = Instant::now();
             if let Err(e) = fwd.send(&JobMsg::Forward { step, tensor: h }).await {
-                return Err(with_probe(network, &during, &fwd, e).await);
+                return Err(
+                    with_probe(network, &format!("step {step} (forward pass)"), &fwd, e).await,
+                );
             }
+            in_flight = Some((step, labels));
+        }
+        while let Some((s, labels)) = in_flight.take() {
+            let during = format!("step {s} (forward pass)");
+            let t = Instant::now();
             let y = match fwd.recv(timeout).await {
-                Ok(JobMsg::Forward { step: s, tensor }) if s == step => tensor,
+                Ok(JobMsg::Forward { step: got, tensor }) if got == s => tensor,
                 Ok(other) => {
                     return Err(JobError::Invalid(format!(
                         "{during}: got a {} message",
@@ -545,30 +553,72 @@ pub async fn train_network(
             b.waiting_seconds += t.elapsed().as_secs_f64();
             let t = Instant::now();
             let logits = match last.as_mut() {
-                Some(s) => s.forward(step, &y)?,
+                Some(sl) => sl.forward(s, &y)?,
                 None => y,
             };
             let (loss, mut grad) = softmax_cross_entropy(&logits, &labels)?;
-            if let Some(s) = last.as_mut() {
-                grad = s.backward(step, &grad)?;
+            if let Some(sl) = last.as_mut() {
+                grad = sl.backward(s, &grad)?;
             }
             b.client_compute_seconds += t.elapsed().as_secs_f64();
-            let during = format!("step {step} (backward pass)");
-            let t = Instant::now();
-            if let Err(e) = bwd.send(&JobMsg::Backward { step, tensor: grad }).await {
+            let during = format!("step {s} (backward pass)");
+            if let Err(e) = bwd
+                .send(&JobMsg::Backward {
+                    step: s,
+                    tensor: grad,
+                })
+                .await
+            {
                 return Err(with_probe(network, &during, &bwd, e).await);
             }
+            // Pipelining: the next batch travels to the first host while the
+            // hosts run this step's backward pass; each host holds it until
+            // its own backward pass is done, so the arithmetic is unchanged.
+            // (With --keep-ends the first stage is ours and must finish its
+            // backward pass first.)
+            if first.is_none() {
+                if let Some((x, next_labels)) = batches.next() {
+                    step += 1;
+                    if let Err(e) = fwd.send(&JobMsg::Forward { step, tensor: x }).await {
+                        return Err(with_probe(
+                            network,
+                            &format!("step {step} (forward pass)"),
+                            &fwd,
+                            e,
+                        )
+                        .await);
+                    }
+                    in_flight = Some((step, next_labels));
+                }
+            }
+            let t = Instant::now();
             let reply = match bwd.recv(timeout).await {
                 Ok(r) => r,
                 Err(e) => return Err(with_probe(network, &during, &bwd, e).await),
             };
             b.waiting_seconds += t.elapsed().as_secs_f64();
             match (reply, first.as_mut()) {
-                (JobMsg::Ack { step: s }, None) if s == step => {}
-                (JobMsg::Backward { step: s, tensor }, Some(f)) if s == step => {
+                (JobMsg::Ack { step: got }, None) if got == s => {}
+                (JobMsg::Backward { step: got, tensor }, Some(f)) if got == s => {
                     let t = Instant::now();
-                    f.backward(step, &tensor)?;
-                    b.client_compute_seconds += t.elapsed().as_secs_f64();
+                    f.backward(s, &tensor)?;
+                    if let Some((x, next_labels)) = batches.next() {
+                        step += 1;
+                        let h = f.forward(step, &x)?;
+                        b.client_compute_seconds += t.elapsed().as_secs_f64();
+                        if let Err(e) = fwd.send(&JobMsg::Forward { step, tensor: h }).await {
+                            return Err(with_probe(
+                                network,
+                                &format!("step {step} (forward pass)"),
+                                &fwd,
+                                e,
+                            )
+                            .await);
+                        }
+                        in_flight = Some((step, next_labels));
+                    } else {
+                        b.client_compute_seconds += t.elapsed().as_secs_f64();
+                    }
                 }
                 (other, _) => {
                     return Err(JobError::Invalid(format!(
@@ -580,7 +630,7 @@ pub async fn train_network(
             losses.push(loss);
             examples_done += labels.len() as u64;
             on_step(StepInfo {
-                step,
+                step: s,
                 epoch,
                 loss,
                 examples_done,
