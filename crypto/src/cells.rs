@@ -288,40 +288,88 @@ pub fn seal_message(
     msg: &[u8],
     out: &mut Vec<u8>,
 ) -> Result<usize, CellError> {
-    if msg.len() > MAX_MESSAGE_BYTES {
-        return Err(CellError::MessageTooLarge {
-            len: msg.len() as u64,
-            max: MAX_MESSAGE_BYTES,
-        });
-    }
-    let cells = message_cells(msg.len());
-    // The last sequence number used must stay below u64::MAX.
-    match sealer.next_seq.checked_add(cells as u64) {
-        Some(end) if end < u64::MAX => {}
-        _ => return Err(CellError::SequenceExhausted),
-    }
     let start_len = out.len();
-    out.reserve(cells * CELL_BYTES);
-    let mut rest = msg;
-    for k in 0..cells {
+    let mut cells = MessageCells::new(sealer, msg)?;
+    out.reserve(cells.total() * CELL_BYTES);
+    while cells.remaining() > 0 {
         let cell_start = out.len();
-        out.extend_from_slice(&[0u8; CELL_SEQ_BYTES]);
-        let mut room = CELL_PAYLOAD;
-        if k == 0 {
-            out.extend_from_slice(&(msg.len() as u64).to_le_bytes());
-            room -= LEN_PREFIX_BYTES;
-        }
-        let take = rest.len().min(room);
-        out.extend_from_slice(&rest[..take]);
-        rest = &rest[take..];
-        // Zero padding and the tag's place.
         out.resize(cell_start + CELL_BYTES, 0);
-        if let Err(e) = sealer.seal_in_place(&mut out[cell_start..]) {
+        if let Err(e) = cells.seal_next(&mut out[cell_start..]) {
             out.truncate(start_len);
             return Err(e);
         }
     }
-    Ok(cells)
+    Ok(cells.total())
+}
+
+/// A message being sealed one cell at a time, so that the first cells can
+/// be on their way while the rest are sealed. Produces exactly the cells
+/// [`seal_message`] would.
+pub struct MessageCells<'a> {
+    sealer: &'a mut CellSealer,
+    msg: &'a [u8],
+    rest: &'a [u8],
+    total: usize,
+    done: usize,
+}
+
+impl<'a> MessageCells<'a> {
+    /// Checks the size and that the sealer has sequence numbers for every
+    /// cell before sealing any.
+    pub fn new(sealer: &'a mut CellSealer, msg: &'a [u8]) -> Result<Self, CellError> {
+        if msg.len() > MAX_MESSAGE_BYTES {
+            return Err(CellError::MessageTooLarge {
+                len: msg.len() as u64,
+                max: MAX_MESSAGE_BYTES,
+            });
+        }
+        let total = message_cells(msg.len());
+        // The last sequence number used must stay below u64::MAX.
+        match sealer.next_seq.checked_add(total as u64) {
+            Some(end) if end < u64::MAX => {}
+            _ => return Err(CellError::SequenceExhausted),
+        }
+        Ok(Self {
+            sealer,
+            msg,
+            rest: msg,
+            total,
+            done: 0,
+        })
+    }
+
+    /// Cells in the message's size class.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.total - self.done
+    }
+
+    /// Seal the next cell into `cell` (CELL_BYTES long).
+    pub fn seal_next(&mut self, cell: &mut [u8]) -> Result<(), CellError> {
+        check_cell_len(cell.len())?;
+        if self.done == self.total {
+            return Err(CellError::Length {
+                expected: 0,
+                got: cell.len(),
+            });
+        }
+        let body = &mut cell[PAYLOAD_RANGE];
+        let mut at = 0;
+        if self.done == 0 {
+            body[..LEN_PREFIX_BYTES].copy_from_slice(&(self.msg.len() as u64).to_le_bytes());
+            at = LEN_PREFIX_BYTES;
+        }
+        let take = self.rest.len().min(CELL_PAYLOAD - at);
+        body[at..at + take].copy_from_slice(&self.rest[..take]);
+        body[at + take..].fill(0);
+        self.rest = &self.rest[take..];
+        self.sealer.seal_in_place(cell)?;
+        self.done += 1;
+        Ok(())
+    }
 }
 
 struct Partial {

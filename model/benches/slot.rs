@@ -1,11 +1,12 @@
-//! One slot's forward+backward against the whole-model train step,
-//! mlp:784-512-256-10 at batch 256.
+//! One training step of mlp:784-512-256-10 at batch 256: the whole model
+//! locally, three `Slot`s (which recompute forward in backward), and three
+//! `SlotWorker`s (which keep the tape); plus one slot's forward+backward.
 //!
 //! `cargo bench -p mixnn-model --bench slot`
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mixnn_model::{
-    softmax_cross_entropy, synthetic, Arch, InitSpec, LocalModel, OptimizerSpec, Slot,
+    softmax_cross_entropy, synthetic, Arch, InitSpec, LocalModel, OptimizerSpec, Slot, SlotWorker,
 };
 
 fn bench(c: &mut Criterion) {
@@ -48,6 +49,37 @@ fn bench(c: &mut Criterion) {
             let (_, mut grad) = softmax_cross_entropy(&act, &labels).expect("loss");
             for s in slots.iter_mut().rev() {
                 grad = s.backward(step, &grad).expect("bwd");
+            }
+            step += 1;
+        })
+    });
+
+    let workers: Vec<SlotWorker> = stages
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let slot = Slot::new(
+                s,
+                InitSpec {
+                    seed: 1,
+                    stage_index: i as u32,
+                },
+                opt,
+            )
+            .expect("slot");
+            SlotWorker::spawn(slot).expect("worker")
+        })
+        .collect();
+    let mut step = 0u64;
+    g.bench_function("three_slot_workers_train_step", |b| {
+        b.iter(|| {
+            let mut act = x.clone();
+            for w in &workers {
+                act = w.forward_owned(step, act).expect("fwd");
+            }
+            let (_, mut grad) = softmax_cross_entropy(&act, &labels).expect("loss");
+            for w in workers.iter().rev() {
+                grad = w.backward_owned(step, grad).expect("bwd");
             }
             step += 1;
         })

@@ -38,6 +38,10 @@ pub enum ModelError {
     /// A training configuration is invalid.
     #[error("training config: {0}")]
     Config(String),
+    /// A [`crate::SlotWorker`]'s thread has stopped (it panicked, or was
+    /// shut down), so the slot it held is lost.
+    #[error("slot worker is gone: {0}")]
+    WorkerGone(String),
     /// The tensor backend refused an operation.
     #[error("tensor backend: {0}")]
     Backend(String),

@@ -9,6 +9,8 @@
 //! - [`digest`]: parameter digests (per stage and per model).
 //! - [`data`]: MNIST IDX loader, synthetic dataset, deterministic batching.
 //! - [`train`]: the whole-model reference trainer.
+//! - [`worker`]: [`SlotWorker`], a slot on its own thread that keeps dfdx's
+//!   tape from forward to backward instead of recomputing.
 //!
 //! The slots and the local trainer share one stage implementation
 //! (`stage::StageCore`) and one optimizer, so a model trained slot by slot has
@@ -24,6 +26,7 @@ pub mod spec;
 mod stage;
 pub mod tensor;
 pub mod train;
+pub mod worker;
 
 pub use data::{load_mnist, synthetic, DataError, Dataset, Split};
 pub use digest::{model_digest, to_hex};
@@ -34,6 +37,7 @@ pub use slot::{InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
 pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
 pub use tensor::{CodecError, DecodeLimits, HostTensor};
 pub use train::{train_local, LocalModel, StepInfo, TrainConfig, TrainReport, EVAL_BATCH};
+pub use worker::SlotWorker;
 
 /// Result type of the model crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

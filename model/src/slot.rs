@@ -34,7 +34,9 @@ pub struct InitSpec {
 /// recomputes the stage with a gradient tape, backpropagates, applies the
 /// optimizer and returns the gradient for the previous stage. Recomputing
 /// (rather than keeping dfdx's tape, which is not `Send`) keeps `Slot`
-/// `Send` and costs one extra forward pass of this stage.
+/// `Send` and costs one extra forward pass of this stage;
+/// [`crate::SlotWorker`] avoids that cost by keeping the tape on a thread of
+/// its own.
 ///
 /// Equivalence with local training holds when every step's backward comes
 /// before the next step's forward, as `LocalModel` does it.
@@ -63,11 +65,26 @@ impl Slot {
     }
 
     fn from_core(core: StageCore) -> Slot {
+        Slot::from_parts(core, BTreeMap::new(), DEFAULT_MAX_IN_FLIGHT)
+    }
+
+    /// A slot from its parts (for [`crate::SlotWorker`]).
+    pub(crate) fn from_parts(
+        core: StageCore,
+        pending: BTreeMap<u64, Mat>,
+        max_in_flight: usize,
+    ) -> Slot {
         Slot {
             core,
-            pending: BTreeMap::new(),
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            pending,
+            max_in_flight: max_in_flight.max(1),
         }
+    }
+
+    /// The slot's parts: stage, inputs kept for steps in flight, and the
+    /// in-flight limit (for [`crate::SlotWorker`]).
+    pub(crate) fn into_parts(self) -> (StageCore, BTreeMap<u64, Mat>, usize) {
+        (self.core, self.pending, self.max_in_flight)
     }
 
     /// Sets how many forward passes may wait for their backward (at least 1).
@@ -200,22 +217,7 @@ impl Slot {
     /// the steps in flight): `MXSLOT`, version byte, postcard record, blake3
     /// checksum of everything before it.
     pub fn to_bytes(&self) -> Vec<u8> {
-        let record = SlotRecordV1 {
-            spec: self.core.spec().clone(),
-            optimizer: *self.core.optimizer(),
-            optimizer_state: self.core.optimizer_state().clone(),
-            steps_applied: self.core.steps(),
-            weight: self.core.weight().to_vec(),
-            bias: self.core.bias().to_vec(),
-        };
-        let mut out = Vec::with_capacity(64 + 4 * 3 * (record.weight.len() + record.bias.len()));
-        out.extend_from_slice(MAGIC);
-        out.push(VERSION);
-        // Serializing plain data to a Vec cannot fail.
-        out = postcard::to_extend(&record, out).unwrap_or_default();
-        let sum = blake3::hash(&out);
-        out.extend_from_slice(sum.as_bytes());
-        out
+        core_to_bytes(&self.core)
     }
 
     /// Restores a slot written by [`Slot::to_bytes`]. Truncated, corrupt or
@@ -253,6 +255,27 @@ impl Slot {
         )?;
         Ok(Slot::from_core(core))
     }
+}
+
+/// [`Slot::to_bytes`] of a slot holding `core` (also used by
+/// [`crate::SlotWorker::to_bytes`], so both write the same format).
+pub(crate) fn core_to_bytes(core: &StageCore) -> Vec<u8> {
+    let record = SlotRecordV1 {
+        spec: core.spec().clone(),
+        optimizer: *core.optimizer(),
+        optimizer_state: core.optimizer_state().clone(),
+        steps_applied: core.steps(),
+        weight: core.weight().to_vec(),
+        bias: core.bias().to_vec(),
+    };
+    let mut out = Vec::with_capacity(64 + 4 * 3 * (record.weight.len() + record.bias.len()));
+    out.extend_from_slice(MAGIC);
+    out.push(VERSION);
+    // Serializing plain data to a Vec cannot fail.
+    out = postcard::to_extend(&record, out).unwrap_or_default();
+    let sum = blake3::hash(&out);
+    out.extend_from_slice(sum.as_bytes());
+    out
 }
 
 #[allow(dead_code)]

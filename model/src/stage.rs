@@ -174,6 +174,24 @@ impl StageCore {
         self.upload(t, batch, self.inputs)
     }
 
+    /// Like [`StageCore::upload_input`], but moves `t`'s data into the
+    /// tensor instead of copying it.
+    pub(crate) fn upload_input_owned(&self, t: HostTensor) -> Result<Mat, ModelError> {
+        let batch = check_batch(&t, self.inputs, "stage input")?;
+        self.upload_owned(t, batch, self.inputs)
+    }
+
+    /// Like [`StageCore::upload`], but moves `t`'s data into the tensor.
+    pub(crate) fn upload_owned(
+        &self,
+        t: HostTensor,
+        batch: usize,
+        features: usize,
+    ) -> Result<Mat, ModelError> {
+        check_finite(&t.data, "tensor")?;
+        Ok(self.dev.try_tensor_from_vec(t.data, (batch, features))?)
+    }
+
     /// Uploads `t` as a `[batch, features]` matrix after checking it is finite.
     pub(crate) fn upload(
         &self,

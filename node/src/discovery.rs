@@ -112,6 +112,59 @@ pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>
     (volunteers, stats)
 }
 
+/// Enough volunteers for a route, cheaply: the providers of both roles (two
+/// DHT queries), then descriptors of a random sample of them until `want`
+/// verify. Costs O(want · log N) DHT requests rather than O(N).
+pub async fn discover_sample(
+    network: &Network,
+    want: usize,
+    per_fetch: Duration,
+) -> (Vec<Volunteer>, DiscoveryStats) {
+    use rand::seq::SliceRandom;
+    let mut peers: HashSet<PeerId> = HashSet::new();
+    for role in Role::ALL {
+        match network.find_providers(role).await {
+            Ok(found) => peers.extend(found),
+            Err(e) => tracing::warn!(event = "providers_lookup_failed", ?role, error = %e),
+        }
+    }
+    peers.remove(&network.peer_id());
+    let mut stats = DiscoveryStats {
+        providers_found: peers.len(),
+        ..Default::default()
+    };
+    let mut pool: Vec<PeerId> = peers.into_iter().collect();
+    pool.shuffle(&mut rand::thread_rng());
+    let mut volunteers = Vec::new();
+    while volunteers.len() < want && !pool.is_empty() {
+        let wave: Vec<PeerId> = pool
+            .drain(..(want - volunteers.len()).min(pool.len()))
+            .collect();
+        let results: Vec<_> = futures::stream::iter(wave)
+            .map(|peer| async move {
+                (
+                    peer,
+                    tokio::time::timeout(per_fetch, network.get_descriptor(peer)).await,
+                )
+            })
+            .buffer_unordered(FETCH_CONCURRENCY)
+            .collect()
+            .await;
+        for (peer, r) in results {
+            match r {
+                Ok(Ok(descriptor)) => volunteers.push(Volunteer {
+                    peer_id: peer,
+                    descriptor,
+                }),
+                _ => stats.descriptors_missing += 1,
+            }
+        }
+    }
+    stats.descriptors_verified = volunteers.len();
+    volunteers.sort_by_key(|v| v.peer_id.to_bytes());
+    (volunteers, stats)
+}
+
 /// Join the network as a DHT client with a throwaway identity.
 pub async fn join_as_client(
     bootstrap: Vec<Multiaddr>,

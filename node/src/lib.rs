@@ -2,6 +2,7 @@
 //! streams), the slot store on sled, discovery of volunteers, and the
 //! runtime that `mixnn node` and `mixnn-bootstrap` share.
 
+pub mod bench;
 pub mod circuit;
 pub mod client;
 pub mod config;

@@ -33,6 +33,8 @@ enum Command {
     Infer(cmd::network::InferArgs),
     /// Start a whole network in this process, train through it and locally, compare.
     Demo(cmd::demo::DemoArgs),
+    /// Benchmarks: `mixnn bench paper` reproduces the MixNN paper's experiment.
+    Bench(cmd::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -49,6 +51,7 @@ fn main() -> std::process::ExitCode {
         Command::Train(a) => cmd::train::run(a),
         Command::Infer(a) => cmd::network::infer(a),
         Command::Demo(a) => cmd::demo::run(a),
+        Command::Bench(a) => cmd::bench::run(a),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,6 +1,7 @@
 //! The node's counters and gauges, exported in Prometheus text format.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -32,6 +33,13 @@ pub struct Metrics {
     pub circuits_active: Gauge,
     pub circuits_refused: Family<Reason, Counter>,
     pub streams_refused: Counter,
+    /// Seconds layer hosts spent computing, sealing/opening cells, and
+    /// encoding/decoding messages.
+    pub host_compute_seconds: Counter<f64, AtomicU64>,
+    pub host_crypto_seconds: Counter<f64, AtomicU64>,
+    pub host_codec_seconds: Counter<f64, AtomicU64>,
+    /// Kademlia requests sent by this node's own queries.
+    pub dht_requests: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +60,30 @@ impl Metrics {
         let circuits_active = Gauge::default();
         let circuits_refused = Family::<Reason, Counter>::default();
         let streams_refused = Counter::default();
+        let host_compute_seconds = Counter::<f64, AtomicU64>::default();
+        let host_crypto_seconds = Counter::<f64, AtomicU64>::default();
+        let host_codec_seconds = Counter::<f64, AtomicU64>::default();
+        let dht_requests = Counter::default();
+        registry.register(
+            "host_compute_seconds",
+            "Seconds spent in layer computations",
+            host_compute_seconds.clone(),
+        );
+        registry.register(
+            "host_crypto_seconds",
+            "Seconds spent sealing and opening cells as a layer host",
+            host_crypto_seconds.clone(),
+        );
+        registry.register(
+            "host_codec_seconds",
+            "Seconds spent encoding and decoding messages as a layer host",
+            host_codec_seconds.clone(),
+        );
+        registry.register(
+            "dht_requests",
+            "Kademlia requests sent by this node's queries",
+            dht_requests.clone(),
+        );
         registry.register(
             "peers_connected",
             "Peers with an open connection",
@@ -104,6 +136,10 @@ impl Metrics {
             circuits_active,
             circuits_refused,
             streams_refused,
+            host_compute_seconds,
+            host_crypto_seconds,
+            host_codec_seconds,
+            dht_requests,
         }
     }
 

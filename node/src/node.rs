@@ -63,6 +63,8 @@ pub struct NodeState {
     pub metrics: Metrics,
     /// Wakes the publisher when something in the descriptor changed.
     pub republish: tokio::sync::Notify,
+    /// Whether the descriptor and role records have been published once.
+    pub published: std::sync::atomic::AtomicBool,
 }
 
 impl NodeState {
@@ -184,6 +186,7 @@ impl RunningNode {
             onion: RwLock::new(OnionKeys { current, previous }),
             metrics,
             republish: tokio::sync::Notify::new(),
+            published: std::sync::atomic::AtomicBool::new(false),
         });
 
         let roles = state.roles();
@@ -286,6 +289,9 @@ async fn publisher(state: Arc<NodeState>, network: Network, cancel: Cancellation
                 tracing::info!(event = "descriptor_published", peer = %network.peer_id());
             }
             published_once = true;
+            state
+                .published
+                .store(true, std::sync::atomic::Ordering::Relaxed);
             backoff = Duration::from_millis(200);
             state.config.republish_interval()
         } else {

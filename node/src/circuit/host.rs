@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use mixnn_model::{DecodeLimits, HostTensor, Slot};
+use mixnn_model::{DecodeLimits, HostTensor, Slot, SlotWorker};
 use thiserror::Error;
 
 use super::payload::{Assignment, ControlOp, Direction, JobMsg, SlotReport};
@@ -34,7 +34,11 @@ pub enum HostError {
 
 /// A slot in memory with what the host knows about it.
 pub struct HostedSlot {
-    pub slot: Slot,
+    /// The slot on its own compute thread (it keeps dfdx's tape from a
+    /// forward pass to its backward pass).
+    pub slot: SlotWorker,
+    /// Training steps whose backward pass has not run yet.
+    pub pending: std::collections::BTreeSet<u64>,
     pub owner: [u8; 32],
     pub version: u64,
 }
@@ -60,7 +64,7 @@ impl SlotCell {
 
     fn is_settled(&self) -> bool {
         match self.state.try_lock() {
-            Ok(g) => g.slot.in_flight() == 0,
+            Ok(g) => g.pending.is_empty(),
             Err(_) => false,
         }
     }
@@ -156,9 +160,11 @@ impl Host {
                 ));
             }
             let slot = Slot::from_bytes(&stored.state)
+                .and_then(SlotWorker::spawn)
                 .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
             let shared = Arc::new(SlotCell::new(HostedSlot {
                 slot,
+                pending: Default::default(),
                 owner: stored.owner,
                 version: stored.version,
             }));
@@ -192,9 +198,11 @@ impl Host {
             )));
         }
         let slot = Slot::new(&create.stage, create.init, create.optimizer)
+            .and_then(SlotWorker::spawn)
             .map_err(|e| HostError::Refused(format!("cannot create the slot: {e}")))?;
         let hosted = HostedSlot {
             slot,
+            pending: Default::default(),
             owner: body.owner,
             version: 0,
         };
@@ -211,7 +219,10 @@ impl Host {
             owner: s.owner,
             version: s.version,
             param_count: s.slot.spec().param_count() as u64,
-            state: s.slot.to_bytes(),
+            state: s
+                .slot
+                .to_bytes()
+                .map_err(|e| HostError::Compute(e.to_string()))?,
         })?;
         Ok(())
     }
@@ -257,15 +268,16 @@ impl Host {
                 check_rows(&tensor, s.slot.input_dim())?;
                 let out = s
                     .slot
-                    .forward(step, &tensor)
+                    .forward_owned(step, tensor)
                     .map_err(|e| HostError::Compute(e.to_string()))?;
+                s.pending.insert(step);
                 Ok(JobMsg::Forward { step, tensor: out })
             }
             (JobMsg::Infer { step, tensor }, Direction::Forward) => {
                 check_rows(&tensor, s.slot.input_dim())?;
                 let out = s
                     .slot
-                    .infer(&tensor)
+                    .infer_owned(tensor)
                     .map_err(|e| HostError::Compute(e.to_string()))?;
                 Ok(JobMsg::Infer { step, tensor: out })
             }
@@ -273,8 +285,11 @@ impl Host {
                 check_rows(&tensor, s.slot.output_dim())?;
                 let grad_in = s
                     .slot
-                    .backward(step, &tensor)
+                    .backward_owned(step, tensor)
                     .map_err(|e| HostError::Compute(e.to_string()))?;
+                s.pending.remove(&step);
+                drop(s);
+                shared.settled.notify_waiters();
                 if body.first {
                     Ok(JobMsg::Ack { step })
                 } else {
@@ -292,8 +307,14 @@ impl Host {
                 reports.push(seal(&SlotReport {
                     slot_id: *slot_id,
                     version: s.version,
-                    steps_applied: s.slot.steps_applied(),
-                    params_digest: s.slot.params_digest(),
+                    steps_applied: s
+                        .slot
+                        .steps_applied()
+                        .map_err(|e| HostError::Compute(e.to_string()))?,
+                    params_digest: s
+                        .slot
+                        .params_digest()
+                        .map_err(|e| HostError::Compute(e.to_string()))?,
                 }));
                 Ok(JobMsg::Control { op, reports })
             }

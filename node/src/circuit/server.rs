@@ -9,13 +9,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use futures::lock::Mutex as AsyncMutex;
 use futures::StreamExt;
 use libp2p::{PeerId, Stream, StreamProtocol};
-use mixnn_crypto::cells::{seal_message, CellKey, CellOpener, CellSealer, MessageReader};
+use mixnn_crypto::cells::{
+    CellKey, CellOpener, CellSealer, MessageCells, MessageReader, CELL_BYTES,
+};
 use mixnn_crypto::onion::peel_setup;
 use mixnn_crypto::replay::ReplayCache;
 use rand::RngCore;
@@ -456,16 +458,8 @@ impl CircuitServer {
             Some((host, a, slot)) => {
                 let end = self
                     .host_pump(
-                        &mut up_r,
-                        &mut down_w,
-                        down_cid,
-                        &circuit,
-                        &mut buf,
-                        &host,
-                        &a,
-                        &slot,
-                        report_key,
-                        &report,
+                        &mut up_r, down_w, down_cid, &circuit, &mut buf, &host, &a, &slot,
+                        report_key, &report,
                     )
                     .await;
                 match &end {
@@ -543,7 +537,7 @@ impl CircuitServer {
     async fn host_pump<F, Fut>(
         &self,
         up_r: &mut ReadHalf<Stream>,
-        down_w: &mut WriteHalf<Stream>,
+        down_w: WriteHalf<Stream>,
         down_cid: u64,
         circuit: &CancellationToken,
         buf: &mut Vec<u8>,
@@ -563,7 +557,7 @@ impl CircuitServer {
         let mut sealer = CellSealer::new(&CellKey::from_bytes(a.body.out_key));
         let mut reader = MessageReader::new(max_msg);
         let mut encoded = Vec::new();
-        let mut cells = Vec::new();
+        let mut writer = CellWriter::spawn(down_w, down_cid);
         loop {
             let frame = tokio::select! {
                 biased;
@@ -573,7 +567,7 @@ impl CircuitServer {
             match frame {
                 Ok(Ok((_, FrameKind::Cell))) => {}
                 Ok(Ok((_, FrameKind::Teardown))) => {
-                    let _ = wire::write_teardown(down_w, down_cid).await;
+                    writer.teardown().await;
                     return End::Clean;
                 }
                 Ok(Ok((_, kind))) => {
@@ -607,7 +601,12 @@ impl CircuitServer {
             if let Some(tap) = &self.tap {
                 tap.cell_in(self.me, buf);
             }
-            let msg = match reader.push(&mut opener, buf) {
+            let t = Instant::now();
+            let pushed = reader.push(&mut opener, buf);
+            self.metrics()
+                .host_crypto_seconds
+                .inc_by(t.elapsed().as_secs_f64());
+            let msg = match pushed {
                 Ok(None) => continue,
                 Ok(Some(m)) => m,
                 Err(e) => {
@@ -618,7 +617,12 @@ impl CircuitServer {
             if let Some(tap) = &self.tap {
                 tap.plaintext(self.me, &msg);
             }
-            let job = match JobMsg::decode(&msg, limits) {
+            let t = Instant::now();
+            let decoded = JobMsg::decode(&msg, limits);
+            self.metrics()
+                .host_codec_seconds
+                .inc_by(t.elapsed().as_secs_f64());
+            let job = match decoded {
                 Ok(j) => j,
                 Err(e) => {
                     report(ErrorCode::BadMessage, e.to_string()).await;
@@ -645,9 +649,13 @@ impl CircuitServer {
             );
             let out = {
                 let (host, a, slot) = (host.clone(), a.clone(), slot.clone());
+                let compute = self.metrics().host_compute_seconds.clone();
                 tokio::task::spawn_blocking(move || {
+                    let t = Instant::now();
                     let seal = move |r: &_| seal_slot_report(&report_key, r);
-                    host.process(&a.body.slot_id, &slot, &a, job, &seal)
+                    let out = host.process(&a.body.slot_id, &slot, &a, job, &seal);
+                    compute.inc_by(t.elapsed().as_secs_f64());
+                    out
                 })
                 .await
             };
@@ -666,27 +674,156 @@ impl CircuitServer {
                     return End::Failed(e.to_string());
                 }
             };
-            cells.clear();
-            let sealed = out
-                .encode_into(&mut encoded)
-                .map_err(|e| e.to_string())
-                .and_then(|()| {
-                    seal_message(&mut sealer, &encoded, &mut cells).map_err(|e| e.to_string())
-                });
-            if let Err(e) = sealed {
+            let t = Instant::now();
+            let encoded_ok = out.encode_into(&mut encoded).map_err(|e| e.to_string());
+            self.metrics()
+                .host_codec_seconds
+                .inc_by(t.elapsed().as_secs_f64());
+            if let Err(e) = encoded_ok {
                 report(ErrorCode::Compute, e.clone()).await;
                 return End::Failed(e);
             }
-            if let Err(e) = wire::write_cells(down_w, down_cid, &cells).await {
-                return End::NextHop(e.to_string());
+            // Seal cell by cell: the first cells travel while the rest are sealed.
+            let mut message = match MessageCells::new(&mut sealer, &encoded) {
+                Ok(m) => m,
+                Err(e) => {
+                    report(ErrorCode::Compute, e.to_string()).await;
+                    return End::Failed(e.to_string());
+                }
+            };
+            let total = message.total();
+            while message.remaining() > 0 {
+                let mut cell = writer.buffer();
+                let t = Instant::now();
+                let sealed = message.seal_next(&mut cell);
+                self.metrics()
+                    .host_crypto_seconds
+                    .inc_by(t.elapsed().as_secs_f64());
+                if let Err(e) = sealed {
+                    report(ErrorCode::Compute, e.to_string()).await;
+                    return End::Failed(e.to_string());
+                }
+                if let Err(e) = writer.send(cell).await {
+                    return End::NextHop(e);
+                }
             }
+            if let Err(e) = writer.flush().await {
+                return End::NextHop(e);
+            }
+            self.metrics().cells_relayed.inc_by(total as u64);
             self.metrics()
-                .cells_relayed
-                .inc_by((cells.len() / mixnn_crypto::cells::CELL_BYTES) as u64);
-            self.metrics().bytes_relayed.inc_by(cells.len() as u64);
+                .bytes_relayed
+                .inc_by((total * CELL_BYTES) as u64);
             if finish {
                 tracing::info!(event = "slot_checkpointed", slot = %hex::encode(a.body.slot_id), reason = "finish");
             }
+        }
+    }
+}
+
+/// Writes cells to the next hop on its own task, so that sealing the next
+/// cell overlaps with sending this one. Bounded: at most a few cells wait.
+struct CellWriter {
+    tx: tokio::sync::mpsc::Sender<WriterCmd>,
+    spare: tokio::sync::mpsc::Receiver<Vec<u8>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    error: Arc<Mutex<Option<String>>>,
+}
+
+enum WriterCmd {
+    Cell(Vec<u8>),
+    Flush(tokio::sync::oneshot::Sender<()>),
+    Teardown,
+}
+
+impl CellWriter {
+    fn spawn(mut down_w: WriteHalf<Stream>, cid: u64) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<WriterCmd>(4);
+        let (spare_tx, spare) = tokio::sync::mpsc::channel::<Vec<u8>>(8);
+        let error = Arc::new(Mutex::new(None));
+        let err = error.clone();
+        let task = tokio::spawn(async move {
+            while let Some(cmd) = rx.recv().await {
+                let r = match cmd {
+                    WriterCmd::Cell(cell) => {
+                        let r = wire::write_cell(&mut down_w, cid, &cell).await;
+                        let _ = spare_tx.try_send(cell);
+                        r
+                    }
+                    WriterCmd::Flush(done) => {
+                        let r = futures::AsyncWriteExt::flush(&mut down_w)
+                            .await
+                            .map_err(WireError::from);
+                        let _ = done.send(());
+                        r
+                    }
+                    WriterCmd::Teardown => {
+                        let _ = wire::write_teardown(&mut down_w, cid).await;
+                        return;
+                    }
+                };
+                if let Err(e) = r {
+                    *err.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
+                    return;
+                }
+            }
+        });
+        Self {
+            tx,
+            spare,
+            task: Some(task),
+            error,
+        }
+    }
+
+    fn failure(&self) -> String {
+        self.error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "the writer stopped".into())
+    }
+
+    /// A cell buffer, reused when one has come back.
+    fn buffer(&mut self) -> Vec<u8> {
+        self.spare
+            .try_recv()
+            .unwrap_or_else(|_| vec![0u8; CELL_BYTES])
+    }
+
+    async fn send(&mut self, cell: Vec<u8>) -> Result<(), String> {
+        self.tx
+            .send(WriterCmd::Cell(cell))
+            .await
+            .map_err(|_| self.failure())
+    }
+
+    /// Wait until every cell sent so far is written and flushed.
+    async fn flush(&mut self) -> Result<(), String> {
+        let (done, wait) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(WriterCmd::Flush(done))
+            .await
+            .map_err(|_| self.failure())?;
+        wait.await.map_err(|_| self.failure())?;
+        match self.error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    async fn teardown(&mut self) {
+        let _ = self.tx.send(WriterCmd::Teardown).await;
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+impl Drop for CellWriter {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
         }
     }
 }

@@ -666,6 +666,7 @@ pub async fn train_network(
     map.complete = true;
     let digests = write_map(&mut map, &reports, first.as_ref(), last.as_ref())?;
     b.client_crypto_seconds = (fwd.crypto + bwd.crypto).as_secs_f64();
+    b.client_serialization_seconds = (fwd.codec + bwd.codec).as_secs_f64();
     b.bytes_sent = fwd.bytes_sent + bwd.bytes_sent;
     b.bytes_received = fwd.bytes_received + bwd.bytes_received;
     fwd.teardown().await;

@@ -170,6 +170,8 @@ pub struct Ring {
     pub bytes_received: u64,
     /// Time spent sealing and opening cells.
     pub crypto: Duration,
+    /// Time spent encoding and decoding messages.
+    pub codec: Duration,
 }
 
 /// Keys of the ring's first and last segments, as the client holds them.
@@ -306,6 +308,7 @@ impl Ring {
             bytes_sent: 0,
             bytes_received: 0,
             crypto: Duration::ZERO,
+            codec: Duration::ZERO,
         })
     }
 
@@ -315,8 +318,10 @@ impl Ring {
     }
 
     pub async fn send(&mut self, msg: &JobMsg) -> Result<(), RingError> {
+        let t = std::time::Instant::now();
         msg.encode_into(&mut self.encoded)
             .map_err(|e| RingError::Protocol(e.to_string()))?;
+        self.codec += t.elapsed();
         self.cells.clear();
         let t = std::time::Instant::now();
         seal_message(&mut self.sealer, &self.encoded, &mut self.cells)

@@ -638,95 +638,105 @@ impl EventLoop {
         match event {
             kad::Event::InboundRequest { request } => self.on_inbound(request),
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
-            } => match result {
-                QueryResult::GetProviders(res) => {
-                    let Some((found, _)) = self.providers.get_mut(&id) else {
-                        return;
-                    };
-                    match res {
-                        Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
-                            found.extend(providers);
-                        }
-                        Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
-                        Err(e) => {
-                            // A timeout still leaves what was found so far.
-                            tracing::debug!(event = "providers_query_ended", error = %e);
-                        }
-                    }
-                    if step.last {
-                        if let Some((found, reply)) = self.providers.remove(&id) {
-                            let _ = reply.send(Ok(found));
-                        }
-                    }
+                id,
+                result,
+                step,
+                stats,
+            } => {
+                if step.last {
+                    self.metrics
+                        .dht_requests
+                        .inc_by(u64::from(stats.num_requests()));
                 }
-                QueryResult::GetRecord(res) => {
-                    let Some(entry) = self.descriptors.get_mut(&id) else {
-                        return;
-                    };
-                    if let Ok(kad::GetRecordOk::FoundRecord(peer_record)) = &res {
-                        match check_descriptor_record(&peer_record.record, unix_now()) {
-                            Ok(d) if d.peer_id == entry.0.to_bytes() => {
-                                let newer = entry
-                                    .1
-                                    .as_ref()
-                                    .is_none_or(|old| d.expires_at > old.expires_at);
-                                if newer {
-                                    entry.1 = Some(d);
-                                }
+                match result {
+                    QueryResult::GetProviders(res) => {
+                        let Some((found, _)) = self.providers.get_mut(&id) else {
+                            return;
+                        };
+                        match res {
+                            Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
+                                found.extend(providers);
                             }
-                            Ok(_) => self.metrics.refuse_record("wrong_key"),
+                            Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
                             Err(e) => {
-                                tracing::debug!(
-                                    event = "record_refused",
-                                    on = "read",
-                                    reason = e.label()
-                                );
-                                self.metrics.refuse_record(e.label());
+                                // A timeout still leaves what was found so far.
+                                tracing::debug!(event = "providers_query_ended", error = %e);
                             }
                         }
-                        // One good copy is enough.
-                        if entry.1.is_some() {
-                            if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
-                                q.finish();
+                        if step.last {
+                            if let Some((found, reply)) = self.providers.remove(&id) {
+                                let _ = reply.send(Ok(found));
                             }
                         }
                     }
-                    if step.last {
-                        if let Some((peer, found, reply)) = self.descriptors.remove(&id) {
-                            let r = match found {
-                                Some(d) => {
-                                    for a in &d.addresses {
-                                        if let Ok(addr) = a.parse::<Multiaddr>() {
-                                            self.swarm.add_peer_address(peer, addr);
-                                        }
+                    QueryResult::GetRecord(res) => {
+                        let Some(entry) = self.descriptors.get_mut(&id) else {
+                            return;
+                        };
+                        if let Ok(kad::GetRecordOk::FoundRecord(peer_record)) = &res {
+                            match check_descriptor_record(&peer_record.record, unix_now()) {
+                                Ok(d) if d.peer_id == entry.0.to_bytes() => {
+                                    let newer = entry
+                                        .1
+                                        .as_ref()
+                                        .is_none_or(|old| d.expires_at > old.expires_at);
+                                    if newer {
+                                        entry.1 = Some(d);
                                     }
-                                    Ok(d)
                                 }
-                                None => Err(NetworkError::NoDescriptor(peer)),
-                            };
-                            let _ = reply.send(r);
+                                Ok(_) => self.metrics.refuse_record("wrong_key"),
+                                Err(e) => {
+                                    tracing::debug!(
+                                        event = "record_refused",
+                                        on = "read",
+                                        reason = e.label()
+                                    );
+                                    self.metrics.refuse_record(e.label());
+                                }
+                            }
+                            // One good copy is enough.
+                            if entry.1.is_some() {
+                                if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                                    q.finish();
+                                }
+                            }
+                        }
+                        if step.last {
+                            if let Some((peer, found, reply)) = self.descriptors.remove(&id) {
+                                let r = match found {
+                                    Some(d) => {
+                                        for a in &d.addresses {
+                                            if let Ok(addr) = a.parse::<Multiaddr>() {
+                                                self.swarm.add_peer_address(peer, addr);
+                                            }
+                                        }
+                                        Ok(d)
+                                    }
+                                    None => Err(NetworkError::NoDescriptor(peer)),
+                                };
+                                let _ = reply.send(r);
+                            }
                         }
                     }
-                }
-                QueryResult::PutRecord(res) => {
-                    if let Some(reply) = self.puts.remove(&id) {
-                        let _ = reply.send(
-                            res.map(|_| ())
-                                .map_err(|e| NetworkError::Query(e.to_string())),
-                        );
+                    QueryResult::PutRecord(res) => {
+                        if let Some(reply) = self.puts.remove(&id) {
+                            let _ = reply.send(
+                                res.map(|_| ())
+                                    .map_err(|e| NetworkError::Query(e.to_string())),
+                            );
+                        }
                     }
-                }
-                QueryResult::StartProviding(res) => {
-                    if let Some(reply) = self.puts.remove(&id) {
-                        let _ = reply.send(
-                            res.map(|_| ())
-                                .map_err(|e| NetworkError::Query(e.to_string())),
-                        );
+                    QueryResult::StartProviding(res) => {
+                        if let Some(reply) = self.puts.remove(&id) {
+                            let _ = reply.send(
+                                res.map(|_| ())
+                                    .map_err(|e| NetworkError::Query(e.to_string())),
+                            );
+                        }
                     }
+                    _ => {}
                 }
-                _ => {}
-            },
+            }
             kad::Event::RoutingUpdated {
                 peer,
                 is_new_peer: true,

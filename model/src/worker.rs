@@ -1,0 +1,476 @@
+//! [`SlotWorker`]: a slot on an OS thread of its own, which keeps dfdx's
+//! gradient tape from a step's forward pass to its backward pass.
+//!
+//! dfdx's tape is not `Send`, so [`Slot`] keeps only a step's input and
+//! recomputes the stage with a tape in `backward`. A `SlotWorker` instead
+//! moves the slot onto a dedicated thread (`mixnn-slot`) that owns a
+//! tape-keeping stage; the handle is `Send + Sync` and talks to the thread
+//! over a bounded command channel, blocking for each reply. Backward then
+//! runs only the tape, not the forward pass again.
+//!
+//! Both run the same [`StageCore`] operations in the same order, so a chain
+//! of workers trains bit for bit like [`crate::LocalModel`] and like a chain
+//! of [`Slot`]s when every step's backward comes before the next step's
+//! forward. (With several steps in flight the two differ: a worker's
+//! backward uses the parameters its forward saw, a [`Slot`]'s uses the
+//! current ones.)
+
+use std::any::Any;
+use std::collections::BTreeMap;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+
+use dfdx::prelude::*;
+
+use crate::optim::OptimizerSpec;
+use crate::slot::{core_to_bytes, Slot};
+use crate::spec::StageSpec;
+use crate::stage::{backprop, Mat, StageCore};
+use crate::tensor::HostTensor;
+use crate::ModelError;
+
+/// Name of a worker's thread.
+pub const THREAD_NAME: &str = "mixnn-slot";
+
+/// Commands that may wait in a worker's queue. Every caller blocks for its
+/// reply, so the queue never holds more than one command per caller thread.
+const QUEUE: usize = 16;
+
+/// What one step's forward pass keeps for its backward pass.
+struct Kept {
+    /// The input (its id names the input gradient in the tape's gradients).
+    x: Mat,
+    /// The output, without its tape.
+    out: Mat,
+    tape: OwnedTape<f32, Cpu>,
+}
+
+/// A stage that keeps each step's tape; lives on the worker thread only
+/// (the tapes are not `Send`).
+struct TapedStage {
+    core: StageCore,
+    pending: BTreeMap<u64, Kept>,
+    max_in_flight: usize,
+    /// Set (before the reply goes out) when a command panicked; the worker
+    /// then stops.
+    death: Arc<OnceLock<String>>,
+}
+
+impl TapedStage {
+    /// Takes over `slot`; the inputs it kept for steps in flight are traced
+    /// now, with the current parameters (as `Slot::backward` would do it if
+    /// no other backward came first).
+    fn from_slot(slot: Slot, death: Arc<OnceLock<String>>) -> TapedStage {
+        let (core, inputs, max_in_flight) = slot.into_parts();
+        let pending = inputs
+            .into_iter()
+            .map(|(step, x)| (step, trace(&core, x)))
+            .collect();
+        TapedStage {
+            core,
+            pending,
+            max_in_flight,
+            death,
+        }
+    }
+
+    /// Back to a [`Slot`]; steps in flight keep their inputs, their tapes
+    /// are dropped.
+    fn into_slot(self) -> Slot {
+        let inputs = self
+            .pending
+            .into_iter()
+            .map(|(step, kept)| (step, kept.x))
+            .collect();
+        Slot::from_parts(self.core, inputs, self.max_in_flight)
+    }
+
+    /// Same checks, in the same order, as [`Slot::forward`].
+    fn forward(&mut self, step: u64, input: HostTensor) -> Result<HostTensor, ModelError> {
+        if self.pending.contains_key(&step) {
+            return Err(ModelError::DuplicateStep(step));
+        }
+        if self.pending.len() >= self.max_in_flight {
+            return Err(ModelError::TooManyInFlight {
+                limit: self.max_in_flight,
+            });
+        }
+        let x = self.core.upload_input_owned(input)?;
+        let kept = trace(&self.core, x);
+        let out = to_host(&kept.out);
+        self.pending.insert(step, kept);
+        Ok(out)
+    }
+
+    /// Same checks, in the same order, as [`Slot::backward`]; on an error
+    /// the step stays in flight.
+    fn backward(&mut self, step: u64, grad_out: HostTensor) -> Result<HostTensor, ModelError> {
+        let kept = self
+            .pending
+            .get(&step)
+            .ok_or(ModelError::UnknownStep(step))?;
+        let batch = kept.x.shape().0;
+        let outputs = self.core.outputs();
+        if grad_out.shape != [batch, outputs] {
+            return Err(ModelError::Shape {
+                what: "output gradient",
+                expected: format!("[{batch}, {outputs}]"),
+                got: grad_out.shape,
+            });
+        }
+        let g = self.core.upload_owned(grad_out, batch, outputs)?;
+        let Kept { x, out, tape } = self
+            .pending
+            .remove(&step)
+            .ok_or(ModelError::UnknownStep(step))?;
+        let grads = backprop(out.put_tape(tape), g);
+        let grad_in = grads.get(&x).as_vec();
+        self.core.apply_grads(&grads);
+        Ok(HostTensor {
+            shape: vec![batch, self.core.inputs()],
+            data: grad_in,
+        })
+    }
+
+    fn infer(&self, input: HostTensor) -> Result<HostTensor, ModelError> {
+        let x = self.core.upload_input_owned(input)?;
+        Ok(to_host(&self.core.forward(x)))
+    }
+}
+
+/// The stage's forward pass on `x` with a fresh tape, kept for backward.
+fn trace(core: &StageCore, x: Mat) -> Kept {
+    let (out, tape) = core.forward(x.trace(Gradients::leaky())).split_tape();
+    Kept { x, out, tape }
+}
+
+fn to_host(y: &Mat) -> HostTensor {
+    let (rows, cols) = *y.shape();
+    HostTensor {
+        shape: vec![rows, cols],
+        data: y.as_vec(),
+    }
+}
+
+type Job = Box<dyn FnOnce(&mut TapedStage) + Send>;
+
+enum Command {
+    Run(Job),
+    /// Stop and hand the slot back.
+    Finish(SyncSender<Slot>),
+}
+
+/// A [`Slot`] running on its own thread, keeping each step's gradient tape
+/// from `forward` to `backward` (no recomputation).
+///
+/// The handle is `Send + Sync`; every method sends one command to the
+/// worker thread and blocks until it answers, so calls from several threads
+/// are served one at a time, in arrival order. If the thread is gone (a
+/// command panicked), every method returns [`ModelError::WorkerGone`].
+/// Dropping the handle stops the thread and joins it; steps in flight are
+/// lost.
+#[derive(Debug)]
+pub struct SlotWorker {
+    tx: Option<SyncSender<Command>>,
+    thread: Option<JoinHandle<()>>,
+    death: Arc<OnceLock<String>>,
+    spec: StageSpec,
+    optimizer: OptimizerSpec,
+    input_dim: usize,
+    output_dim: usize,
+    max_in_flight: usize,
+}
+
+impl SlotWorker {
+    /// Starts a worker thread that takes over `slot`: parameters, optimizer
+    /// state, steps applied, in-flight limit, and its steps in flight (their
+    /// kept inputs are traced on the worker right away).
+    pub fn spawn(slot: Slot) -> Result<SlotWorker, ModelError> {
+        let spec = slot.spec().clone();
+        let optimizer = *slot.optimizer();
+        let input_dim = slot.input_dim();
+        let output_dim = slot.output_dim();
+        let max_in_flight = slot.max_in_flight();
+        let death = Arc::new(OnceLock::new());
+        let (tx, rx) = sync_channel(QUEUE);
+        let thread_death = Arc::clone(&death);
+        let thread = std::thread::Builder::new()
+            .name(THREAD_NAME.into())
+            .spawn(move || serve(slot, rx, thread_death))
+            .map_err(|e| ModelError::WorkerGone(format!("cannot start the worker thread: {e}")))?;
+        Ok(SlotWorker {
+            tx: Some(tx),
+            thread: Some(thread),
+            death,
+            spec,
+            optimizer,
+            input_dim,
+            output_dim,
+            max_in_flight,
+        })
+    }
+
+    /// Training forward pass for `step` (see [`Slot::forward`]); the
+    /// worker keeps the step's tape until [`SlotWorker::backward`].
+    pub fn forward(&self, step: u64, input: &HostTensor) -> Result<HostTensor, ModelError> {
+        self.forward_owned(step, input.clone())
+    }
+
+    /// [`SlotWorker::forward`] taking the input by value (no copy).
+    pub fn forward_owned(&self, step: u64, input: HostTensor) -> Result<HostTensor, ModelError> {
+        self.call(move |st| st.forward(step, input))?
+    }
+
+    /// Backward pass for `step` through its kept tape (see
+    /// [`Slot::backward`]): applies the optimizer step and returns the
+    /// gradient with respect to the step's input. On a shape or value error
+    /// the step stays in flight.
+    pub fn backward(&self, step: u64, grad_out: &HostTensor) -> Result<HostTensor, ModelError> {
+        self.backward_owned(step, grad_out.clone())
+    }
+
+    /// [`SlotWorker::backward`] taking the gradient by value (no copy).
+    pub fn backward_owned(
+        &self,
+        step: u64,
+        grad_out: HostTensor,
+    ) -> Result<HostTensor, ModelError> {
+        self.call(move |st| st.backward(step, grad_out))?
+    }
+
+    /// Inference: forward only, keeps nothing.
+    pub fn infer(&self, input: &HostTensor) -> Result<HostTensor, ModelError> {
+        self.infer_owned(input.clone())
+    }
+
+    /// [`SlotWorker::infer`] taking the input by value (no copy).
+    pub fn infer_owned(&self, input: HostTensor) -> Result<HostTensor, ModelError> {
+        self.call(move |st| st.infer(input))?
+    }
+
+    /// Digest of the stage's parameters (see [`Slot::params_digest`]).
+    pub fn params_digest(&self) -> Result<[u8; 32], ModelError> {
+        self.call(|st| st.core.digest())
+    }
+
+    /// Optimizer steps applied so far.
+    pub fn steps_applied(&self) -> Result<u64, ModelError> {
+        self.call(|st| st.core.steps())
+    }
+
+    /// Steps whose forward pass is kept, waiting for backward.
+    pub fn in_flight(&self) -> Result<usize, ModelError> {
+        self.call(|st| st.pending.len())
+    }
+
+    /// Drops what was kept for `step`; true if there was any.
+    pub fn cancel(&self, step: u64) -> Result<bool, ModelError> {
+        self.call(move |st| st.pending.remove(&step).is_some())
+    }
+
+    /// Drops everything kept for steps in flight.
+    pub fn cancel_all(&self) -> Result<(), ModelError> {
+        self.call(|st| st.pending.clear())
+    }
+
+    /// Exactly [`Slot::to_bytes`] of the slot the worker holds, so
+    /// [`Slot::from_bytes`] reads it.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ModelError> {
+        self.call(|st| core_to_bytes(&st.core))
+    }
+
+    /// Stops the worker and returns its slot, with the inputs of the steps
+    /// in flight (their tapes are dropped; [`Slot::backward`] recomputes).
+    pub fn into_slot(mut self) -> Result<Slot, ModelError> {
+        let tx = self.tx.take().ok_or_else(|| self.gone())?;
+        let (reply_tx, reply_rx) = sync_channel(1);
+        let sent = tx.send(Command::Finish(reply_tx));
+        drop(tx);
+        let slot = match sent {
+            Ok(()) => reply_rx.recv().map_err(|_| self.gone()),
+            Err(_) => Err(self.gone()),
+        };
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        slot
+    }
+
+    /// The stage this worker runs.
+    pub fn spec(&self) -> StageSpec {
+        self.spec.clone()
+    }
+
+    pub fn optimizer(&self) -> OptimizerSpec {
+        self.optimizer
+    }
+
+    pub fn input_dim(&self) -> usize {
+        self.input_dim
+    }
+
+    pub fn output_dim(&self) -> usize {
+        self.output_dim
+    }
+
+    /// Forward passes that may wait for their backward at once.
+    pub fn max_in_flight(&self) -> usize {
+        self.max_in_flight
+    }
+
+    /// Whether the worker thread still serves commands (false once a
+    /// command panicked).
+    pub fn is_alive(&self) -> bool {
+        self.death.get().is_none() && self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Runs `f` on the worker thread and waits for its result. A panic in
+    /// `f` is caught there, stops the worker and comes back as
+    /// [`ModelError::WorkerGone`].
+    fn call<R, F>(&self, f: F) -> Result<R, ModelError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut TapedStage) -> R + Send + 'static,
+    {
+        let tx = self.tx.as_ref().ok_or_else(|| self.gone())?;
+        let (reply_tx, reply_rx) = sync_channel::<Result<R, String>>(1);
+        let job: Job = Box::new(move |st: &mut TapedStage| {
+            let result = catch_unwind(AssertUnwindSafe(|| f(st))).map_err(|payload| {
+                let why = format!("the slot worker panicked: {}", panic_text(&*payload));
+                // Recorded before the reply goes out, so every caller that
+                // sees the worker gone can tell why.
+                let _ = st.death.set(why.clone());
+                why
+            });
+            let _ = reply_tx.send(result);
+        });
+        tx.send(Command::Run(job)).map_err(|_| self.gone())?;
+        match reply_rx.recv() {
+            Ok(Ok(r)) => Ok(r),
+            Ok(Err(why)) => Err(ModelError::WorkerGone(why)),
+            Err(_) => Err(self.gone()),
+        }
+    }
+
+    fn gone(&self) -> ModelError {
+        ModelError::WorkerGone(
+            self.death
+                .get()
+                .cloned()
+                .unwrap_or_else(|| "the slot worker thread has stopped".into()),
+        )
+    }
+}
+
+impl Drop for SlotWorker {
+    fn drop(&mut self) {
+        // Closing the channel ends the worker's loop once it has served what
+        // is queued.
+        drop(self.tx.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The worker thread: serves commands until the channel closes, a command
+/// panics, or it is told to finish.
+fn serve(slot: Slot, rx: Receiver<Command>, death: Arc<OnceLock<String>>) {
+    let setup = Arc::clone(&death);
+    let started = catch_unwind(AssertUnwindSafe(|| TapedStage::from_slot(slot, death)));
+    let mut stage = match started {
+        Ok(stage) => stage,
+        Err(payload) => {
+            let _ = setup.set(format!(
+                "the slot worker panicked while starting: {}",
+                panic_text(&*payload)
+            ));
+            return;
+        }
+    };
+    while let Ok(command) = rx.recv() {
+        match command {
+            Command::Run(job) => {
+                job(&mut stage);
+                if stage.death.get().is_some() {
+                    // The stage may be half updated: stop serving it.
+                    return;
+                }
+            }
+            Command::Finish(reply) => {
+                let _ = reply.send(stage.into_slot());
+                return;
+            }
+        }
+    }
+}
+
+fn panic_text(payload: &(dyn Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
+}
+
+#[allow(dead_code)]
+fn assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<SlotWorker>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{InitSpec, LayerSpec};
+
+    fn worker() -> SlotWorker {
+        let stage = StageSpec {
+            layers: vec![
+                LayerSpec::Linear {
+                    inputs: 3,
+                    outputs: 2,
+                },
+                LayerSpec::Tanh,
+            ],
+        };
+        let init = InitSpec {
+            seed: 1,
+            stage_index: 0,
+        };
+        let slot = Slot::new(&stage, init, OptimizerSpec::Sgd { lr: 0.1 }).expect("slot");
+        SlotWorker::spawn(slot).expect("spawn")
+    }
+
+    #[test]
+    fn a_panic_stops_the_worker_without_hanging_callers() {
+        let w = worker();
+        assert!(w.is_alive());
+        assert_eq!(w.steps_applied().expect("alive"), 0);
+        let err = w.call(|_| -> u8 { panic!("boom") }).expect_err("panicked");
+        match err {
+            ModelError::WorkerGone(why) => assert!(why.contains("boom"), "{why}"),
+            other => panic!("unexpected error {other:?}"),
+        }
+        for _ in 0..3 {
+            match w.forward(0, &HostTensor::zeros(vec![1, 3])) {
+                Err(ModelError::WorkerGone(why)) => assert!(why.contains("boom"), "{why}"),
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+        assert!(matches!(w.params_digest(), Err(ModelError::WorkerGone(_))));
+        assert!(!w.is_alive());
+        assert!(matches!(w.into_slot(), Err(ModelError::WorkerGone(_))));
+    }
+
+    #[test]
+    fn runs_on_a_named_thread() {
+        let w = worker();
+        let name = w
+            .call(|_| std::thread::current().name().map(str::to_owned))
+            .expect("alive");
+        assert_eq!(name.as_deref(), Some(THREAD_NAME));
+    }
+}
