@@ -17,7 +17,12 @@ use tokio_util::sync::CancellationToken;
 )]
 struct Args {
     /// Addresses to listen on (repeat or comma-separate).
-    #[arg(long, env = "MIXNN_LISTEN", value_delimiter = ',', default_value = "/ip4/0.0.0.0/tcp/4001")]
+    #[arg(
+        long,
+        env = "MIXNN_LISTEN",
+        value_delimiter = ',',
+        default_value = "/ip4/0.0.0.0/tcp/4001"
+    )]
     listen: Vec<String>,
     /// Where the bootstrap keeps its identity (so its address stays the same).
     #[arg(long, env = "MIXNN_DATA_DIR")]
@@ -32,7 +37,7 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    mixnn_node::runtime::init_tracing();
+    mixnn_node::runtime::init_tracing("warn,mixnn_node=info,mixnn_bootstrap=info");
     match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -51,7 +56,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     config.slots = 0;
     config.metrics = args.metrics;
     config.validate()?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let cancel = CancellationToken::new();
         mixnn_node::runtime::cancel_on_signal(cancel.clone());

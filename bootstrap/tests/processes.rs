@@ -54,10 +54,18 @@ fn spawn_first_line(cmd: &mut Command) -> (Proc, String) {
 
 fn start_node(boot: &str, dir: &Path, mix: bool) -> (Proc, String) {
     let mut cmd = Command::new(mixnn_bin());
-    cmd.args(["node", "--bootstrap", boot, "--listen", "/ip4/127.0.0.1/tcp/0", "--slots", "2"])
-        .arg("--data-dir")
-        .arg(dir)
-        .env("MIXNN_REPUBLISH_SECS", "2");
+    cmd.args([
+        "node",
+        "--bootstrap",
+        boot,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--slots",
+        "2",
+    ])
+    .arg("--data-dir")
+    .arg(dir)
+    .env("MIXNN_REPUBLISH_SECS", "2");
     if mix {
         cmd.arg("--mix");
     }
@@ -70,10 +78,23 @@ fn peer_of(addr: &str) -> String {
 
 fn peers_json(boot: &str, min: usize) -> serde_json::Value {
     let out = Command::new(mixnn_bin())
-        .args(["peers", "--bootstrap", boot, "--json", "--timeout", "20", "--min", &min.to_string()])
+        .args([
+            "peers",
+            "--bootstrap",
+            boot,
+            "--json",
+            "--timeout",
+            "20",
+            "--min",
+            &min.to_string(),
+        ])
         .output()
         .expect("mixnn peers runs");
-    assert!(out.status.success(), "mixnn peers failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mixnn peers failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let last = text.lines().last().expect("json line");
     serde_json::from_str(last).expect("valid json")

@@ -7,7 +7,7 @@ use mixnn_model::{load_mnist, synthetic, DataError, Dataset};
 
 /// The synthetic dataset does not depend on the training seed, so jobs
 /// with different seeds see the same data.
-pub const SYNTHETIC_SEED: u64 = 0x6d69_786e_6e;
+pub const SYNTHETIC_SEED: u64 = 0x006d_6978_6e6e;
 
 /// `synthetic`, or a directory holding the four MNIST IDX files.
 pub fn load(spec: &str) -> Result<Dataset, DataError> {

@@ -34,13 +34,23 @@ fn config(
     c.layers = volunteer;
     c.mix = volunteer;
     c.slots = if volunteer { 4 } else { 0 };
-    c.republish_secs = 5;
+    c.republish_secs = republish_secs;
     c
 }
 
 impl LocalNet {
     /// Start a bootstrap and `volunteers` nodes that are layer hosts and mixes.
     pub async fn start(volunteers: usize, transport: TransportKind) -> Result<Self, NodeError> {
+        Self::start_with(volunteers, transport, 5).await
+    }
+
+    /// As [`LocalNet::start`], publishing descriptors every `republish_secs`
+    /// (large networks in one process want a slow pace).
+    pub async fn start_with(
+        volunteers: usize,
+        transport: TransportKind,
+        republish_secs: u64,
+    ) -> Result<Self, NodeError> {
         let dir = tempfile::Builder::new()
             .prefix("mixnn-local-net-")
             .tempdir()
@@ -52,7 +62,13 @@ impl LocalNet {
             })?;
         let cancel = CancellationToken::new();
         let bootstrap = RunningNode::start(
-            config(&dir.path().join("bootstrap"), &[], transport, false),
+            config(
+                &dir.path().join("bootstrap"),
+                &[],
+                transport,
+                false,
+                republish_secs,
+            ),
             cancel.child_token(),
         )
         .await?;

@@ -197,6 +197,7 @@ impl DataDir {
         let db = sled::Config::new()
             .path(path.join("db"))
             .mode(sled::Mode::HighThroughput)
+            .cache_capacity(32 << 20)
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(ref io_err)

@@ -269,7 +269,8 @@ pub async fn run_paper(
 /// time a client's discovery of `want` verified volunteers and count the
 /// DHT requests it sent.
 pub async fn discovery_at(n: usize, want: usize) -> Result<ScalingPoint, BenchError> {
-    let net = LocalNet::start(n, TransportKind::Memory).await?;
+    // Descriptors are published at start; no republishing during the run.
+    let net = LocalNet::start_with(n, TransportKind::Memory, 3600).await?;
     let deadline = Instant::now() + Duration::from_secs(60);
     while !net
         .volunteers

@@ -463,33 +463,31 @@ fn draw_loss_plot(report: &PaperReport, path: &Path, text: bool) -> Result<(), S
         let right = px.end - 20;
         let left = right - 50;
         let top = area.get_pixel_range().1.start + 20;
-        let legend = root.clone();
-        legend
-            .draw(&Rectangle::new(
+        root.draw(&Rectangle::new(
+            [(left - 10, top - 10), (right + 10, top + 30)],
+            ShapeStyle::from(WHITE).filled(),
+        ))
+        .and_then(|()| {
+            root.draw(&Rectangle::new(
                 [(left - 10, top - 10), (right + 10, top + 30)],
-                ShapeStyle::from(WHITE).filled(),
+                BLACK.stroke_width(1),
             ))
-            .and_then(|()| {
-                legend.draw(&Rectangle::new(
-                    [(left - 10, top - 10), (right + 10, top + 30)],
-                    BLACK.stroke_width(1),
-                ))
-            })
-            .and_then(|()| {
-                legend.draw(&PathElement::new(
-                    vec![(left, top), (right, top)],
-                    LOCAL_COLOR.stroke_width(4),
-                ))
-            })
-            .and_then(|()| {
-                legend.draw(&DashedPathElement::new(
-                    vec![(left, top + 20), (right, top + 20)],
-                    8,
-                    6,
-                    NETWORK_COLOR.stroke_width(2),
-                ))
-            })
-            .map_err(|e| e.to_string())?;
+        })
+        .and_then(|()| {
+            root.draw(&PathElement::new(
+                vec![(left, top), (right, top)],
+                LOCAL_COLOR.stroke_width(4),
+            ))
+        })
+        .and_then(|()| {
+            root.draw(&DashedPathElement::new(
+                vec![(left, top + 20), (right, top + 20)],
+                8,
+                6,
+                NETWORK_COLOR.stroke_width(2),
+            ))
+        })
+        .map_err(|e| e.to_string())?;
     }
 
     root.present().map_err(|e| e.to_string())
@@ -529,9 +527,6 @@ mod tests {
     use super::super::{Row, ScalingPoint, StepBreakdown};
     use super::*;
 
-    pub(super) fn sample_pub() -> PaperReport {
-        sample()
-    }
     fn sample() -> PaperReport {
         let local_losses: Vec<f32> = (0..120)
             .map(|i| 2.3 * (-(i as f32) / 30.0).exp() + 0.1 + 0.05 * ((i as f32) * 0.7).sin())
@@ -719,33 +714,4 @@ mod tests {
         let err = write_report(&report, &file).expect_err("out is a regular file");
         assert!(err.to_string().contains("a-file"), "{err}");
     }
-}
-#[cfg(test)]
-mod tmp_view {
-    #[test]
-    fn tmp_view_dump() {
-        let r = super::tests_sample();
-        super::write_report(&r, std::path::Path::new("/tmp/mixnn_report_view")).expect("w");
-        let mut r2 = r.clone();
-        r2.network_losses
-            .iter_mut()
-            .enumerate()
-            .for_each(|(i, l)| *l += 0.03 * ((i as f32) * 0.3).cos());
-        super::draw_loss_plot(
-            &r2,
-            std::path::Path::new("/tmp/mixnn_report_view/diff.png"),
-            true,
-        )
-        .expect("d");
-        super::draw_loss_plot(
-            &r2,
-            std::path::Path::new("/tmp/mixnn_report_view/notext.png"),
-            false,
-        )
-        .expect("d");
-    }
-}
-#[cfg(test)]
-fn tests_sample() -> PaperReport {
-    tests::sample_pub()
 }

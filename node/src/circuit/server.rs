@@ -836,8 +836,10 @@ async fn upstream_pump(
     downstream_done: CancellationToken,
     sealed_broken: Vec<u8>,
 ) {
+    // Only one frame ever travels upstream: an error report (or nothing,
+    // when the circuit ends).
     let mut buf = Vec::new();
-    loop {
+    {
         let frame = tokio::select! {
             biased;
             _ = circuit.cancelled() => return,
@@ -853,12 +855,10 @@ async fn upstream_pump(
                 .await;
                 drop(w);
                 circuit.cancel();
-                return;
             }
             Ok(_) => {
                 // Only errors travel upstream.
                 circuit.cancel();
-                return;
             }
             Err(_) => {
                 if !downstream_done.is_cancelled() {
@@ -870,7 +870,6 @@ async fn upstream_pump(
                     .await;
                     circuit.cancel();
                 }
-                return;
             }
         }
     }
