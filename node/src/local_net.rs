@@ -23,6 +23,7 @@ fn config(
     bootstrap: &[Multiaddr],
     transport: TransportKind,
     volunteer: bool,
+    republish_secs: u64,
 ) -> NodeConfig {
     let mut c = NodeConfig::new(dir.to_path_buf());
     c.listen = vec![match transport {
@@ -80,6 +81,7 @@ impl LocalNet {
                 &addrs,
                 transport,
                 true,
+                republish_secs,
             );
             nodes.push(RunningNode::start(c, cancel.child_token()).await?);
         }
