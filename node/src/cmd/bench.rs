@@ -47,10 +47,12 @@ struct PaperArgs {
     /// Train on the first N examples only.
     #[arg(long)]
     limit: Option<usize>,
-    /// Network sizes for the route-discovery simulation (memory transport);
-    /// empty to skip.
+    /// Network sizes for the route-discovery simulation (memory transport).
     #[arg(long, value_delimiter = ',', default_value = "25,50,100,200")]
     scaling: Vec<usize>,
+    /// Skip the route-discovery simulation.
+    #[arg(long)]
+    no_scaling: bool,
     /// Where to write report.md, report.json and loss.png.
     #[arg(long, default_value = "bench-report")]
     out: PathBuf,
@@ -107,7 +109,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         train,
         data_name: a.data.clone(),
         mixes: a.mixes,
-        scaling: a.scaling.clone(),
+        scaling: if a.no_scaling { vec![] } else { a.scaling.clone() },
         environment,
     };
     let report = super::runtime()?.block_on(async {
