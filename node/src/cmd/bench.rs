@@ -109,7 +109,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         train,
         data_name: a.data.clone(),
         mixes: a.mixes,
-        scaling: if a.no_scaling { vec![] } else { a.scaling.clone() },
+        scaling: if a.no_scaling {
+            vec![]
+        } else {
+            a.scaling.clone()
+        },
         environment,
     };
     let report = super::runtime()?.block_on(async {

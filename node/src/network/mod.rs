@@ -107,6 +107,23 @@ pub enum NetworkError {
     Timeout(Duration, &'static str),
 }
 
+/// What the network tells the rest of the node. libp2p's own events stop
+/// at the event loop; subscribers see these (a bounded broadcast: a
+/// subscriber that falls behind loses the oldest).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NetworkEvent {
+    Listening(Multiaddr),
+    PeerConnected(PeerId),
+    PeerDisconnected(PeerId),
+    /// A DHT record failed our checks, on store (`from` the sender) or on read.
+    RecordRefused {
+        from: Option<PeerId>,
+        reason: &'static str,
+    },
+}
+
+const EVENT_BUFFER: usize = 256;
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
@@ -134,6 +151,7 @@ enum Command {
 #[derive(Clone)]
 pub struct Network {
     tx: mpsc::Sender<Command>,
+    events: tokio::sync::broadcast::Sender<NetworkEvent>,
     control: libp2p_stream::Control,
     peer_id: PeerId,
     metrics: Metrics,
@@ -328,8 +346,10 @@ impl Network {
         }
 
         let (tx, rx) = mpsc::channel(256);
+        let (events, _) = tokio::sync::broadcast::channel(EVENT_BUFFER);
         let peer_id = *swarm.local_peer_id();
         let event_loop = EventLoop {
+            events: events.clone(),
             swarm,
             rx,
             metrics: metrics.clone(),
@@ -343,6 +363,7 @@ impl Network {
         Ok((
             Network {
                 tx,
+                events,
                 control,
                 peer_id,
                 metrics,
@@ -353,6 +374,11 @@ impl Network {
 
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// The node's network events from now on.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<NetworkEvent> {
+        self.events.subscribe()
     }
 
     pub fn metrics(&self) -> &Metrics {
@@ -442,6 +468,7 @@ impl Network {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
+    events: tokio::sync::broadcast::Sender<NetworkEvent>,
     rx: mpsc::Receiver<Command>,
     metrics: Metrics,
     max_queries: usize,
@@ -602,6 +629,7 @@ impl EventLoop {
                     let _ = r.send(Ok(()));
                 }
                 if num_established.get() == 1 {
+                    let _ = self.events.send(NetworkEvent::PeerConnected(peer_id));
                     self.metrics.peers_connected.inc();
                     tracing::debug!(event = "peer_connected", peer = %peer_id);
                 }
@@ -612,12 +640,14 @@ impl EventLoop {
                 ..
             } => {
                 if num_established == 0 {
+                    let _ = self.events.send(NetworkEvent::PeerDisconnected(peer_id));
                     self.metrics.peers_connected.dec();
                     tracing::debug!(event = "peer_disconnected", peer = %peer_id);
                 }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(event = "listening", %address);
+                let _ = self.events.send(NetworkEvent::Listening(address));
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 tracing::debug!(event = "dial_failed", peer = ?peer_id, %error);
@@ -692,6 +722,10 @@ impl EventLoop {
                                         reason = e.label()
                                     );
                                     self.metrics.refuse_record(e.label());
+                                    let _ = self.events.send(NetworkEvent::RecordRefused {
+                                        from: None,
+                                        reason: e.label(),
+                                    });
                                 }
                             }
                             // One good copy is enough.
@@ -772,6 +806,10 @@ impl EventLoop {
                 Err(e) => {
                     tracing::info!(event = "record_refused", on = "store", from = %source, reason = e.label());
                     self.metrics.refuse_record(e.label());
+                    let _ = self.events.send(NetworkEvent::RecordRefused {
+                        from: Some(source),
+                        reason: e.label(),
+                    });
                 }
             },
             kad::InboundRequest::AddProvider {
@@ -794,6 +832,10 @@ impl EventLoop {
                         reason = e.label()
                     );
                     self.metrics.refuse_record(e.label());
+                    let _ = self.events.send(NetworkEvent::RecordRefused {
+                        from: None,
+                        reason: e.label(),
+                    });
                 }
             },
             _ => {}
