@@ -67,9 +67,8 @@ pub struct DiscoveryStats {
     pub descriptors_missing: usize,
 }
 
-/// Every volunteer the DHT knows under the role keys, with a verified
-/// descriptor, sorted by peer id.
-pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>, DiscoveryStats) {
+/// Every peer that announces a role.
+async fn role_providers(network: &Network) -> HashSet<PeerId> {
     let mut peers: HashSet<PeerId> = HashSet::new();
     for role in Role::ALL {
         match network.find_providers(role).await {
@@ -78,14 +77,22 @@ pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>
         }
     }
     peers.remove(&network.peer_id());
-    let mut stats = DiscoveryStats {
-        providers_found: peers.len(),
-        ..Default::default()
-    };
+    peers
+}
+
+/// Fetch and verify the descriptors of `peers`, a few at a time.
+async fn fetch_descriptors(
+    network: &Network,
+    peers: Vec<PeerId>,
+    per_fetch: Duration,
+    stats: &mut DiscoveryStats,
+) -> Vec<Volunteer> {
     let results: Vec<_> = futures::stream::iter(peers)
         .map(|peer| async move {
-            let r = tokio::time::timeout(per_fetch, network.get_descriptor(peer)).await;
-            (peer, r)
+            (
+                peer,
+                tokio::time::timeout(per_fetch, network.get_descriptor(peer)).await,
+            )
         })
         .buffer_unordered(FETCH_CONCURRENCY)
         .collect()
@@ -107,6 +114,19 @@ pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>
             }
         }
     }
+    volunteers
+}
+
+/// Every volunteer the DHT knows under the role keys, with a verified
+/// descriptor, sorted by peer id.
+pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>, DiscoveryStats) {
+    let peers = role_providers(network).await;
+    let mut stats = DiscoveryStats {
+        providers_found: peers.len(),
+        ..Default::default()
+    };
+    let mut volunteers =
+        fetch_descriptors(network, peers.into_iter().collect(), per_fetch, &mut stats).await;
     stats.descriptors_verified = volunteers.len();
     volunteers.sort_by_key(|v| v.peer_id.to_bytes());
     (volunteers, stats)
@@ -121,44 +141,18 @@ pub async fn discover_sample(
     per_fetch: Duration,
 ) -> (Vec<Volunteer>, DiscoveryStats) {
     use rand::seq::SliceRandom;
-    let mut peers: HashSet<PeerId> = HashSet::new();
-    for role in Role::ALL {
-        match network.find_providers(role).await {
-            Ok(found) => peers.extend(found),
-            Err(e) => tracing::warn!(event = "providers_lookup_failed", ?role, error = %e),
-        }
-    }
-    peers.remove(&network.peer_id());
+    let mut pool: Vec<PeerId> = role_providers(network).await.into_iter().collect();
     let mut stats = DiscoveryStats {
-        providers_found: peers.len(),
+        providers_found: pool.len(),
         ..Default::default()
     };
-    let mut pool: Vec<PeerId> = peers.into_iter().collect();
     pool.shuffle(&mut rand::thread_rng());
     let mut volunteers = Vec::new();
     while volunteers.len() < want && !pool.is_empty() {
         let wave: Vec<PeerId> = pool
             .drain(..(want - volunteers.len()).min(pool.len()))
             .collect();
-        let results: Vec<_> = futures::stream::iter(wave)
-            .map(|peer| async move {
-                (
-                    peer,
-                    tokio::time::timeout(per_fetch, network.get_descriptor(peer)).await,
-                )
-            })
-            .buffer_unordered(FETCH_CONCURRENCY)
-            .collect()
-            .await;
-        for (peer, r) in results {
-            match r {
-                Ok(Ok(descriptor)) => volunteers.push(Volunteer {
-                    peer_id: peer,
-                    descriptor,
-                }),
-                _ => stats.descriptors_missing += 1,
-            }
-        }
+        volunteers.extend(fetch_descriptors(network, wave, per_fetch, &mut stats).await);
     }
     stats.descriptors_verified = volunteers.len();
     volunteers.sort_by_key(|v| v.peer_id.to_bytes());

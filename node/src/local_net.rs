@@ -7,9 +7,25 @@ use std::path::Path;
 use libp2p::Multiaddr;
 use tokio_util::sync::CancellationToken;
 
+use std::time::Duration;
+
+use crate::client::ring::RingError;
+use crate::client::Client;
 use crate::config::NodeConfig;
+use crate::discovery::{discover_at_least, join_as_client, Volunteer};
+use crate::network::NetworkError;
 use crate::network::TransportKind;
 use crate::node::{NodeError, RunningNode};
+
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error(transparent)]
+    Client(#[from] RingError),
+    #[error("the client found only {found} of {want} volunteers")]
+    TooFew { found: usize, want: usize },
+}
 
 pub struct LocalNet {
     pub bootstrap: RunningNode,
@@ -95,6 +111,25 @@ impl LocalNet {
 
     pub fn bootstrap_addrs(&self) -> Vec<Multiaddr> {
         self.bootstrap.full_addrs()
+    }
+
+    /// Join as a client and discover every volunteer (within 30 s). The
+    /// client's network stops with `cancel`.
+    pub async fn join(
+        &self,
+        transport: TransportKind,
+        cancel: CancellationToken,
+    ) -> Result<(Client, Vec<Volunteer>), JoinError> {
+        let want = self.volunteers.len();
+        let network = join_as_client(self.bootstrap_addrs(), transport, vec![], cancel).await?;
+        let (found, _) = discover_at_least(&network, want, Duration::from_secs(30)).await;
+        if found.len() < want {
+            return Err(JoinError::TooFew {
+                found: found.len(),
+                want,
+            });
+        }
+        Ok((Client::new(network)?, found))
     }
 
     pub async fn shutdown(self) {

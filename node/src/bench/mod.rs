@@ -82,8 +82,8 @@ use mixnn_model::{train_local, Dataset, StepInfo, TrainConfig};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{infer_network, train_network, Client, JobError, JobOptions, ModelMap};
-use crate::discovery::{discover_at_least, discover_sample, join_as_client};
+use crate::client::{infer_network, train_network, JobError, JobOptions, ModelMap};
+use crate::discovery::{discover_sample, join_as_client};
 use crate::local_net::LocalNet;
 use crate::network::{NetworkError, TransportKind};
 use crate::node::NodeError;
@@ -148,21 +148,10 @@ pub async fn run_paper(
     let net = LocalNet::start(volunteers, TransportKind::Tcp).await?;
     let cancel = CancellationToken::new();
     let _stop = cancel.clone().drop_guard();
-    let network = join_as_client(
-        net.bootstrap_addrs(),
-        TransportKind::Tcp,
-        vec![],
-        cancel.child_token(),
-    )
-    .await?;
-    let (found, _) = discover_at_least(&network, volunteers, Duration::from_secs(30)).await;
-    if found.len() < volunteers {
-        return Err(BenchError::Other(format!(
-            "only {} of {volunteers} volunteers were found",
-            found.len()
-        )));
-    }
-    let client = Client::new(network).map_err(|e| BenchError::Other(e.to_string()))?;
+    let (client, found) = net
+        .join(TransportKind::Tcp, cancel.child_token())
+        .await
+        .map_err(|e| BenchError::Other(e.to_string()))?;
     let map_dir = tempfile::tempdir().map_err(|e| BenchError::Other(e.to_string()))?;
     let map_path = map_dir.path().join("model.json");
     let opts = JobOptions {

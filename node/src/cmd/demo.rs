@@ -1,12 +1,11 @@
 //! `mixnn demo`: a whole network in this process, one job through it, and
 //! the same job trained locally, side by side.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::Args;
 use mixnn_model::train_local;
-use mixnn_node::client::{infer_network, train_network, Client, JobOptions, ModelMap};
-use mixnn_node::discovery::{discover_at_least, join_as_client};
+use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap};
 use mixnn_node::local_net::LocalNet;
 use mixnn_node::network::TransportKind;
 use tokio_util::sync::CancellationToken;
@@ -53,15 +52,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         let net = LocalNet::start(count, TransportKind::Tcp).await?;
         let cancel = CancellationToken::new();
         let _stop = cancel.clone().drop_guard();
-        let network = join_as_client(
-            net.bootstrap_addrs(),
-            TransportKind::Tcp,
-            vec![],
-            cancel.child_token(),
-        )
-        .await?;
-        let (volunteers, _) = discover_at_least(&network, count, Duration::from_secs(20)).await;
-        let client = Client::new(network)?;
+        let (client, volunteers) = net.join(TransportKind::Tcp, cancel.child_token()).await?;
         eprintln!(
             "the client found {} volunteers through the DHT",
             volunteers.len()
