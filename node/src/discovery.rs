@@ -67,11 +67,15 @@ pub struct DiscoveryStats {
     pub descriptors_missing: usize,
 }
 
-/// Every peer that announces a role.
-async fn role_providers(network: &Network) -> HashSet<PeerId> {
+/// Peers that announce a role: all of them, or about `enough` per role.
+async fn role_providers(network: &Network, enough: Option<usize>) -> HashSet<PeerId> {
     let mut peers: HashSet<PeerId> = HashSet::new();
     for role in Role::ALL {
-        match network.find_providers(role).await {
+        let found = match enough {
+            Some(n) => network.find_some_providers(role, n).await,
+            None => network.find_providers(role).await,
+        };
+        match found {
             Ok(found) => peers.extend(found),
             Err(e) => tracing::warn!(event = "providers_lookup_failed", ?role, error = %e),
         }
@@ -120,7 +124,7 @@ async fn fetch_descriptors(
 /// Every volunteer the DHT knows under the role keys, with a verified
 /// descriptor, sorted by peer id.
 pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>, DiscoveryStats) {
-    let peers = role_providers(network).await;
+    let peers = role_providers(network, None).await;
     let mut stats = DiscoveryStats {
         providers_found: peers.len(),
         ..Default::default()
@@ -132,16 +136,21 @@ pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>
     (volunteers, stats)
 }
 
-/// Enough volunteers for a route, cheaply: the providers of both roles (two
-/// DHT queries), then descriptors of a random sample of them until `want`
-/// verify. Costs O(want · log N) DHT requests rather than O(N).
+/// Enough volunteers for a route, cheaply: providers of both roles (two DHT
+/// queries that stop once they know twice `want`), then descriptors of a
+/// random sample of them until `want` verify. Costs O(want · log N) DHT
+/// requests rather than O(N).
 pub async fn discover_sample(
     network: &Network,
     want: usize,
     per_fetch: Duration,
 ) -> (Vec<Volunteer>, DiscoveryStats) {
     use rand::seq::SliceRandom;
-    let mut pool: Vec<PeerId> = role_providers(network).await.into_iter().collect();
+    // Twice what is needed per role leaves room for dead peers and choice.
+    let mut pool: Vec<PeerId> = role_providers(network, Some(want * 2))
+        .await
+        .into_iter()
+        .collect();
     let mut stats = DiscoveryStats {
         providers_found: pool.len(),
         ..Default::default()

@@ -138,7 +138,12 @@ enum Command {
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     PutDescriptor(SignedDescriptor, oneshot::Sender<Result<(), NetworkError>>),
     Provide(Role, oneshot::Sender<Result<(), NetworkError>>),
-    FindProviders(Role, oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>),
+    /// Providers of a role; with a limit the query ends once that many are known.
+    FindProviders(
+        Role,
+        Option<usize>,
+        oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>,
+    ),
     GetDescriptor(PeerId, oneshot::Sender<Result<Descriptor, NetworkError>>),
     AddAddress(PeerId, Multiaddr),
     Connect(PeerId, oneshot::Sender<Result<(), NetworkError>>),
@@ -423,7 +428,17 @@ impl Network {
 
     /// All peers that announce `role`.
     pub async fn find_providers(&self, role: Role) -> Result<HashSet<PeerId>, NetworkError> {
-        self.ask(|r| Command::FindProviders(role, r)).await?
+        self.ask(|r| Command::FindProviders(role, None, r)).await?
+    }
+
+    /// Peers that announce `role`, stopping the search once `enough` are known.
+    pub async fn find_some_providers(
+        &self,
+        role: Role,
+        enough: usize,
+    ) -> Result<HashSet<PeerId>, NetworkError> {
+        self.ask(|r| Command::FindProviders(role, Some(enough), r))
+            .await?
     }
 
     /// Fetch and verify `peer`'s descriptor; its addresses become dialable.
@@ -476,6 +491,7 @@ struct EventLoop {
         QueryId,
         (
             HashSet<PeerId>,
+            Option<usize>,
             oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>,
         ),
     >,
@@ -585,13 +601,13 @@ impl EventLoop {
                     }
                 }
             }
-            Command::FindProviders(role, reply) => {
+            Command::FindProviders(role, limit, reply) => {
                 if busy {
                     let _ = reply.send(Err(NetworkError::Busy));
                     return;
                 }
                 let id = kad.get_providers(role.key());
-                self.providers.insert(id, (HashSet::new(), reply));
+                self.providers.insert(id, (HashSet::new(), limit, reply));
             }
             Command::GetDescriptor(peer, reply) => {
                 if busy {
@@ -680,12 +696,19 @@ impl EventLoop {
                 }
                 match result {
                     QueryResult::GetProviders(res) => {
-                        let Some((found, _)) = self.providers.get_mut(&id) else {
+                        let Some((found, limit, _)) = self.providers.get_mut(&id) else {
                             return;
                         };
                         match res {
                             Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => {
                                 found.extend(providers);
+                                if limit.is_some_and(|l| found.len() >= l) {
+                                    if let Some(mut q) =
+                                        self.swarm.behaviour_mut().kad.query_mut(&id)
+                                    {
+                                        q.finish();
+                                    }
+                                }
                             }
                             Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
                             Err(e) => {
@@ -694,7 +717,7 @@ impl EventLoop {
                             }
                         }
                         if step.last {
-                            if let Some((found, reply)) = self.providers.remove(&id) {
+                            if let Some((found, _, reply)) = self.providers.remove(&id) {
                                 let _ = reply.send(Ok(found));
                             }
                         }
