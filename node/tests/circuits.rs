@@ -2,54 +2,8 @@
 
 mod common;
 
-use std::time::Duration;
-
 use mixnn_model::{train_local, Arch, OptimizerSpec, TrainConfig};
-use mixnn_node::client::{infer_network, train_network, Client, JobOptions, ModelMap};
-use mixnn_node::discovery::{discover_at_least, join_as_client};
-use mixnn_node::network::TransportKind;
-use mixnn_node::node::RunningNode;
-use tokio_util::sync::CancellationToken;
-
-struct Net {
-    _dirs: Vec<tempfile::TempDir>,
-    boot: RunningNode,
-    nodes: Vec<RunningNode>,
-}
-
-async fn network(n: usize) -> Net {
-    let dirs: Vec<_> = (0..=n)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let boot = common::start(
-        dirs[0].path(),
-        &[],
-        common::BOOTSTRAP,
-        TransportKind::Memory,
-    )
-    .await;
-    let addr = boot.full_addrs();
-    let mut nodes = Vec::new();
-    for d in &dirs[1..] {
-        nodes.push(
-            common::start(
-                d.path(),
-                &addr,
-                common::Roles {
-                    layers: true,
-                    mix: true,
-                },
-                TransportKind::Memory,
-            )
-            .await,
-        );
-    }
-    Net {
-        _dirs: dirs,
-        boot,
-        nodes,
-    }
-}
+use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap};
 
 fn config(arch: &str, optimizer: OptimizerSpec) -> TrainConfig {
     TrainConfig {
@@ -64,18 +18,8 @@ fn config(arch: &str, optimizer: OptimizerSpec) -> TrainConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_training_equals_local_training_and_inference_matches() {
-    let net = network(7).await;
-    let client = join_as_client(
-        net.boot.full_addrs(),
-        TransportKind::Memory,
-        vec![],
-        CancellationToken::new(),
-    )
-    .await
-    .expect("client joins");
-    let (vols, _) = discover_at_least(&client, 7, Duration::from_secs(20)).await;
-    assert_eq!(vols.len(), 7);
-    let client = Client::new(client).expect("client");
+    let net = common::testnet(7, 2, None).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
 
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config(
@@ -91,8 +35,8 @@ async fn network_training_equals_local_training_and_inference_matches() {
     let map_path = dir.path().join("model.json");
     let train = data.train.clone().limit(640);
     let report = train_network(
-        &client,
-        &vols,
+        client,
+        vols,
         &cfg,
         &train,
         &data.test,
@@ -135,7 +79,7 @@ async fn network_training_equals_local_training_and_inference_matches() {
         .sum();
     assert_eq!(held, 3);
 
-    let inferred = infer_network(&client, &vols, &map, &data.test, &JobOptions::default())
+    let inferred = infer_network(client, vols, &map, &data.test, &JobOptions::default())
         .await
         .expect("inference");
     assert_eq!(inferred.test_accuracy, local.test_accuracy);
@@ -147,17 +91,8 @@ async fn network_training_equals_local_training_and_inference_matches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_ends_training_equals_local_training() {
-    let net = network(5).await;
-    let client = join_as_client(
-        net.boot.full_addrs(),
-        TransportKind::Memory,
-        vec![],
-        CancellationToken::new(),
-    )
-    .await
-    .expect("client joins");
-    let (vols, _) = discover_at_least(&client, 5, Duration::from_secs(20)).await;
-    let client = Client::new(client).expect("client");
+    let net = common::testnet(5, 2, None).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config(
         "mlp:784-64-32-10",
@@ -177,8 +112,8 @@ async fn keep_ends_training_equals_local_training() {
     let train = data.train.clone().limit(640);
     let map_path = dir.path().join("model.json");
     let report = train_network(
-        &client,
-        &vols,
+        client,
+        vols,
         &cfg,
         &train,
         &data.test,
@@ -191,7 +126,7 @@ async fn keep_ends_training_equals_local_training() {
     assert_eq!(report.losses, local.losses);
     assert_eq!(report.params_digest, local.params_digest_hex);
     let map = ModelMap::load(&map_path).expect("map");
-    let inferred = infer_network(&client, &vols, &map, &data.test, &opts)
+    let inferred = infer_network(client, vols, &map, &data.test, &opts)
         .await
         .expect("inference");
     assert_eq!(inferred.test_accuracy, local.test_accuracy);

@@ -17,11 +17,7 @@ use mixnn_node::circuit::{wire, CIRCUIT_PROTOCOL};
 use mixnn_node::client::model_map::StageEntry;
 use mixnn_node::client::ring::{Ring, RingError, RingHop, RingKeys};
 use mixnn_node::client::route::Candidate;
-use mixnn_node::client::{train_network, Client, JobError, JobOptions, ModelMap};
-use mixnn_node::discovery::{discover_at_least, join_as_client, Volunteer};
-use mixnn_node::network::TransportKind;
-use mixnn_node::node::RunningNode;
-use tokio_util::sync::CancellationToken;
+use mixnn_node::client::{train_network, JobError, JobOptions, ModelMap};
 
 #[derive(Default)]
 struct Recorder {
@@ -42,63 +38,10 @@ impl HopTap for Recorder {
     }
 }
 
-struct Net {
-    _dirs: Vec<tempfile::TempDir>,
-    _boot: RunningNode,
-    nodes: Vec<RunningNode>,
-    client: Arc<Client>,
-    volunteers: Vec<Volunteer>,
-}
+type Net = common::TestNet;
 
 async fn network(n: usize, tap: Option<Arc<Recorder>>) -> Net {
-    let dirs: Vec<_> = (0..=n)
-        .map(|_| tempfile::tempdir().expect("tempdir"))
-        .collect();
-    let boot = common::start(
-        dirs[0].path(),
-        &[],
-        common::BOOTSTRAP,
-        TransportKind::Memory,
-    )
-    .await;
-    let addr = boot.full_addrs();
-    let mut nodes = Vec::new();
-    for d in &dirs[1..] {
-        let mut c = common::config(
-            d.path(),
-            &addr,
-            common::Roles {
-                layers: true,
-                mix: true,
-            },
-            TransportKind::Memory,
-        );
-        c.slots = 16;
-        let tap = tap.clone().map(|t| t as Arc<dyn HopTap>);
-        nodes.push(
-            RunningNode::start_with_tap(c, CancellationToken::new(), tap)
-                .await
-                .expect("node"),
-        );
-    }
-    let client = join_as_client(
-        addr,
-        TransportKind::Memory,
-        vec![],
-        CancellationToken::new(),
-    )
-    .await
-    .expect("client joins");
-    let (volunteers, _) = discover_at_least(&client, n, Duration::from_secs(20)).await;
-    assert_eq!(volunteers.len(), n);
-    let client = Arc::new(Client::new(client).expect("client"));
-    Net {
-        _dirs: dirs,
-        _boot: boot,
-        nodes,
-        client,
-        volunteers,
-    }
+    common::testnet(n, 16, tap.map(|t| t as Arc<dyn HopTap>)).await
 }
 
 fn config(limit: usize, epochs: u32) -> TrainConfig {

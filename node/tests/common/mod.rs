@@ -52,3 +52,67 @@ pub async fn start(
     .await
     .expect("node starts")
 }
+
+/// A bootstrap, `n` volunteers (layer hosts and mixes) and a client that has
+/// discovered them all, on the memory transport.
+pub struct TestNet {
+    pub _dirs: Vec<tempfile::TempDir>,
+    pub boot: RunningNode,
+    pub nodes: Vec<RunningNode>,
+    pub client: std::sync::Arc<mixnn_node::client::Client>,
+    pub volunteers: Vec<mixnn_node::discovery::Volunteer>,
+}
+
+pub async fn testnet(
+    n: usize,
+    slots: u32,
+    tap: Option<std::sync::Arc<dyn mixnn_node::circuit::server::HopTap>>,
+) -> TestNet {
+    let dirs: Vec<_> = (0..=n)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let boot = start(dirs[0].path(), &[], BOOTSTRAP, TransportKind::Memory).await;
+    let addr = boot.full_addrs();
+    let mut nodes = Vec::new();
+    for d in &dirs[1..] {
+        let mut c = config(
+            d.path(),
+            &addr,
+            Roles {
+                layers: true,
+                mix: true,
+            },
+            TransportKind::Memory,
+        );
+        c.slots = slots;
+        nodes.push(
+            RunningNode::start_with_tap(c, CancellationToken::new(), tap.clone())
+                .await
+                .expect("node starts"),
+        );
+    }
+    let network = mixnn_node::discovery::join_as_client(
+        addr,
+        TransportKind::Memory,
+        vec![],
+        CancellationToken::new(),
+    )
+    .await
+    .expect("client joins");
+    let (volunteers, _) =
+        mixnn_node::discovery::discover_at_least(&network, n, std::time::Duration::from_secs(20))
+            .await;
+    assert_eq!(
+        volunteers.len(),
+        n,
+        "the client did not find every volunteer"
+    );
+    let client = std::sync::Arc::new(mixnn_node::client::Client::new(network).expect("client"));
+    TestNet {
+        _dirs: dirs,
+        boot,
+        nodes,
+        client,
+        volunteers,
+    }
+}
