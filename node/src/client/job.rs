@@ -190,6 +190,28 @@ async fn with_probe(network: &Network, during: &str, ring: &Ring, e: RingError) 
     ring_error(during, ring, e)
 }
 
+/// Send `msg` on `ring` and wait for the reply; a failure or a stall names
+/// the hop that caused it.
+async fn exchange(
+    network: &Network,
+    ring: &mut Ring,
+    msg: &JobMsg,
+    during: &str,
+    timeout: Duration,
+) -> Result<JobMsg, JobError> {
+    if let Err(e) = ring.send(msg).await {
+        return Err(with_probe(network, during, ring, e).await);
+    }
+    match ring.recv(timeout).await {
+        Ok(m) => Ok(m),
+        Err(e) => Err(with_probe(network, during, ring, e).await),
+    }
+}
+
+fn unexpected(during: &str, got: &JobMsg) -> JobError {
+    JobError::Invalid(format!("{during}: got a {} message", got.name()))
+}
+
 fn limits(stages: &[StageSpec], max_batch: u32) -> (DecodeLimits, usize) {
     let width = stages
         .iter()
@@ -216,24 +238,13 @@ async fn control(
     timeout: Duration,
 ) -> Result<Vec<SlotReport>, JobError> {
     let during = format!("{op:?} round");
-    if let Err(e) = ring
-        .send(&JobMsg::Control {
-            op,
-            reports: vec![],
-        })
-        .await
-    {
-        return Err(with_probe(network, &during, ring, e).await);
-    }
-    let reports = match ring.recv(timeout).await {
-        Ok(JobMsg::Control { op: got, reports }) if got == op => reports,
-        Ok(other) => {
-            return Err(JobError::Invalid(format!(
-                "{during}: got a {} message",
-                other.name()
-            )))
-        }
-        Err(e) => return Err(with_probe(network, &during, ring, e).await),
+    let request = JobMsg::Control {
+        op,
+        reports: vec![],
+    };
+    let reports = match exchange(network, ring, &request, &during, timeout).await? {
+        JobMsg::Control { op: got, reports } if got == op => reports,
+        other => return Err(unexpected(&during, &other)),
     };
     if reports.len() != host_positions.len() {
         return Err(JobError::Invalid(format!(
@@ -279,18 +290,17 @@ async fn evaluate(
         };
         step += 1;
         let during = format!("evaluation batch at example {start}");
-        if let Err(e) = ring.send(&JobMsg::Infer { step, tensor: x }).await {
-            return Err(with_probe(network, &during, ring, e).await);
-        }
-        let y = match ring.recv(timeout).await {
-            Ok(JobMsg::Infer { step: s, tensor }) if s == step => tensor,
-            Ok(other) => {
-                return Err(JobError::Invalid(format!(
-                    "{during}: got a {} message",
-                    other.name()
-                )))
-            }
-            Err(e) => return Err(with_probe(network, &during, ring, e).await),
+        let y = match exchange(
+            network,
+            ring,
+            &JobMsg::Infer { step, tensor: x },
+            &during,
+            timeout,
+        )
+        .await?
+        {
+            JobMsg::Infer { step: s, tensor } if s == step => tensor,
+            other => return Err(unexpected(&during, &other)),
         };
         let logits = match last {
             Some(s) => s.infer(&y)?,
