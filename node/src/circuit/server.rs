@@ -508,8 +508,10 @@ impl CircuitServer {
                         futures::AsyncWriteExt::flush(down_w).await?;
                         Ok::<_, WireError>(())
                     };
-                    if let Err(e) = w.await {
-                        return End::NextHop(e.to_string());
+                    match tokio::time::timeout(self.timeouts.idle, w).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return End::NextHop(e.to_string()),
+                        Err(_) => return End::NextHop("the next hop stopped reading".into()),
                     }
                     self.metrics().cells_relayed.inc();
                     self.metrics().bytes_relayed.inc_by(buf.len() as u64);
@@ -703,11 +705,11 @@ impl CircuitServer {
                     report(ErrorCode::Compute, e.to_string()).await;
                     return End::Failed(e.to_string());
                 }
-                if let Err(e) = writer.send(cell).await {
+                if let Err(e) = writer.send(cell, self.timeouts.idle).await {
                     return End::NextHop(e);
                 }
             }
-            if let Err(e) = writer.flush().await {
+            if let Err(e) = writer.flush(self.timeouts.idle).await {
                 return End::NextHop(e);
             }
             self.metrics().cells_relayed.inc_by(total as u64);
@@ -791,21 +793,27 @@ impl CellWriter {
             .unwrap_or_else(|_| vec![0u8; CELL_BYTES])
     }
 
-    async fn send(&mut self, cell: Vec<u8>) -> Result<(), String> {
-        self.tx
-            .send(WriterCmd::Cell(cell))
-            .await
-            .map_err(|_| self.failure())
+    /// Queue a cell; fails if the next hop has taken no cells for `timeout`.
+    async fn send(&mut self, cell: Vec<u8>, timeout: Duration) -> Result<(), String> {
+        match tokio::time::timeout(timeout, self.tx.send(WriterCmd::Cell(cell))).await {
+            Ok(r) => r.map_err(|_| self.failure()),
+            Err(_) => Err("the next hop stopped reading".into()),
+        }
     }
 
     /// Wait until every cell sent so far is written and flushed.
-    async fn flush(&mut self) -> Result<(), String> {
+    async fn flush(&mut self, timeout: Duration) -> Result<(), String> {
         let (done, wait) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(WriterCmd::Flush(done))
-            .await
-            .map_err(|_| self.failure())?;
-        wait.await.map_err(|_| self.failure())?;
+        let tx = self.tx.clone();
+        let flushed = async move {
+            tx.send(WriterCmd::Flush(done)).await.map_err(|_| ())?;
+            wait.await.map_err(|_| ())
+        };
+        match tokio::time::timeout(timeout, flushed).await {
+            Ok(Ok(())) => {}
+            Ok(Err(())) => return Err(self.failure()),
+            Err(_) => return Err("the next hop stopped reading".into()),
+        }
         match self.error.lock().unwrap_or_else(|p| p.into_inner()).clone() {
             Some(e) => Err(e),
             None => Ok(()),

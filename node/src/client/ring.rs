@@ -172,6 +172,8 @@ pub struct Ring {
     pub crypto: Duration,
     /// Time spent encoding and decoding messages.
     pub codec: Duration,
+    /// Longest wait for the first hop to take a message.
+    io_timeout: Duration,
 }
 
 /// Keys of the ring's first and last segments, as the client holds them.
@@ -309,6 +311,7 @@ impl Ring {
             bytes_received: 0,
             crypto: Duration::ZERO,
             codec: Duration::ZERO,
+            io_timeout: timeout.max(Duration::from_secs(30)),
         })
     }
 
@@ -327,9 +330,14 @@ impl Ring {
         seal_message(&mut self.sealer, &self.encoded, &mut self.cells)
             .map_err(|e| RingError::Protocol(e.to_string()))?;
         self.crypto += t.elapsed();
-        let write = wire::write_cells(&mut self.down, self.down_cid, &self.cells);
+        let write = tokio::time::timeout(
+            self.io_timeout,
+            wire::write_cells(&mut self.down, self.down_cid, &self.cells),
+        );
         tokio::select! {
-            r = write => r.map_err(|e| RingError::Broken(format!("sending to the first hop: {e}")))?,
+            r = write => r
+                .map_err(|_| RingError::Timeout(self.io_timeout))?
+                .map_err(|e| RingError::Broken(format!("sending to the first hop: {e}")))?,
             e = self.errors.recv() => return Err(attribute(&self.hops, &self.secrets, e)),
         }
         self.bytes_sent += self.cells.len() as u64;
