@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use mixnn_crypto::Identity;
 use mixnn_model::{
-    accuracy, model_digest, softmax_cross_entropy, to_hex, DecodeLimits, InitSpec, ModelError,
-    Slot, Split, StageSpec, StepInfo, TrainConfig, EVAL_BATCH,
+    accuracy, model_digest, softmax_cross_entropy, to_hex, DecodeLimits, HostTensor, InitSpec,
+    ModelError, Slot, Split, StageSpec, StepInfo, TrainConfig, EVAL_BATCH,
 };
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
@@ -205,6 +205,19 @@ async fn exchange(
     match ring.recv(timeout).await {
         Ok(m) => Ok(m),
         Err(e) => Err(with_probe(network, during, ring, e).await),
+    }
+}
+
+/// Send training step `step`'s forward pass into the forward ring.
+async fn send_forward(
+    network: &Network,
+    fwd: &mut Ring,
+    step: u64,
+    tensor: HostTensor,
+) -> Result<(), JobError> {
+    match fwd.send(&JobMsg::Forward { step, tensor }).await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(with_probe(network, &format!("step {step} (forward pass)"), fwd, e).await),
     }
 }
 
@@ -540,11 +553,7 @@ pub async fn train_network(
                 None => x,
             };
             b.client_compute_seconds += t.elapsed().as_secs_f64();
-            if let Err(e) = fwd.send(&JobMsg::Forward { step, tensor: h }).await {
-                return Err(
-                    with_probe(network, &format!("step {step} (forward pass)"), &fwd, e).await,
-                );
-            }
+            send_forward(network, &mut fwd, step, h).await?;
             in_flight = Some((step, labels));
         }
         while let Some((s, labels)) = in_flight.take() {
@@ -589,15 +598,7 @@ pub async fn train_network(
             if first.is_none() {
                 if let Some((x, next_labels)) = batches.next() {
                     step += 1;
-                    if let Err(e) = fwd.send(&JobMsg::Forward { step, tensor: x }).await {
-                        return Err(with_probe(
-                            network,
-                            &format!("step {step} (forward pass)"),
-                            &fwd,
-                            e,
-                        )
-                        .await);
-                    }
+                    send_forward(network, &mut fwd, step, x).await?;
                     in_flight = Some((step, next_labels));
                 }
             }
@@ -616,15 +617,7 @@ pub async fn train_network(
                         step += 1;
                         let h = f.forward(step, &x)?;
                         b.client_compute_seconds += t.elapsed().as_secs_f64();
-                        if let Err(e) = fwd.send(&JobMsg::Forward { step, tensor: h }).await {
-                            return Err(with_probe(
-                                network,
-                                &format!("step {step} (forward pass)"),
-                                &fwd,
-                                e,
-                            )
-                            .await);
-                        }
+                        send_forward(network, &mut fwd, step, h).await?;
                         in_flight = Some((step, next_labels));
                     } else {
                         b.client_compute_seconds += t.elapsed().as_secs_f64();
