@@ -6,7 +6,8 @@
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mixnn_model::{
-    softmax_cross_entropy, synthetic, Arch, InitSpec, LocalModel, OptimizerSpec, Slot, SlotWorker,
+    softmax_cross_entropy, synthetic, Arch, InitSpec, InputGrad, LocalModel, OptimizerSpec, Slot,
+    SlotWorker,
 };
 
 fn bench(c: &mut Criterion) {
@@ -78,8 +79,13 @@ fn bench(c: &mut Criterion) {
                 act = w.forward_owned(step, act).expect("fwd");
             }
             let (_, mut grad) = softmax_cross_entropy(&act, &labels).expect("loss");
-            for w in workers.iter().rev() {
-                grad = w.backward_owned(step, grad).expect("bwd");
+            for (i, w) in workers.iter().enumerate().rev() {
+                let input_grad = if i > 0 && workers[i - 1].spec().ends_with_relu() {
+                    InputGrad::SkipZeroInputs
+                } else {
+                    InputGrad::Full
+                };
+                grad = w.backward_owned(step, grad, input_grad).expect("bwd");
             }
             step += 1;
         })

@@ -37,7 +37,7 @@ pub use slot::{InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
 pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
 pub use tensor::{CodecError, DecodeLimits, HostTensor};
 pub use train::{train_local, LocalModel, StepInfo, TrainConfig, TrainReport, EVAL_BATCH};
-pub use worker::SlotWorker;
+pub use worker::{skip_zero_inputs, InputGrad, SlotWorker};
 
 /// Result type of the model crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

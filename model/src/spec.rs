@@ -123,6 +123,13 @@ impl StageSpec {
     }
 
     /// Number of trainable parameters (weight and bias).
+    /// True when the stage ends with a ReLU: wherever its output is `+0.0`
+    /// the ReLU was inactive, so the gradient there never reaches the
+    /// parameters (see [`crate::InputGrad::SkipZeroInputs`]).
+    pub fn ends_with_relu(&self) -> bool {
+        matches!(self.layers.last(), Some(LayerSpec::Relu))
+    }
+
     pub fn param_count(&self) -> usize {
         self.linear().map_or(0, |(i, o)| i * o + o)
     }

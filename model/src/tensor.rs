@@ -1,12 +1,27 @@
 //! [`HostTensor`] and its wire codec.
 //!
-//! Layout: `rank: u8`, then `rank` dims as `u32` little-endian, then the
-//! elements as `f32` little-endian, row-major. Nothing else, no padding.
+//! Layout: one byte holding the rank (low bits) and the [`SPARSE`] flag,
+//! then `rank` dims as `u32` little-endian, then the elements, row-major:
+//!
+//! - dense: every element as `f32` little-endian;
+//! - sparse: a bitmap of `ceil(n / 8)` bytes (bit `i % 8` of byte `i / 8`
+//!   set when element `i` is stored, unused high bits of the last byte
+//!   clear), then the stored elements as `f32` little-endian, in order.
+//!   Elements whose bits are all zero (`+0.0`) are left out; `-0.0` is kept.
+//!
+//! The encoder takes the sparse form exactly when it is shorter, and the
+//! decoder refuses any other choice, so every tensor has one encoding. The
+//! sparse form is lossless: activations after a ReLU, their masked
+//! gradients and MNIST images are mostly `+0.0`, and they cross the
+//! network at a fraction of their dense size.
 
 use serde::{Deserialize, Serialize};
 
 /// Highest rank the codec accepts.
 pub const MAX_RANK: usize = 4;
+
+/// Flag in the first byte: the elements follow in the sparse form.
+pub const SPARSE: u8 = 0x80;
 
 /// A dense row-major `f32` tensor in host memory: what crosses the wire.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -55,6 +70,17 @@ pub enum CodecError {
         expected: usize,
         have: usize,
     },
+    #[error("unknown flags {0:#04x} in the first byte")]
+    UnknownFlags(u8),
+    #[error("sparse bitmap sets bits past the last of {elements} elements")]
+    BitmapOverrun { elements: usize },
+    #[error("sparse form stores a +0.0 element")]
+    StoredZero,
+    #[error("{form} form chosen where the {other} one is shorter")]
+    NotCanonical {
+        form: &'static str,
+        other: &'static str,
+    },
     #[error("shape {shape:?} holds {expected} elements but data has {have}")]
     DataLength {
         shape: Vec<usize>,
@@ -93,37 +119,86 @@ impl HostTensor {
 
     /// Size of [`HostTensor::encode`]'s output.
     pub fn encoded_len(&self) -> usize {
+        let n = self.data.len();
+        1 + 4 * self.shape.len() + body_len(n, count_stored(&self.data))
+    }
+
+    /// An upper bound of [`HostTensor::encoded_len`] that costs nothing:
+    /// the dense size.
+    pub fn max_encoded_len(&self) -> usize {
         1 + 4 * self.shape.len() + 4 * self.data.len()
     }
 
     /// Encodes to a new buffer.
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.encoded_len());
+        let mut out = Vec::new();
         self.encode_into(&mut out);
         out
     }
 
     /// Appends the encoding to `out`.
     ///
-    /// The tensor must be well formed (rank ≤ 255, dims ≤ `u32::MAX`, data
+    /// The tensor must be well formed (rank ≤ 4, dims ≤ `u32::MAX`, data
     /// matching the shape); a malformed one encodes to bytes that `decode`
     /// rejects.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        out.reserve(self.encoded_len());
-        out.push(u8::try_from(self.shape.len()).unwrap_or(u8::MAX));
+        let n = self.data.len();
+        let stored = count_stored(&self.data);
+        let sparse = prefers_sparse(n, stored);
+        let rank = u8::try_from(self.shape.len()).unwrap_or(u8::MAX);
+        out.reserve(1 + 4 * self.shape.len() + body_len(n, stored));
+        out.push(if sparse {
+            rank.min(!SPARSE) | SPARSE
+        } else {
+            rank
+        });
         for &d in &self.shape {
             out.extend_from_slice(&u32::try_from(d).unwrap_or(u32::MAX).to_le_bytes());
         }
-        for &x in &self.data {
-            out.extend_from_slice(&x.to_le_bytes());
+        let start = out.len();
+        if sparse {
+            let bitmap_len = n.div_ceil(8);
+            // Eight spare places: a group of eight writes all its elements.
+            out.resize(start + bitmap_len + 4 * stored + 32, 0);
+            let (bitmap, values) = out[start..].split_at_mut(bitmap_len);
+            let mut v = 0usize;
+            for (chunk, byte) in self.data.chunks(8).zip(bitmap.iter_mut()) {
+                let mut bits = 0u8;
+                for (j, x) in chunk.iter().enumerate() {
+                    bits |= u8::from(x.to_bits() != 0) << j;
+                }
+                // Branch-free compaction: element j goes to the place after
+                // the stored ones before it; a zero's place is taken again
+                // by the next stored element (or lies past the end).
+                let window = &mut values[4 * v..4 * v + 32];
+                let before = &STORED_BEFORE[usize::from(bits)];
+                for (x, &k) in chunk.iter().zip(before) {
+                    let k = 4 * usize::from(k & 7);
+                    window[k..k + 4].copy_from_slice(&x.to_bits().to_le_bytes());
+                }
+                v += bits.count_ones() as usize;
+                *byte = bits;
+            }
+            out.truncate(start + bitmap_len + 4 * stored);
+        } else {
+            out.resize(start + 4 * n, 0);
+            for (v, x) in out[start..].chunks_exact_mut(4).zip(&self.data) {
+                v.copy_from_slice(&x.to_le_bytes());
+            }
         }
     }
 
     /// Decodes untrusted bytes. Checks rank, element count and exact length
-    /// before allocating anything.
+    /// before allocating anything, and refuses all but the one encoding
+    /// [`HostTensor::encode`] gives.
     pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<HostTensor, CodecError> {
-        let (&rank, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
-        let rank = usize::from(rank);
+        let (&first, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+        let sparse = first & SPARSE != 0;
+        let flags = first & !SPARSE & !0x0f;
+        if flags != 0 {
+            return Err(CodecError::UnknownFlags(flags));
+        }
+        let rank = usize::from(first & 0x0f);
         let limit = limits.max_rank.min(MAX_RANK);
         if rank > limit {
             return Err(CodecError::RankTooHigh { rank, limit });
@@ -149,22 +224,135 @@ impl HostTensor {
                 shape: shape.to_vec(),
                 limit: limits.max_elements,
             })?;
-        if payload.len() != 4 * n {
-            return Err(CodecError::LengthMismatch {
-                shape: shape.to_vec(),
-                expected: 4 * n,
-                have: payload.len(),
-            });
-        }
-        let data = payload
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let data = if sparse {
+            decode_sparse(shape, n, payload)?
+        } else {
+            if payload.len() != 4 * n {
+                return Err(CodecError::LengthMismatch {
+                    shape: shape.to_vec(),
+                    expected: 4 * n,
+                    have: payload.len(),
+                });
+            }
+            let data: Vec<f32> = payload
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            if prefers_sparse(n, count_stored(&data)) {
+                return Err(CodecError::NotCanonical {
+                    form: "dense",
+                    other: "sparse",
+                });
+            }
+            data
+        };
         Ok(HostTensor {
             shape: shape.to_vec(),
             data,
         })
     }
+}
+
+/// For each bitmap byte, how many of its set bits lie below each bit.
+const STORED_BEFORE: [[u8; 8]; 256] = {
+    let mut t = [[0u8; 8]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let mut j = 0;
+        let mut count = 0u8;
+        while j < 8 {
+            t[byte][j] = count;
+            count += ((byte >> j) & 1) as u8;
+            j += 1;
+        }
+        byte += 1;
+    }
+    t
+};
+
+/// Elements the sparse form would store: all but those that are `+0.0`.
+fn count_stored(data: &[f32]) -> usize {
+    data.iter().filter(|x| x.to_bits() != 0).count()
+}
+
+/// Bytes of the elements in the form the encoder takes.
+fn body_len(n: usize, stored: usize) -> usize {
+    if prefers_sparse(n, stored) {
+        n.div_ceil(8) + 4 * stored
+    } else {
+        4 * n
+    }
+}
+
+/// The sparse form, exactly when it is shorter than the dense one.
+fn prefers_sparse(n: usize, stored: usize) -> bool {
+    n.div_ceil(8) + 4 * stored < 4 * n
+}
+
+fn decode_sparse(shape: &[usize], n: usize, payload: &[u8]) -> Result<Vec<f32>, CodecError> {
+    let bitmap_len = n.div_ceil(8);
+    if payload.len() < bitmap_len {
+        return Err(CodecError::LengthMismatch {
+            shape: shape.to_vec(),
+            expected: bitmap_len,
+            have: payload.len(),
+        });
+    }
+    let (bitmap, values) = payload.split_at(bitmap_len);
+    if n % 8 != 0 && bitmap.last().is_some_and(|&b| b >> (n % 8) != 0) {
+        return Err(CodecError::BitmapOverrun { elements: n });
+    }
+    let stored: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
+    if values.len() != 4 * stored {
+        return Err(CodecError::LengthMismatch {
+            shape: shape.to_vec(),
+            expected: bitmap_len + 4 * stored,
+            have: payload.len(),
+        });
+    }
+    if !prefers_sparse(n, stored) {
+        return Err(CodecError::NotCanonical {
+            form: "sparse",
+            other: "dense",
+        });
+    }
+    let mut data = vec![0f32; n];
+    // Branch-free, like the encoder: element j of a group of eight reads
+    // the stored value after the stored ones before it and keeps it if its
+    // bit is set. Groups with fewer than eight values left to read go
+    // element by element.
+    let mut v = 0usize;
+    let mut stored_zero = false;
+    for (chunk, &byte) in data.chunks_mut(8).zip(bitmap) {
+        let before = &STORED_BEFORE[usize::from(byte)];
+        if let Some(window) = values.get(4 * v..4 * v + 32) {
+            for (j, (d, &k)) in chunk.iter_mut().zip(before).enumerate() {
+                let k = 4 * usize::from(k & 7);
+                let raw =
+                    u32::from_le_bytes([window[k], window[k + 1], window[k + 2], window[k + 3]]);
+                let bit = u32::from(byte >> j) & 1;
+                stored_zero |= (bit == 1) & (raw == 0);
+                *d = f32::from_bits(raw & 0u32.wrapping_sub(bit));
+            }
+        } else {
+            for (j, (d, &k)) in chunk.iter_mut().zip(before).enumerate() {
+                if (byte >> j) & 1 == 1 {
+                    let at = 4 * (v + usize::from(k));
+                    let raw = values
+                        .get(at..at + 4)
+                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .ok_or(CodecError::StoredZero)?;
+                    stored_zero |= raw == 0;
+                    *d = f32::from_bits(raw);
+                }
+            }
+        }
+        v += byte.count_ones() as usize;
+    }
+    if stored_zero {
+        return Err(CodecError::StoredZero);
+    }
+    Ok(data)
 }
 
 #[cfg(test)]
@@ -177,7 +365,8 @@ mod tests {
             HostTensor::new(vec![2, 3], vec![1.0, -2.5, 0.0, f32::MAX, -0.0, 7.25]).expect("ok");
         let b = t.encode();
         assert_eq!(b.len(), t.encoded_len());
-        assert_eq!(b[0], 2);
+        // One of six is +0.0: the sparse form is already shorter.
+        assert_eq!(b[0], 2 | SPARSE);
         assert_eq!(&b[1..5], &2u32.to_le_bytes());
         let back = HostTensor::decode(&b, DecodeLimits::default()).expect("decode");
         assert_eq!(back, t);
@@ -232,5 +421,88 @@ mod tests {
             Err(CodecError::TooManyElements { .. })
         ));
         assert!(HostTensor::new(vec![2, 2], vec![0.0; 3]).is_err());
+    }
+
+    fn sparse_sample() -> HostTensor {
+        // 3 of 20 stored, one of them -0.0: the sparse form is shorter.
+        let mut data = vec![0.0f32; 20];
+        data[1] = 1.5;
+        data[9] = -0.0;
+        data[19] = -3.0;
+        HostTensor::new(vec![4, 5], data).expect("ok")
+    }
+
+    #[test]
+    fn sparse_round_trip_keeps_every_bit() {
+        let t = sparse_sample();
+        let b = t.encode();
+        assert_eq!(b[0], 2 | SPARSE);
+        // header, 3 bitmap bytes, 3 stored values
+        assert_eq!(b.len(), 1 + 8 + 3 + 12);
+        assert_eq!(b.len(), t.encoded_len());
+        assert!(b.len() < t.max_encoded_len());
+        assert_eq!(&b[9..12], &[0b0000_0010, 0b0000_0010, 0b0000_1000]);
+        let back = HostTensor::decode(&b, DecodeLimits::default()).expect("decode");
+        let bits = |d: &[f32]| d.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        assert_eq!(back.shape, t.shape);
+        assert_eq!(bits(&back.data), bits(&t.data));
+        // A dense tensor stays dense.
+        let dense = HostTensor::new(vec![3], vec![1.0, -0.0, 2.0]).expect("ok");
+        assert_eq!(dense.encode()[0], 1);
+    }
+
+    #[test]
+    fn sparse_malformed() {
+        let lim = DecodeLimits::default();
+        let good = sparse_sample().encode();
+        // Unknown flag bits.
+        let mut b = good.clone();
+        b[0] |= 0x20;
+        assert_eq!(
+            HostTensor::decode(&b, lim),
+            Err(CodecError::UnknownFlags(0x20))
+        );
+        // A bitmap bit past the last element.
+        let mut b = good.clone();
+        b[11] |= 0x80;
+        assert_eq!(
+            HostTensor::decode(&b, lim),
+            Err(CodecError::BitmapOverrun { elements: 20 })
+        );
+        // One more bitmap bit than stored values.
+        let mut b = good.clone();
+        b[9] |= 0x01;
+        assert!(matches!(
+            HostTensor::decode(&b, lim),
+            Err(CodecError::LengthMismatch { .. })
+        ));
+        // A stored +0.0.
+        let mut b = good.clone();
+        b[12..16].copy_from_slice(&0u32.to_le_bytes());
+        assert_eq!(HostTensor::decode(&b, lim), Err(CodecError::StoredZero));
+        // Truncated bitmap.
+        assert!(HostTensor::decode(&good[..10], lim).is_err());
+        // The dense form of a mostly-zero tensor, and the sparse form of a
+        // dense one, are refused.
+        let t = sparse_sample();
+        let mut dense = vec![2u8];
+        dense.extend_from_slice(&4u32.to_le_bytes());
+        dense.extend_from_slice(&5u32.to_le_bytes());
+        for x in &t.data {
+            dense.extend_from_slice(&x.to_le_bytes());
+        }
+        assert!(matches!(
+            HostTensor::decode(&dense, lim),
+            Err(CodecError::NotCanonical { form: "dense", .. })
+        ));
+        let mut sparse = vec![1 | SPARSE];
+        sparse.extend_from_slice(&2u32.to_le_bytes());
+        sparse.push(0b11);
+        sparse.extend_from_slice(&1f32.to_le_bytes());
+        sparse.extend_from_slice(&2f32.to_le_bytes());
+        assert!(matches!(
+            HostTensor::decode(&sparse, lim),
+            Err(CodecError::NotCanonical { form: "sparse", .. })
+        ));
     }
 }

@@ -106,7 +106,12 @@ impl TapedStage {
 
     /// Same checks, in the same order, as [`Slot::backward`]; on an error
     /// the step stays in flight.
-    fn backward(&mut self, step: u64, grad_out: HostTensor) -> Result<HostTensor, ModelError> {
+    fn backward(
+        &mut self,
+        step: u64,
+        grad_out: HostTensor,
+        input_grad: InputGrad,
+    ) -> Result<HostTensor, ModelError> {
         let kept = self
             .pending
             .get(&step)
@@ -126,7 +131,10 @@ impl TapedStage {
             .remove(&step)
             .ok_or(ModelError::UnknownStep(step))?;
         let grads = backprop(out.put_tape(tape), g);
-        let grad_in = grads.get(&x).as_vec();
+        let mut grad_in = grads.get(&x).as_vec();
+        if input_grad == InputGrad::SkipZeroInputs {
+            skip_zero_inputs(&mut grad_in, &x.as_vec());
+        }
         self.core.apply_grads(&grads);
         Ok(HostTensor {
             shape: vec![batch, self.core.inputs()],
@@ -137,6 +145,28 @@ impl TapedStage {
     fn infer(&self, input: HostTensor) -> Result<HostTensor, ModelError> {
         let x = self.core.upload_input_owned(input)?;
         Ok(to_host(&self.core.forward(x)))
+    }
+}
+
+/// Which gradient with respect to its input a backward pass returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputGrad {
+    /// Every element, as the tape computed it.
+    Full,
+    /// `+0.0` wherever the input was `+0.0`. Exact for a stage whose input
+    /// comes out of a ReLU ([`crate::StageSpec::ends_with_relu`]): there
+    /// the ReLU was inactive, and its backward pass turns any gradient into
+    /// `+0.0` anyway. The gradient then has the input's zeros and encodes
+    /// at a fraction of its dense size.
+    SkipZeroInputs,
+}
+
+/// Sets `grad[i]` to `+0.0` wherever `input[i]` is `+0.0`.
+pub fn skip_zero_inputs(grad: &mut [f32], input: &[f32]) {
+    for (g, x) in grad.iter_mut().zip(input) {
+        if x.to_bits() == 0 {
+            *g = 0.0;
+        }
     }
 }
 
@@ -228,16 +258,18 @@ impl SlotWorker {
     /// gradient with respect to the step's input. On a shape or value error
     /// the step stays in flight.
     pub fn backward(&self, step: u64, grad_out: &HostTensor) -> Result<HostTensor, ModelError> {
-        self.backward_owned(step, grad_out.clone())
+        self.backward_owned(step, grad_out.clone(), InputGrad::Full)
     }
 
-    /// [`SlotWorker::backward`] taking the gradient by value (no copy).
+    /// [`SlotWorker::backward`] taking the gradient by value (no copy), and
+    /// saying which input gradient to return.
     pub fn backward_owned(
         &self,
         step: u64,
         grad_out: HostTensor,
+        input_grad: InputGrad,
     ) -> Result<HostTensor, ModelError> {
-        self.call(move |st| st.backward(step, grad_out))?
+        self.call(move |st| st.backward(step, grad_out, input_grad))?
     }
 
     /// Inference: forward only, keeps nothing.

@@ -6,7 +6,15 @@ use proptest::prelude::*;
 fn tensor() -> impl Strategy<Value = HostTensor> {
     prop::collection::vec(0usize..5, 0..=4).prop_flat_map(|shape| {
         let n = shape.iter().product::<usize>();
-        prop::collection::vec(any::<f32>(), n).prop_map(move |data| HostTensor {
+        let element = prop_oneof![
+            any::<f32>(),
+            // Mostly +0.0, as after a ReLU: the sparse form.
+            Just(0.0f32),
+            Just(0.0f32),
+            Just(0.0f32),
+            Just(-0.0f32),
+        ];
+        prop::collection::vec(element, n).prop_map(move |data| HostTensor {
             shape: shape.clone(),
             data,
         })

@@ -7,7 +7,8 @@ mod common;
 use common::{mnist_dir, slot_step, slots, slots_digest};
 use mixnn_model::{
     load_mnist, model_digest, softmax_cross_entropy, synthetic, Arch, HostTensor, InitSpec,
-    LayerSpec, LocalModel, ModelError, OptimizerSpec, Slot, SlotWorker, Split, StageSpec,
+    InputGrad, LayerSpec, LocalModel, ModelError, OptimizerSpec, Slot, SlotWorker, Split,
+    StageSpec,
 };
 
 const _: () = {
@@ -30,6 +31,16 @@ fn workers(arch: &Arch, seed: u64, opt: OptimizerSpec) -> Vec<SlotWorker> {
         .collect()
 }
 
+/// What the network asks of worker `i`'s backward pass: the gradient only
+/// where it matters when the previous stage ends with a ReLU.
+fn input_grad(workers: &[SlotWorker], i: usize) -> InputGrad {
+    if i > 0 && workers[i - 1].spec().ends_with_relu() {
+        InputGrad::SkipZeroInputs
+    } else {
+        InputGrad::Full
+    }
+}
+
 /// One training step through a chain of workers, as the network drives it.
 fn worker_step(workers: &[SlotWorker], step: u64, x: &HostTensor, labels: &[u8]) -> f32 {
     let mut act = x.clone();
@@ -37,8 +48,10 @@ fn worker_step(workers: &[SlotWorker], step: u64, x: &HostTensor, labels: &[u8])
         act = w.forward_owned(step, act).expect("forward");
     }
     let (loss, mut grad) = softmax_cross_entropy(&act, labels).expect("loss");
-    for w in workers.iter().rev() {
-        grad = w.backward_owned(step, grad).expect("backward");
+    for (i, w) in workers.iter().enumerate().rev() {
+        grad = w
+            .backward_owned(step, grad, input_grad(workers, i))
+            .expect("backward");
     }
     loss
 }
@@ -403,4 +416,44 @@ fn worker_is_usable_from_several_threads() {
         .join()
         .expect("join");
     assert_eq!(steps, threads * per_thread);
+}
+
+/// Skipping the gradient at zero inputs changes nothing but those elements:
+/// elsewhere it is the full gradient, bit for bit.
+#[test]
+fn skipped_input_gradient_is_the_full_one_elsewhere() {
+    let arch = Arch::parse("mlp:784-16-8-10").expect("arch");
+    let opt = OptimizerSpec::from_name("sgd", 0.05).expect("sgd");
+    let data = synthetic(5, 64, 0);
+    let (x, labels) = data.train.slice(0, 32);
+    let run = |mode: InputGrad| {
+        let ws = workers(&arch, 5, opt);
+        let h = ws[0].forward_owned(0, x.clone()).expect("forward");
+        let y = ws[1].forward_owned(0, h.clone()).expect("forward");
+        let out = ws[2].forward_owned(0, y).expect("forward");
+        let (_, g) = softmax_cross_entropy(&out, &labels).expect("loss");
+        let g = ws[2]
+            .backward_owned(0, g, InputGrad::Full)
+            .expect("backward");
+        (h, ws[1].backward_owned(0, g, mode).expect("backward"))
+    };
+    let (h, full) = run(InputGrad::Full);
+    let (_, skipped) = run(InputGrad::SkipZeroInputs);
+    let zeros = h.data.iter().filter(|v| v.to_bits() == 0).count();
+    assert!(
+        zeros > 0 && zeros < h.data.len(),
+        "{zeros} zero activations"
+    );
+    for ((x, f), s) in h.data.iter().zip(&full.data).zip(&skipped.data) {
+        if x.to_bits() == 0 {
+            assert_eq!(s.to_bits(), 0);
+        } else {
+            assert_eq!(s.to_bits(), f.to_bits());
+        }
+    }
+    assert!(full
+        .data
+        .iter()
+        .zip(&h.data)
+        .any(|(f, x)| x.to_bits() == 0 && *f != 0.0));
 }

@@ -92,6 +92,7 @@ fn host_hop(
         in_key: keys.0,
         out_key: keys.1,
         first: false,
+        skip_zero_inputs: false,
         max_batch: 8,
         nonce: rand::random(),
     };

@@ -9,7 +9,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use mixnn_model::{DecodeLimits, HostTensor, Slot, SlotWorker};
+use mixnn_model::{DecodeLimits, HostTensor, InputGrad, Slot, SlotWorker};
 use thiserror::Error;
 
 use super::payload::{Assignment, ControlOp, Direction, JobMsg, SlotReport};
@@ -283,9 +283,14 @@ impl Host {
             }
             (JobMsg::Backward { step, tensor }, Direction::Backward) if !body.infer_only => {
                 check_rows(&tensor, s.slot.output_dim())?;
+                let input_grad = if body.skip_zero_inputs {
+                    InputGrad::SkipZeroInputs
+                } else {
+                    InputGrad::Full
+                };
                 let grad_in = s
                     .slot
-                    .backward_owned(step, tensor)
+                    .backward_owned(step, tensor, input_grad)
                     .map_err(|e| HostError::Compute(e.to_string()))?;
                 s.pending.remove(&step);
                 drop(s);

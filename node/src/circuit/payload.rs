@@ -69,6 +69,11 @@ pub struct AssignmentBody {
     /// The first stage of the model: on the backward ring it acknowledges
     /// instead of sending an input gradient nobody needs.
     pub first: bool,
+    /// The previous stage ends with a ReLU: on the backward ring, send the
+    /// input gradient as `+0.0` wherever the input was `+0.0` (exact; see
+    /// `mixnn_model::InputGrad`), which makes it as sparse as the
+    /// activations.
+    pub skip_zero_inputs: bool,
     /// Largest batch the client will send (bounds message sizes).
     pub max_batch: u32,
     /// Fresh per setup, so two signatures never cover the same bytes.
@@ -243,7 +248,7 @@ impl JobMsg {
                     JobMsg::Infer { .. } => K_INFER,
                     _ => K_BACKWARD,
                 };
-                out.reserve(9 + tensor.encoded_len());
+                out.reserve(9 + tensor.max_encoded_len());
                 out.push(kind);
                 out.extend_from_slice(&step.to_le_bytes());
                 tensor.encode_into(out);
@@ -414,6 +419,7 @@ mod tests {
             in_key: [2; 32],
             out_key: [3; 32],
             first: true,
+            skip_zero_inputs: false,
             max_batch: 256,
             nonce: [4; 16],
         }

@@ -413,6 +413,7 @@ pub async fn train_network(
             in_key,
             out_key,
             first: dir == Direction::Backward && stage == 0,
+            skip_zero_inputs: stage > 0 && stages[stage - 1].ends_with_relu(),
             max_batch,
             nonce: random(),
         };
@@ -811,6 +812,7 @@ pub async fn infer_network(
             in_key: keys[j],
             out_key: keys[j + 1],
             first: false,
+            skip_zero_inputs: false,
             max_batch,
             nonce: random(),
         };
