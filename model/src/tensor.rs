@@ -299,7 +299,7 @@ fn decode_sparse(shape: &[usize], n: usize, payload: &[u8]) -> Result<Vec<f32>, 
         });
     }
     let (bitmap, values) = payload.split_at(bitmap_len);
-    if n % 8 != 0 && bitmap.last().is_some_and(|&b| b >> (n % 8) != 0) {
+    if !n.is_multiple_of(8) && bitmap.last().is_some_and(|&b| b >> (n % 8) != 0) {
         return Err(CodecError::BitmapOverrun { elements: n });
     }
     let stored: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();

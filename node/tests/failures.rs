@@ -199,10 +199,9 @@ async fn each_hop_sees_only_what_it_must() {
     // A marker from the first batch's inputs: a host decrypts it, no mix
     // ever sees it, and no cell carries it in the clear.
     let (x, _) = train.batches(64, 0, 7).next().expect("batch");
-    let marker: Vec<u8> = x.data[200..216]
-        .iter()
-        .flat_map(|f| f.to_le_bytes())
-        .collect();
+    // The last 32 bytes of its encoding: stored pixel values.
+    let encoded = x.encode();
+    let marker: Vec<u8> = encoded[encoded.len() - 32..].to_vec();
     let contains = |hay: &[u8]| hay.windows(marker.len()).any(|w| w == marker.as_slice());
     let plain = rec.plain.lock().expect("lock");
     assert!(
