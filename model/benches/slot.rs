@@ -80,11 +80,8 @@ fn bench(c: &mut Criterion) {
             }
             let (_, mut grad) = softmax_cross_entropy(&act, &labels).expect("loss");
             for (i, w) in workers.iter().enumerate().rev() {
-                let input_grad = if i > 0 && workers[i - 1].spec().ends_with_relu() {
-                    InputGrad::SkipZeroInputs
-                } else {
-                    InputGrad::Full
-                };
+                let previous = i.checked_sub(1).map(|p| workers[p].spec());
+                let input_grad = InputGrad::after(previous.as_ref());
                 grad = w.backward_owned(step, grad, input_grad).expect("bwd");
             }
             step += 1;

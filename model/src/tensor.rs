@@ -341,7 +341,11 @@ fn decode_sparse(shape: &[usize], n: usize, payload: &[u8]) -> Result<Vec<f32>, 
                     let raw = values
                         .get(at..at + 4)
                         .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .ok_or(CodecError::StoredZero)?;
+                        .ok_or_else(|| CodecError::LengthMismatch {
+                            shape: shape.to_vec(),
+                            expected: bitmap_len + 4 * stored,
+                            have: payload.len(),
+                        })?;
                     stored_zero |= raw == 0;
                     *d = f32::from_bits(raw);
                 }

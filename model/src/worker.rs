@@ -161,6 +161,18 @@ pub enum InputGrad {
     SkipZeroInputs,
 }
 
+impl InputGrad {
+    /// What a stage's backward pass may return, given the stage before it
+    /// (`None` for the first stage): [`InputGrad::SkipZeroInputs`] exactly
+    /// when that stage ends with a ReLU.
+    pub fn after(previous: Option<&StageSpec>) -> InputGrad {
+        match previous {
+            Some(p) if p.ends_with_relu() => InputGrad::SkipZeroInputs,
+            _ => InputGrad::Full,
+        }
+    }
+}
+
 /// Sets `grad[i]` to `+0.0` wherever `input[i]` is `+0.0`.
 pub fn skip_zero_inputs(grad: &mut [f32], input: &[f32]) {
     for (g, x) in grad.iter_mut().zip(input) {

@@ -31,14 +31,10 @@ fn workers(arch: &Arch, seed: u64, opt: OptimizerSpec) -> Vec<SlotWorker> {
         .collect()
 }
 
-/// What the network asks of worker `i`'s backward pass: the gradient only
-/// where it matters when the previous stage ends with a ReLU.
+/// What the network asks of worker `i`'s backward pass.
 fn input_grad(workers: &[SlotWorker], i: usize) -> InputGrad {
-    if i > 0 && workers[i - 1].spec().ends_with_relu() {
-        InputGrad::SkipZeroInputs
-    } else {
-        InputGrad::Full
-    }
+    let previous = i.checked_sub(1).map(|p| workers[p].spec());
+    InputGrad::after(previous.as_ref())
 }
 
 /// One training step through a chain of workers, as the network drives it.

@@ -16,7 +16,7 @@ use libp2p::PeerId;
 use mixnn_crypto::Identity;
 use mixnn_model::{
     accuracy, model_digest, softmax_cross_entropy, to_hex, DecodeLimits, HostTensor, InitSpec,
-    ModelError, Slot, Split, StageSpec, StepInfo, TrainConfig, EVAL_BATCH,
+    InputGrad, ModelError, Slot, Split, StageSpec, StepInfo, TrainConfig, EVAL_BATCH,
 };
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
@@ -413,7 +413,8 @@ pub async fn train_network(
             in_key,
             out_key,
             first: dir == Direction::Backward && stage == 0,
-            skip_zero_inputs: stage > 0 && stages[stage - 1].ends_with_relu(),
+            skip_zero_inputs: InputGrad::after(stage.checked_sub(1).map(|p| &stages[p]))
+                == InputGrad::SkipZeroInputs,
             max_batch,
             nonce: random(),
         };
