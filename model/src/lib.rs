@@ -33,7 +33,7 @@ pub use digest::{model_digest, to_hex};
 pub use error::ModelError;
 pub use loss::{accuracy, softmax_cross_entropy};
 pub use optim::{OptimizerSpec, OptimizerState};
-pub use slot::{InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
+pub use slot::{max_state_bytes, InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
 pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
 pub use tensor::{CodecError, DecodeLimits, HostTensor};
 pub use train::{train_local, LocalModel, StepInfo, TrainConfig, TrainReport, EVAL_BATCH};

@@ -257,6 +257,36 @@ impl Slot {
     }
 }
 
+/// The most bytes [`Slot::to_bytes`] can take for a slot of `stage` trained
+/// with `opt`, at any step (parameters and optimizer state are fixed in
+/// size; only varint counters grow).
+pub fn max_state_bytes(stage: &StageSpec, opt: &OptimizerSpec) -> usize {
+    let (inputs, outputs) = stage.linear().unwrap_or((0, 0));
+    let sizes = [inputs * outputs, outputs];
+    let empty = OptimizerState::new(opt, &[0, 0]);
+    let buffers = match &empty {
+        OptimizerState::Sgd => 0,
+        OptimizerState::Momentum { .. } => 1,
+        OptimizerState::Adam { .. } => 2,
+    };
+    let empty = match empty {
+        OptimizerState::Adam { m, v, .. } => OptimizerState::Adam { t: u64::MAX, m, v },
+        other => other,
+    };
+    let skeleton = SlotRecordV1 {
+        spec: stage.clone(),
+        optimizer: *opt,
+        optimizer_state: empty,
+        steps_applied: u64::MAX,
+        weight: vec![],
+        bias: vec![],
+    };
+    let base = postcard::to_allocvec(&skeleton).map_or(1024, |v| v.len());
+    let floats: usize = sizes.iter().sum::<usize>() * (1 + buffers);
+    // Magic, version, checksum; up to 9 more bytes per vector length.
+    MAGIC.len() + 1 + CHECKSUM_LEN + base + 4 * floats + 9 * 2 * (1 + buffers)
+}
+
 /// [`Slot::to_bytes`] of a slot holding `core` (also used by
 /// [`crate::SlotWorker::to_bytes`], so both write the same format).
 pub(crate) fn core_to_bytes(core: &StageCore) -> Vec<u8> {
@@ -276,6 +306,50 @@ pub(crate) fn core_to_bytes(core: &StageCore) -> Vec<u8> {
     let sum = blake3::hash(&out);
     out.extend_from_slice(sum.as_bytes());
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Arch;
+
+    #[test]
+    fn max_state_bytes_bounds_every_state() {
+        let arch = Arch::parse("mlp:784-64-10").expect("arch");
+        for opt in [
+            OptimizerSpec::Sgd { lr: 0.1 },
+            OptimizerSpec::Momentum {
+                lr: 0.1,
+                momentum: 0.9,
+            },
+            OptimizerSpec::Adam {
+                lr: 0.01,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+            },
+        ] {
+            for (i, stage) in arch.stages().iter().enumerate() {
+                let mut slot = Slot::new(
+                    stage,
+                    InitSpec {
+                        seed: 1,
+                        stage_index: i as u32,
+                    },
+                    opt,
+                )
+                .expect("slot");
+                let bound = max_state_bytes(stage, &opt);
+                let fresh = slot.to_bytes().len();
+                assert!(fresh <= bound && bound < fresh + 128, "{fresh} vs {bound}");
+                let x = HostTensor::zeros(vec![2, stage.input_dim()]);
+                slot.forward(1, &x).expect("forward");
+                let g = HostTensor::zeros(vec![2, stage.output_dim()]);
+                slot.backward(1, &g).expect("backward");
+                assert!(slot.to_bytes().len() <= bound);
+            }
+        }
+    }
 }
 
 #[allow(dead_code)]

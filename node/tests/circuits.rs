@@ -37,11 +37,7 @@ async fn network_training_equals_local_training_and_inference_matches() {
     let report = train_network(
         client,
         vols,
-        &cfg,
-        &train,
-        &data.test,
-        &JobOptions::default(),
-        &map_path,
+        common::job(&cfg, &train, &data.test, &JobOptions::default(), &map_path),
         &mut |_| {},
     )
     .await
@@ -114,11 +110,7 @@ async fn keep_ends_training_equals_local_training() {
     let report = train_network(
         client,
         vols,
-        &cfg,
-        &train,
-        &data.test,
-        &opts,
-        &map_path,
+        common::job(&cfg, &train, &data.test, &opts, &map_path),
         &mut |_| {},
     )
     .await

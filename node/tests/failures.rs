@@ -94,6 +94,8 @@ fn host_hop(
         first: false,
         skip_zero_inputs: false,
         max_batch: 8,
+        session: rand::random(),
+        state: None,
         nonce: rand::random(),
     };
     RingHop {
@@ -150,11 +152,13 @@ async fn each_hop_sees_only_what_it_must() {
     train_network(
         &net.client,
         &net.volunteers,
-        &cfg,
-        &train,
-        &data.test.clone().limit(100),
-        &JobOptions::default(),
-        &dir.path().join("m.json"),
+        common::job(
+            &cfg,
+            &train,
+            &data.test.clone().limit(100),
+            &JobOptions::default(),
+            &dir.path().join("m.json"),
+        ),
         &mut |_| {},
     )
     .await
@@ -388,29 +392,29 @@ async fn a_dead_hop_fails_the_job_with_its_name_and_slots_keep_their_checkpoint(
     let map_path = dir.path().join("m.json");
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mut tx = Some(tx);
+    // No failover: the job stops at the first failure.
     let opts = JobOptions {
         step_timeout: Duration::from_secs(20),
+        max_failovers: 0,
         ..JobOptions::default()
     };
     let (client, vols) = (net.client.clone(), net.volunteers.clone());
     let test = data.test.clone().limit(100);
     let path = map_path.clone();
     let job = tokio::spawn(async move {
-        let mut on_step = |s: mixnn_model::StepInfo| {
-            if s.step == 5 {
-                if let Some(t) = tx.take() {
-                    let _ = t.send(());
+        let mut on_step = |e: mixnn_node::client::JobEvent| {
+            if let mixnn_node::client::JobEvent::Step(s) = e {
+                if s.step == 5 {
+                    if let Some(t) = tx.take() {
+                        let _ = t.send(());
+                    }
                 }
             }
         };
         train_network(
             &client,
             &vols,
-            &cfg,
-            &train,
-            &test,
-            &opts,
-            &path,
+            common::job(&cfg, &train, &test, &opts, &path),
             &mut on_step,
         )
         .await
@@ -464,28 +468,26 @@ async fn a_dead_hop_fails_the_job_with_its_name_and_slots_keep_their_checkpoint(
         }
     }
 
-    // A ring through a hop that is gone fails at setup, naming it.
-    let (vols, cfg) = (net.volunteers.clone(), config(128, 1));
-    let mut failures = 0;
-    for _ in 0..5 {
+    // The client still lists the dead peer, but checks every peer of a
+    // route before using it: later jobs never fail on it, never use it.
+    let vols = net.volunteers.clone();
+    assert!(vols.iter().any(|v| v.peer_id == victim));
+    let mut cfg = config(128, 1);
+    cfg.arch = Arch::parse("mlp:784-32-10").expect("arch");
+    let local = mixnn_model::train_local(&cfg, &data, &mut |_| {}).expect("local");
+    let train = data.train.clone().limit(128);
+    for i in 0..5 {
+        let path = dir.path().join(format!("later-{i}.json"));
         let r = train_network(
             &net.client,
             &vols,
-            &cfg,
-            &data.train,
-            &data.test,
-            &JobOptions::default(),
-            &map_path,
+            common::job(&cfg, &train, &data.test, &JobOptions::default(), &path),
             &mut |_| {},
         )
-        .await;
-        if let Err(e) = r {
-            failures += 1;
-            assert!(e.to_string().contains(&victim.to_string()), "{e}");
-        }
+        .await
+        .expect("a job beside a dead peer");
+        assert_eq!(r.params_digest, local.params_digest_hex);
+        assert_eq!(r.failovers, 0);
+        assert!(r.route.iter().all(|h| !h.contains(&victim.to_string())));
     }
-    assert!(
-        failures > 0,
-        "no route ever used the dead peer (7 volunteers, 7 per ring)"
-    );
 }

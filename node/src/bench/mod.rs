@@ -82,7 +82,9 @@ use mixnn_model::{train_local, Dataset, StepInfo, TrainConfig};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{infer_network, train_network, JobError, JobOptions, ModelMap};
+use crate::client::{
+    infer_network, train_network, JobError, JobEvent, JobOptions, ModelMap, TrainJob,
+};
 use crate::discovery::{discover_sample, join_as_client};
 use crate::local_net::LocalNet;
 use crate::network::{NetworkError, TransportKind};
@@ -162,12 +164,19 @@ pub async fn run_paper(
     let net_report = train_network(
         &client,
         &found,
-        tc,
-        &train,
-        &data.test,
-        &opts,
-        &map_path,
-        &mut |s| progress.step(s),
+        TrainJob {
+            cfg: tc,
+            train: &train,
+            test: &data.test,
+            opts: &opts,
+            map_path: &map_path,
+            stop: cancel.child_token(),
+        },
+        &mut |e| {
+            if let JobEvent::Step(s) = e {
+                progress.step(s)
+            }
+        },
     )
     .await?;
     let hosts = |f: &dyn Fn(&crate::metrics::Metrics) -> f64| -> f64 {

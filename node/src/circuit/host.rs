@@ -7,12 +7,16 @@
 //! last checkpoint, never from half-applied steps.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mixnn_model::{DecodeLimits, HostTensor, InputGrad, Slot, SlotWorker};
 use thiserror::Error;
 
-use super::payload::{Assignment, ControlOp, Direction, JobMsg, SlotReport};
+use super::payload::{
+    open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, SlotReport,
+    StateOp,
+};
 use crate::store::{SlotId, SlotStore, StoreError, StoredSlot};
 
 /// Hard cap on the rows of one batch, whatever the client asks.
@@ -43,23 +47,43 @@ pub struct HostedSlot {
     pub version: u64,
 }
 
-/// A slot shared by the circuits of one job.
+/// A slot shared by the circuits of one run of a job (one session).
 pub struct SlotCell {
     state: Mutex<HostedSlot>,
     /// Signalled after every backward pass.
     settled: tokio::sync::Notify,
+    /// The run whose circuits bound this copy.
+    session: [u8; 16],
+    /// Set when a later run took the slot over: this copy then refuses
+    /// every message, so a circuit of a broken run can never touch the
+    /// slot again.
+    retired: AtomicBool,
 }
 
 impl SlotCell {
-    fn new(s: HostedSlot) -> Self {
+    fn new(s: HostedSlot, session: [u8; 16]) -> Self {
         Self {
             state: Mutex::new(s),
             settled: tokio::sync::Notify::new(),
+            session,
+            retired: AtomicBool::new(false),
         }
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, HostedSlot> {
         lock(&self.state)
+    }
+
+    /// Whether a later run took this slot over.
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    fn retire(&self) {
+        // Under the slot's lock: a message being processed finishes first,
+        // and none starts after.
+        let _g = self.lock();
+        self.retired.store(true, Ordering::Release);
     }
 
     fn is_settled(&self) -> bool {
@@ -95,6 +119,17 @@ impl SlotCell {
 }
 
 pub type SharedSlot = Arc<SlotCell>;
+
+/// Keys a host shares with the owner on one circuit.
+#[derive(Clone, Copy)]
+pub struct OwnerKeys {
+    /// Seals slot reports.
+    pub report: [u8; 32],
+    /// Seals this host's state to the owner (checkpoints).
+    pub state_up: [u8; 32],
+    /// Opens states the owner sealed to this host (restores).
+    pub state_down: [u8; 32],
+}
 
 /// Admission policy of this host.
 #[derive(Clone, Copy, Debug)]
@@ -151,7 +186,14 @@ impl Host {
                     "the slot belongs to another owner".into(),
                 ));
             }
-            return Ok((s.clone(), false));
+            // Inference reads whatever copy is live; circuits of one run
+            // share it; a new run retires the circuits of the old one and
+            // starts again from the last checkpoint.
+            if body.infer_only || s.session == body.session {
+                return Ok((s.clone(), false));
+            }
+            s.retire();
+            live.remove(&body.slot_id);
         }
         if let Some(stored) = self.store.get_slot(&body.slot_id)? {
             if stored.owner != body.owner {
@@ -162,12 +204,15 @@ impl Host {
             let slot = Slot::from_bytes(&stored.state)
                 .and_then(SlotWorker::spawn)
                 .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
-            let shared = Arc::new(SlotCell::new(HostedSlot {
-                slot,
-                pending: Default::default(),
-                owner: stored.owner,
-                version: stored.version,
-            }));
+            let shared = Arc::new(SlotCell::new(
+                HostedSlot {
+                    slot,
+                    pending: Default::default(),
+                    owner: stored.owner,
+                    version: stored.version,
+                },
+                body.session,
+            ));
             live.insert(body.slot_id, shared.clone());
             return Ok((shared, false));
         }
@@ -207,34 +252,50 @@ impl Host {
             version: 0,
         };
         // Claim the slot on disk at once, so a restart keeps it.
-        self.persist(&body.slot_id, &hosted)?;
-        let shared = Arc::new(SlotCell::new(hosted));
+        let state = hosted
+            .slot
+            .to_bytes()
+            .map_err(|e| HostError::Compute(e.to_string()))?;
+        self.persist(&body.slot_id, &hosted, state)?;
+        let shared = Arc::new(SlotCell::new(hosted, body.session));
         live.insert(body.slot_id, shared.clone());
         Ok((shared, true))
     }
 
-    fn persist(&self, id: &SlotId, s: &HostedSlot) -> Result<(), HostError> {
+    fn persist(&self, id: &SlotId, s: &HostedSlot, state: Vec<u8>) -> Result<(), HostError> {
         self.store.put_slot(&StoredSlot {
             id: *id,
             owner: s.owner,
             version: s.version,
             param_count: s.slot.spec().param_count() as u64,
-            state: s
-                .slot
-                .to_bytes()
-                .map_err(|e| HostError::Compute(e.to_string()))?,
+            state,
         })?;
         Ok(())
     }
 
-    /// Forget the in-memory copy: the next bind reloads the last checkpoint.
-    pub fn evict(&self, id: &SlotId) {
-        lock(&self.live).remove(id);
+    /// Persist the slot's current state as a new version.
+    fn checkpoint(&self, id: &SlotId, s: &mut HostedSlot) -> Result<Vec<u8>, HostError> {
+        let state = s
+            .slot
+            .to_bytes()
+            .map_err(|e| HostError::Compute(e.to_string()))?;
+        s.version += 1;
+        self.persist(id, s, state.clone())?;
+        Ok(state)
+    }
+
+    /// Forget the in-memory copy `slot` (if it is still the live one): the
+    /// next bind reloads the last checkpoint.
+    pub fn evict(&self, id: &SlotId, slot: &SharedSlot) {
+        let mut live = lock(&self.live);
+        if live.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            live.remove(id);
+        }
     }
 
     /// Drop the in-memory copy after a clean end of the job.
-    pub fn release(&self, id: &SlotId) {
-        self.evict(id)
+    pub fn release(&self, id: &SlotId, slot: &SharedSlot) {
+        self.evict(id, slot)
     }
 
     /// Run one message through the slot. Returns the message for the next
@@ -245,10 +306,15 @@ impl Host {
         shared: &SharedSlot,
         a: &Assignment,
         msg: JobMsg,
-        seal: &dyn Fn(&SlotReport) -> Vec<u8>,
+        keys: &OwnerKeys,
     ) -> Result<JobMsg, HostError> {
         let body = &a.body;
         let mut s = shared.lock();
+        if shared.is_retired() {
+            return Err(HostError::Refused(
+                "a later run of the job took this slot over".into(),
+            ));
+        }
         let check_rows = |t: &HostTensor, want: usize| -> Result<(), HostError> {
             let rows = t.shape.first().copied().unwrap_or(0);
             if t.shape.len() != 2
@@ -306,22 +372,73 @@ impl Host {
             }
             (JobMsg::Control { op, mut reports }, Direction::Forward) => {
                 if op != ControlOp::Digest && !body.infer_only {
-                    s.version += 1;
-                    self.persist(slot_id, &s)?;
+                    self.checkpoint(slot_id, &mut s)?;
                 }
-                reports.push(seal(&SlotReport {
-                    slot_id: *slot_id,
-                    version: s.version,
-                    steps_applied: s
-                        .slot
-                        .steps_applied()
-                        .map_err(|e| HostError::Compute(e.to_string()))?,
-                    params_digest: s
-                        .slot
-                        .params_digest()
-                        .map_err(|e| HostError::Compute(e.to_string()))?,
-                }));
+                reports.push(seal_slot_report(
+                    &keys.report,
+                    &SlotReport {
+                        slot_id: *slot_id,
+                        version: s.version,
+                        steps_applied: s
+                            .slot
+                            .steps_applied()
+                            .map_err(|e| HostError::Compute(e.to_string()))?,
+                        params_digest: s
+                            .slot
+                            .params_digest()
+                            .map_err(|e| HostError::Compute(e.to_string()))?,
+                    },
+                ));
                 Ok(JobMsg::Control { op, reports })
+            }
+            (JobMsg::State { op, step, mut blob }, Direction::Forward) if !body.infer_only => {
+                let window = body
+                    .state
+                    .and_then(|w| w.range().map(|r| (w, r)))
+                    .filter(|(w, _)| blob.len() == w.total as usize);
+                let Some((_, range)) = window else {
+                    return Err(HostError::BadMessage(format!(
+                        "a state message of {} bytes that does not match this circuit's state window",
+                        blob.len()
+                    )));
+                };
+                match op {
+                    StateOp::Checkpoint => {
+                        let applied = s
+                            .slot
+                            .steps_applied()
+                            .map_err(|e| HostError::Compute(e.to_string()))?;
+                        if applied != step {
+                            return Err(HostError::Compute(format!(
+                                "a checkpoint for step {step} of a slot that has applied {applied} steps"
+                            )));
+                        }
+                        let state = self.checkpoint(slot_id, &mut s)?;
+                        seal_state(&keys.state_up, &state, &mut blob[range])
+                            .map_err(|e| HostError::Compute(e.to_string()))?;
+                    }
+                    StateOp::Restore => {
+                        let state = open_state(&keys.state_down, &blob[range]).map_err(|_| {
+                            HostError::BadMessage("the restored state does not open".into())
+                        })?;
+                        let slot = Slot::from_bytes(&state)
+                            .map_err(|e| HostError::BadMessage(format!("restored state: {e}")))?;
+                        if slot.spec() != &s.slot.spec()
+                            || *slot.optimizer() != s.slot.optimizer()
+                            || slot.steps_applied() != step
+                        {
+                            return Err(HostError::BadMessage(format!(
+                                "the restored state is not this slot's state after step {step}"
+                            )));
+                        }
+                        s.slot = SlotWorker::spawn(slot)
+                            .map_err(|e| HostError::Compute(e.to_string()))?;
+                        s.pending.clear();
+                        self.checkpoint(slot_id, &mut s)?;
+                        shared.settled.notify_waiters();
+                    }
+                }
+                Ok(JobMsg::State { op, step, blob })
             }
             (m, d) => Err(HostError::BadMessage(format!(
                 "a {} message on a {:?} circuit{}",

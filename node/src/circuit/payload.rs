@@ -76,8 +76,39 @@ pub struct AssignmentBody {
     pub skip_zero_inputs: bool,
     /// Largest batch the client will send (bounds message sizes).
     pub max_batch: u32,
+    /// Names one run of the job: the forward and backward circuits of a run
+    /// share it and share the slot in memory; a bind with another session
+    /// retires the circuits of the earlier one (after a failover).
+    pub session: [u8; 16],
+    /// Where this host's state goes in the job's state messages (training
+    /// forward circuits only).
+    pub state: Option<StateWindow>,
     /// Fresh per setup, so two signatures never cover the same bytes.
     pub nonce: [u8; 16],
+}
+
+/// A host's place in a state message ([`JobMsg::State`]): every host of
+/// the ring sees a blob of `total` bytes and reads or writes only
+/// `offset..offset + len`, its own state sealed between it and the owner.
+/// A host learns nothing of the other stages but the blob's total size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StateWindow {
+    pub offset: u32,
+    pub len: u32,
+    pub total: u32,
+}
+
+impl StateWindow {
+    /// Largest state blob a host accepts.
+    pub const MAX_TOTAL: u32 = 200 << 20;
+
+    /// The window's byte range, if it lies inside a blob of `total` bytes
+    /// and can hold a sealed state.
+    pub fn range(&self) -> Option<std::ops::Range<usize>> {
+        let end = self.offset.checked_add(self.len)?;
+        (end <= self.total && self.total <= Self::MAX_TOTAL && self.len as usize >= STATE_OVERHEAD)
+            .then(|| self.offset as usize..end as usize)
+    }
 }
 
 /// A layer host's assignment with the owner's signature over the body and
@@ -228,6 +259,22 @@ pub enum JobMsg {
         op: ControlOp,
         reports: Vec<Vec<u8>>,
     },
+    /// The slots' states at `step`, each host's in its [`StateWindow`].
+    State {
+        op: StateOp,
+        step: u64,
+        blob: Vec<u8>,
+    },
+}
+
+/// What a state message asks of the hosts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StateOp {
+    /// Write your state after `step` steps, sealed to the owner.
+    Checkpoint,
+    /// Replace your state with the one the owner sealed to you; it is the
+    /// state after `step` steps.
+    Restore,
 }
 
 const K_FORWARD: u8 = 1;
@@ -235,6 +282,7 @@ const K_INFER: u8 = 2;
 const K_BACKWARD: u8 = 3;
 const K_ACK: u8 = 4;
 const K_CONTROL: u8 = 5;
+const K_STATE: u8 = 6;
 
 impl JobMsg {
     pub fn encode_into(&self, out: &mut Vec<u8>) -> Result<(), PayloadError> {
@@ -267,6 +315,16 @@ impl JobMsg {
                 out.extend_from_slice(
                     &postcard::to_allocvec(&(op, reports)).map_err(|_| PayloadError::Malformed)?,
                 );
+            }
+            JobMsg::State { op, step, blob } => {
+                out.reserve(10 + blob.len());
+                out.push(K_STATE);
+                out.extend_from_slice(&step.to_le_bytes());
+                out.push(match op {
+                    StateOp::Checkpoint => 1,
+                    StateOp::Restore => 2,
+                });
+                out.extend_from_slice(blob);
             }
         }
         Ok(())
@@ -319,6 +377,16 @@ impl JobMsg {
                 }
                 JobMsg::Control { op, reports }
             }
+            // The blob's size is bounded by the message reader's limit.
+            K_STATE => JobMsg::State {
+                op: match body.first() {
+                    Some(1) => StateOp::Checkpoint,
+                    Some(2) => StateOp::Restore,
+                    _ => return Err(PayloadError::BadMessage("bad state op")),
+                },
+                step,
+                blob: body[1..].to_vec(),
+            },
             _ => return Err(PayloadError::BadMessage("unknown kind")),
         })
     }
@@ -330,6 +398,7 @@ impl JobMsg {
             JobMsg::Backward { .. } => "backward",
             JobMsg::Ack { .. } => "ack",
             JobMsg::Control { .. } => "control",
+            JobMsg::State { .. } => "state",
         }
     }
 }
@@ -379,6 +448,56 @@ pub fn open_error(key: &[u8; 32], sealed: &[u8]) -> Result<ErrorReport, PayloadE
     postcard::from_bytes(&plain).map_err(|_| PayloadError::BadReport)
 }
 
+/// Key label for a host's state sealed to the owner (checkpoints).
+pub const STATE_UP_KEY: &str = "mixnn/state/to-owner";
+/// Key label for a state the owner seals to a host (restores).
+pub const STATE_DOWN_KEY: &str = "mixnn/state/to-host";
+
+/// Bytes a sealed state adds to the state itself: nonce, length, tag.
+pub const STATE_OVERHEAD: usize = 12 + 8 + 16;
+
+/// The window a state of at most `capacity` bytes needs.
+pub fn state_window_len(capacity: usize) -> usize {
+    capacity + STATE_OVERHEAD
+}
+
+/// Seal `state` into `window` (its whole length): length-prefixed and
+/// zero-padded, so every state of the stage seals to the same size.
+pub fn seal_state(key: &[u8; 32], state: &[u8], window: &mut [u8]) -> Result<(), PayloadError> {
+    let plain_len = window
+        .len()
+        .checked_sub(STATE_OVERHEAD - 8)
+        .ok_or(PayloadError::BadMessage("state window too small"))?;
+    if state.len() + 8 > plain_len {
+        return Err(PayloadError::BadMessage("state larger than its window"));
+    }
+    let mut plain = vec![0u8; plain_len];
+    plain[..8].copy_from_slice(&(state.len() as u64).to_le_bytes());
+    plain[8..8 + state.len()].copy_from_slice(state);
+    let sealed = seal_report(key, &plain);
+    if sealed.len() != window.len() {
+        return Err(PayloadError::BadMessage("state sealing failed"));
+    }
+    window.copy_from_slice(&sealed);
+    Ok(())
+}
+
+/// Open a window sealed by [`seal_state`].
+pub fn open_state(key: &[u8; 32], window: &[u8]) -> Result<Vec<u8>, PayloadError> {
+    let mut plain = open_report(key, window)?;
+    let len = plain
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .ok_or(PayloadError::BadReport)?;
+    if len > (plain.len() - 8) as u64 {
+        return Err(PayloadError::BadReport);
+    }
+    plain.truncate(8 + len as usize);
+    plain.drain(..8);
+    Ok(plain)
+}
+
 pub fn seal_slot_report(key: &[u8; 32], report: &SlotReport) -> Vec<u8> {
     seal_report(key, &postcard::to_allocvec(report).unwrap_or_default())
 }
@@ -421,6 +540,12 @@ mod tests {
             first: true,
             skip_zero_inputs: false,
             max_batch: 256,
+            session: [5; 16],
+            state: Some(StateWindow {
+                offset: 1 << 20,
+                len: 1 << 20,
+                total: 3 << 20,
+            }),
             nonce: [4; 16],
         }
     }
@@ -471,6 +596,16 @@ mod tests {
             },
             JobMsg::Backward { step: 5, tensor: t },
             JobMsg::Ack { step: 6 },
+            JobMsg::State {
+                op: StateOp::Restore,
+                step: 9,
+                blob: vec![7; 100],
+            },
+            JobMsg::State {
+                op: StateOp::Checkpoint,
+                step: 0,
+                blob: vec![],
+            },
             JobMsg::Control {
                 op: ControlOp::Digest,
                 reports: vec![vec![1, 2, 3]],
@@ -486,6 +621,49 @@ mod tests {
         let mut bytes = JobMsg::Ack { step: 1 }.encode().expect("encode");
         bytes.push(0);
         assert!(JobMsg::decode(&bytes, limits).is_err());
+    }
+
+    #[test]
+    fn states_seal_to_their_window_and_open_only_with_their_key() {
+        let state: Vec<u8> = (0..1000u32).map(|i| i as u8).collect();
+        let mut blob = vec![0xAA; 3000];
+        let w = StateWindow {
+            offset: 500,
+            len: state_window_len(1200) as u32,
+            total: 3000,
+        };
+        let r = w.range().expect("valid window");
+        seal_state(&[1; 32], &state, &mut blob[r.clone()]).expect("seal");
+        assert!(blob[..500].iter().all(|&b| b == 0xAA), "outside the window");
+        assert!(
+            blob[r.end..].iter().all(|&b| b == 0xAA),
+            "outside the window"
+        );
+        assert_eq!(open_state(&[1; 32], &blob[r.clone()]).expect("open"), state);
+        assert!(open_state(&[2; 32], &blob[r.clone()]).is_err());
+        let mut flipped = blob.clone();
+        flipped[r.start + 40] ^= 1;
+        assert!(open_state(&[1; 32], &flipped[r.clone()]).is_err());
+        // Too large for the window, and windows outside their blob.
+        assert!(seal_state(&[1; 32], &vec![0; 1300], &mut blob[r]).is_err());
+        let outside = StateWindow {
+            offset: 2000,
+            len: 1200,
+            total: 3000,
+        };
+        assert!(outside.range().is_none());
+        let tiny = StateWindow {
+            offset: 0,
+            len: 10,
+            total: 3000,
+        };
+        assert!(tiny.range().is_none());
+        let huge = StateWindow {
+            offset: u32::MAX,
+            len: 100,
+            total: u32::MAX,
+        };
+        assert!(huge.range().is_none());
     }
 
     #[test]

@@ -24,10 +24,10 @@ use rand::RngCore;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::host::{Host, HostError, SharedSlot};
+use super::host::{Host, HostError, OwnerKeys, SharedSlot};
 use super::payload::{
-    seal_error, seal_slot_report, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg,
-    ERROR_KEY, REPORT_KEY,
+    seal_error, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg, ERROR_KEY,
+    REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
 };
 use super::wire::{self, FrameKind, WireError};
 use crate::metrics::Metrics;
@@ -292,7 +292,11 @@ impl CircuitServer {
             }
         };
         let err_key = peeled.secrets.key(ERROR_KEY);
-        let report_key = peeled.secrets.key(REPORT_KEY);
+        let owner_keys = OwnerKeys {
+            report: peeled.secrets.key(REPORT_KEY),
+            state_up: peeled.secrets.key(STATE_UP_KEY),
+            state_down: peeled.secrets.key(STATE_DOWN_KEY),
+        };
         let report = |code: ErrorCode, detail: String| {
             let up_w = up_w.clone();
             let sealed = seal_error(&err_key, code, &detail);
@@ -392,8 +396,8 @@ impl CircuitServer {
                     format!("cannot open a stream to the next hop: {e}"),
                 )
                 .await;
-                if let Some((host, a, _)) = &hosting {
-                    host.evict(&a.body.slot_id);
+                if let Some((host, a, slot)) = &hosting {
+                    host.evict(&a.body.slot_id, slot);
                 }
                 return End::Failed(format!("next hop {next}: {e}"));
             }
@@ -403,8 +407,8 @@ impl CircuitServer {
                     "the next hop did not answer in time".into(),
                 )
                 .await;
-                if let Some((host, a, _)) = &hosting {
-                    host.evict(&a.body.slot_id);
+                if let Some((host, a, slot)) = &hosting {
+                    host.evict(&a.body.slot_id, slot);
                 }
                 return End::Failed(format!("next hop {next}: timeout"));
             }
@@ -459,12 +463,12 @@ impl CircuitServer {
                 let end = self
                     .host_pump(
                         &mut up_r, down_w, down_cid, &circuit, &mut buf, &host, &a, &slot,
-                        report_key, &report,
+                        owner_keys, &report,
                     )
                     .await;
                 match &end {
-                    End::Clean => host.release(&a.body.slot_id),
-                    _ => host.evict(&a.body.slot_id),
+                    End::Clean => host.release(&a.body.slot_id, &slot),
+                    _ => host.evict(&a.body.slot_id, &slot),
                 }
                 end
             }
@@ -546,7 +550,7 @@ impl CircuitServer {
         host: &Arc<Host>,
         a: &Arc<Assignment>,
         slot: &SharedSlot,
-        report_key: [u8; 32],
+        keys: OwnerKeys,
         report: &F,
     ) -> End
     where
@@ -554,7 +558,13 @@ impl CircuitServer {
         Fut: std::future::Future<Output = ()>,
     {
         let limits = Host::limits(slot, a.body.max_batch);
-        let max_msg = limits.max_elements * 4 + 64 * 1024;
+        // Tensors, or the job's state messages when this circuit carries them.
+        let state_total = a
+            .body
+            .state
+            .filter(|w| w.range().is_some())
+            .map_or(0, |w| w.total as usize);
+        let max_msg = (limits.max_elements * 4).max(state_total) + 64 * 1024;
         let mut opener = CellOpener::new(&CellKey::from_bytes(a.body.in_key));
         let mut sealer = CellSealer::new(&CellKey::from_bytes(a.body.out_key));
         let mut reader = MessageReader::new(max_msg);
@@ -654,8 +664,7 @@ impl CircuitServer {
                 let compute = self.metrics().host_compute_seconds.clone();
                 tokio::task::spawn_blocking(move || {
                     let t = Instant::now();
-                    let seal = move |r: &_| seal_slot_report(&report_key, r);
-                    let out = host.process(&a.body.slot_id, &slot, &a, job, &seal);
+                    let out = host.process(&a.body.slot_id, &slot, &a, job, &keys);
                     compute.inc_by(t.elapsed().as_secs_f64());
                     out
                 })

@@ -1,4 +1,5 @@
-//! Training and inference jobs through mix circuits.
+//! Training and inference jobs through mix circuits: the driver that
+//! carries out what the job's state machine ([`super::machine`]) decides.
 //!
 //! Training uses two rings: the forward ring carries activations from the
 //! client through every layer host back to the client; the backward ring
@@ -7,8 +8,15 @@
 //! what comes back, and sends its gradient backward; the first stage's host
 //! acknowledges. Every host applies its optimizer when its backward pass
 //! runs, so the arithmetic is that of local training, step for step.
+//!
+//! Every few steps each host's state comes back to the owner (sealed to it,
+//! in a state message on the forward ring) and is written beside the model
+//! map. When a hop fails, the client bans it, sets up new rings with the
+//! lost stages on new hosts, restores every stage to that checkpoint and
+//! replays: the job ends with the parameters of an uninterrupted run.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -16,24 +24,29 @@ use libp2p::PeerId;
 use mixnn_crypto::Identity;
 use mixnn_model::{
     accuracy, model_digest, softmax_cross_entropy, to_hex, DecodeLimits, HostTensor, InitSpec,
-    InputGrad, ModelError, Slot, Split, StageSpec, StepInfo, TrainConfig, EVAL_BATCH,
+    ModelError, Slot, Split, StageSpec, StepInfo, TrainConfig, EVAL_BATCH,
 };
 use rand::{RngCore, SeedableRng};
 use serde::Serialize;
 use thiserror::Error;
+use tokio_util::sync::CancellationToken;
 
-use super::model_map::{MapError, ModelMap, StageEntry, FORMAT};
-use super::ring::{Ring, RingError, RingHop, RingKeys};
-use super::route::{choose_mixes, choose_route, Candidate, RouteError};
+use super::checkpoint::{self, Checkpoint};
+use super::machine::{Action, Event, Schedule, TrainMachine};
+use super::model_map::{DataFingerprint, JobRecord, MapError, ModelMap, StageEntry, FORMAT};
+use super::plan::{self, Layout, StageHost};
+use super::ring::{Ring, RingError, RingHop};
+use super::route::{choose_mixes, choose_route_keeping, Candidate, RouteError};
 use super::Client;
 use crate::circuit::host::MAX_TENSOR_ELEMENTS;
 use crate::circuit::payload::{
-    open_slot_report, Assignment, AssignmentBody, ControlOp, Direction, HopRole, JobMsg,
-    PayloadError, SlotCreate, SlotReport, REPORT_KEY,
+    open_slot_report, open_state, seal_state, ControlOp, JobMsg, PayloadError, SlotReport, StateOp,
+    StateWindow, REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
 };
 use crate::circuit::CIRCUIT_PROTOCOL;
 use crate::discovery::Volunteer;
 use crate::network::Network;
+use crate::store::SlotId;
 
 #[derive(Debug, Error)]
 pub enum JobError {
@@ -46,6 +59,8 @@ pub enum JobError {
         peer: Option<PeerId>,
         detail: String,
     },
+    #[error("stopped on request after the checkpoint of step {step}")]
+    Interrupted { step: u64 },
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error(transparent)]
@@ -56,15 +71,32 @@ pub enum JobError {
     Invalid(String),
 }
 
+impl JobError {
+    /// Whether `--resume` can carry the job on from its checkpoint.
+    pub fn resumable(&self) -> bool {
+        matches!(
+            self,
+            JobError::Hop { .. } | JobError::Interrupted { .. } | JobError::Route(_)
+        )
+    }
+}
+
 /// How a network job runs.
 #[derive(Clone, Debug)]
 pub struct JobOptions {
     pub mixes: usize,
     pub keep_ends: bool,
-    /// Longest wait for one reply before the job fails.
+    /// Longest wait for one reply before the hop is held to have failed.
     pub step_timeout: Duration,
     /// Longest wait for a ring to be set up.
     pub setup_timeout: Duration,
+    /// A checkpoint to the owner every this many steps; `None` chooses the
+    /// interval so checkpoints cost about 5% of the training time.
+    pub checkpoint_every: Option<u64>,
+    /// New runs after failed hops before the job gives up.
+    pub max_failovers: u32,
+    /// Longest wait for a chosen peer to answer before a route is used.
+    pub probe_timeout: Duration,
 }
 
 impl Default for JobOptions {
@@ -74,8 +106,46 @@ impl Default for JobOptions {
             keep_ends: false,
             step_timeout: Duration::from_secs(60),
             setup_timeout: Duration::from_secs(20),
+            checkpoint_every: None,
+            max_failovers: 5,
+            probe_timeout: Duration::from_secs(3),
         }
     }
+}
+
+/// A training job: what to train, on what, and where its map lives.
+pub struct TrainJob<'a> {
+    pub cfg: &'a TrainConfig,
+    /// The training examples (with any limit already applied).
+    pub train: &'a Split,
+    pub test: &'a Split,
+    pub opts: &'a JobOptions,
+    /// The model map; the checkpoint lives beside it.
+    pub map_path: &'a Path,
+    /// Cancelled when the user asks to stop: the job finishes its step,
+    /// checkpoints and returns [`JobError::Interrupted`].
+    pub stop: CancellationToken,
+}
+
+/// What a job tells its caller while it runs.
+#[derive(Clone, Debug)]
+pub enum JobEvent {
+    Step(StepInfo),
+    /// A hop failed; the job goes back to the checkpoint of `restore_step`.
+    Failover {
+        number: u32,
+        reason: String,
+        restore_step: u64,
+    },
+    /// New rings are up and every stage is at the checkpoint again.
+    Resumed {
+        step: u64,
+        seconds: f64,
+    },
+    Checkpoint {
+        step: u64,
+        seconds: f64,
+    },
 }
 
 /// Where the time of a network run went, as seen by the client.
@@ -90,6 +160,8 @@ pub struct Breakdown {
     pub client_serialization_seconds: f64,
     /// Waiting for the rings (hosts computing, mixes relaying, transfers).
     pub waiting_seconds: f64,
+    /// Collecting and writing checkpoints.
+    pub checkpoint_seconds: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -105,8 +177,19 @@ pub struct NetworkReport {
     pub seconds: f64,
     pub params_digest: String,
     pub breakdown: Breakdown,
-    /// Peers used, for the user: one line per hop of the forward ring.
+    /// Peers used, for the user: one line per hop of the last forward ring.
     pub route: Vec<String>,
+    /// New runs after failed hops.
+    pub failovers: u32,
+    /// Steps done again after failovers.
+    pub replayed_steps: u64,
+    /// From each failure to the job running again, in seconds.
+    pub recovery_seconds: Vec<f64>,
+    pub checkpoints: u64,
+    /// The checkpoint interval in the end (chosen or given).
+    pub checkpoint_every: u64,
+    /// The step this run started from (0, or a resumed checkpoint).
+    pub started_at_step: u64,
 }
 
 /// The outcome of an inference job.
@@ -123,28 +206,19 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
-fn mix_hop(c: &Candidate) -> RingHop {
-    RingHop {
-        peer: c.peer,
-        onion_key: c.onion_key,
-        epoch: c.epoch,
-        label: "mix".into(),
-        role: HopRole::Mix,
-    }
+fn rng() -> Result<rand::rngs::StdRng, JobError> {
+    rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| JobError::Invalid(e.to_string()))
 }
 
-fn host_label(stage: usize, dir: Direction) -> String {
-    match dir {
-        Direction::Forward => format!("layer host for stage {stage}"),
-        Direction::Backward => format!("layer host for stage {stage}, backward"),
-    }
+/// The peer a ring error blames, if any.
+fn blamed(ring: &Ring, e: &RingError) -> Option<PeerId> {
+    e.blamed_hop()
+        .and_then(|i| ring.hops.get(i))
+        .map(|h| h.peer)
 }
 
 fn ring_error(during: &str, ring: &Ring, e: RingError) -> JobError {
-    let peer = e
-        .blamed_hop()
-        .and_then(|i| ring.hops.get(i))
-        .map(|h| h.peer);
+    let peer = blamed(ring, &e);
     let detail = match e.blamed_hop().and_then(|i| ring.hops.get(i)) {
         Some(h) => format!("hop {} ({}) failed: {e}", h.peer, h.label),
         None => e.to_string(),
@@ -156,34 +230,38 @@ fn ring_error(during: &str, ring: &Ring, e: RingError) -> JobError {
     }
 }
 
-/// Probe each hop of a stalled ring: a hop that cannot open a stream in a
-/// few seconds is the likely culprit.
-async fn unresponsive_hops(network: &Network, hops: &[RingHop]) -> Vec<String> {
-    let mut out = Vec::new();
-    for h in hops {
+/// Probe hops in parallel: those that cannot open a stream within
+/// `timeout` are the likely culprits of a stall.
+pub async fn unresponsive(network: &Network, hops: &[RingHop], timeout: Duration) -> Vec<RingHop> {
+    let probes = hops.iter().map(|h| async move {
         let mut control = network.stream_control();
-        let ok = tokio::time::timeout(
-            Duration::from_secs(3),
-            control.open_stream(h.peer, CIRCUIT_PROTOCOL),
-        )
+        let ok = tokio::time::timeout(timeout, control.open_stream(h.peer, CIRCUIT_PROTOCOL))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        (!ok).then(|| h.clone())
+    });
+    futures::future::join_all(probes)
         .await
-        .map(|r| r.is_ok())
-        .unwrap_or(false);
-        if !ok {
-            out.push(format!("{} ({})", h.peer, h.label));
-        }
-    }
-    out
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 async fn with_probe(network: &Network, during: &str, ring: &Ring, e: RingError) -> JobError {
     if matches!(e, RingError::Timeout(_)) {
-        let dead = unresponsive_hops(network, &ring.hops).await;
+        let dead = unresponsive(network, &ring.hops, Duration::from_secs(3)).await;
         if !dead.is_empty() {
             return JobError::Hop {
                 during: during.to_string(),
-                peer: None,
-                detail: format!("{e}; unresponsive hop: {}", dead.join(", ")),
+                peer: dead.first().map(|h| h.peer),
+                detail: format!(
+                    "{e}; unresponsive hop: {}",
+                    dead.iter()
+                        .map(|h| format!("{} ({})", h.peer, h.label))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             };
         }
     }
@@ -205,19 +283,6 @@ async fn exchange(
     match ring.recv(timeout).await {
         Ok(m) => Ok(m),
         Err(e) => Err(with_probe(network, during, ring, e).await),
-    }
-}
-
-/// Send training step `step`'s forward pass into the forward ring.
-async fn send_forward(
-    network: &Network,
-    fwd: &mut Ring,
-    step: u64,
-    tensor: HostTensor,
-) -> Result<(), JobError> {
-    match fwd.send(&JobMsg::Forward { step, tensor }).await {
-        Ok(()) => Ok(()),
-        Err(e) => Err(with_probe(network, &format!("step {step} (forward pass)"), fwd, e).await),
     }
 }
 
@@ -330,154 +395,74 @@ async fn evaluate(
     Ok((acc, test.len()))
 }
 
-/// Train `cfg` through the network, writing the model map to `map_path`.
-pub async fn train_network(
-    client: &Client,
-    volunteers: &[Volunteer],
-    cfg: &TrainConfig,
-    train: &Split,
-    test: &Split,
-    opts: &JobOptions,
-    map_path: &Path,
-    on_step: &mut (dyn FnMut(StepInfo) + Send),
-) -> Result<NetworkReport, JobError> {
-    cfg.validate()?;
-    let started = Instant::now();
-    let stages = cfg.arch.stages();
-    let n = stages.len();
-    let (mut first, mut last, remote): (Option<Slot>, Option<Slot>, std::ops::Range<usize>) =
-        if opts.keep_ends {
-            if n < 3 {
-                return Err(JobError::Invalid(format!(
-                "--keep-ends keeps the first and last stage here and needs a middle one; {} has {n} stages",
-                cfg.arch
-            )));
-            }
-            let init = |i: usize| InitSpec {
-                seed: cfg.seed,
-                stage_index: i as u32,
-            };
-            (
-                Some(Slot::new(&stages[0], init(0), cfg.optimizer)?),
-                Some(Slot::new(&stages[n - 1], init(n - 1), cfg.optimizer)?),
-                1..n - 1,
-            )
-        } else {
-            (None, None, 0..n)
-        };
-    if train.features != cfg.arch.input_dim() {
+/// Which stages live where: `remote` on volunteers, the rest (with
+/// `--keep-ends`, the first and the last) in the client.
+fn remote_range(cfg: &TrainConfig, keep_ends: bool) -> Result<Range<usize>, JobError> {
+    let n = cfg.arch.num_stages();
+    if !keep_ends {
+        return Ok(0..n);
+    }
+    if n < 3 {
+        return Err(JobError::Invalid(format!(
+            "--keep-ends keeps the first and last stage here and needs a middle one; {} has {n} stages",
+            cfg.arch
+        )));
+    }
+    Ok(1..n - 1)
+}
+
+fn check_data(cfg: &TrainConfig, split: &Split) -> Result<(), JobError> {
+    if split.features != cfg.arch.input_dim() {
         return Err(JobError::Invalid(format!(
             "the dataset has {} features, {} takes {}",
-            train.features,
+            split.features,
             cfg.arch,
             cfg.arch.input_dim()
         )));
     }
-
-    let candidates: Vec<Candidate> = volunteers.iter().map(Candidate::from).collect();
-    let params: Vec<u64> = remote
-        .clone()
-        .map(|i| stages[i].param_count() as u64)
-        .collect();
-    let mut rng = rand::rngs::StdRng::from_rng(rand::rngs::OsRng)
-        .map_err(|e| JobError::Invalid(e.to_string()))?;
-    let route = choose_route(&candidates, &params, opts.mixes, true, &mut rng)?;
-    let owner = Identity::generate();
-    let m = route.hosts.len();
-    let slot_ids: Vec<[u8; 16]> = (0..m).map(|_| random()).collect();
-    let fkeys: Vec<[u8; 32]> = (0..=m).map(|_| random()).collect();
-    let bkeys: Vec<[u8; 32]> = (0..=m).map(|_| random()).collect();
-    let max_batch = cfg.batch.max(EVAL_BATCH) as u32;
-    let (limits, max_message) = limits(&stages, max_batch);
-
-    let assignment = |j: usize, dir: Direction, create: bool| -> Result<RingHop, JobError> {
-        let h = &route.hosts[j];
-        let stage = remote.start + j;
-        let (in_key, out_key) = match dir {
-            Direction::Forward => (fkeys[j], fkeys[j + 1]),
-            Direction::Backward => (bkeys[j + 1], bkeys[j]),
-        };
-        let body = AssignmentBody {
-            slot_id: slot_ids[j],
-            owner: owner.public_key(),
-            direction: dir,
-            infer_only: false,
-            create: create.then(|| SlotCreate {
-                stage: stages[stage].clone(),
-                init: InitSpec {
-                    seed: cfg.seed,
-                    stage_index: stage as u32,
-                },
-                optimizer: cfg.optimizer,
-            }),
-            in_key,
-            out_key,
-            first: dir == Direction::Backward && stage == 0,
-            skip_zero_inputs: InputGrad::after(stage.checked_sub(1).map(|p| &stages[p]))
-                == InputGrad::SkipZeroInputs,
-            max_batch,
-            nonce: random(),
-        };
-        Ok(RingHop {
-            peer: h.peer,
-            onion_key: h.onion_key,
-            epoch: h.epoch,
-            label: host_label(stage, dir),
-            role: HopRole::Host(Box::new(Assignment::sign(body, &owner, &h.onion_key)?)),
-        })
-    };
-    let mut fwd_hops = Vec::new();
-    let mut fwd_host_pos = Vec::new();
-    for j in 0..m {
-        fwd_hops.extend(route.forward_mixes[j].iter().map(mix_hop));
-        fwd_host_pos.push(fwd_hops.len());
-        fwd_hops.push(assignment(j, Direction::Forward, true)?);
+    if split.is_empty() {
+        return Err(JobError::Invalid("no training examples".into()));
     }
-    fwd_hops.extend(route.forward_mixes[m].iter().map(mix_hop));
-    let mut bwd_hops = Vec::new();
-    for (k, j) in (0..m).rev().enumerate() {
-        bwd_hops.extend(route.backward_mixes[k].iter().map(mix_hop));
-        bwd_hops.push(assignment(j, Direction::Backward, false)?);
-    }
-    bwd_hops.extend(route.backward_mixes[m].iter().map(mix_hop));
-    let route_lines: Vec<String> = fwd_hops
+    Ok(())
+}
+
+/// Train `job.cfg` through the network from the seeded initialisation,
+/// writing the model map (and the checkpoint beside it) to `job.map_path`.
+pub async fn train_network(
+    client: &Client,
+    volunteers: &[Volunteer],
+    job: TrainJob<'_>,
+    on_event: &mut (dyn FnMut(JobEvent) + Send),
+) -> Result<NetworkReport, JobError> {
+    let cfg = job.cfg;
+    cfg.validate()?;
+    check_data(cfg, job.train)?;
+    let remote = remote_range(cfg, job.opts.keep_ends)?;
+    let stages = cfg.arch.stages();
+    // The checkpoint of step 0 is the seeded initialisation; the owner
+    // computes it once, so any stage can be restored from the start.
+    let states = stages
         .iter()
-        .map(|h| format!("{} {}", h.label, h.peer))
-        .collect();
-
-    let (network, listener) = (client.network(), client.listener());
-    let mut fwd = Ring::open(
-        network,
-        listener,
-        fwd_hops,
-        RingKeys {
-            first_segment: fkeys[0],
-            last_segment: fkeys[m],
-        },
-        limits,
-        max_message,
-        opts.setup_timeout,
-    )
-    .await
-    .map_err(|e| ring_setup_error("forward", e))?;
-    // The backward ring binds the slots the forward ring created.
-    let mut bwd = Ring::open(
-        network,
-        listener,
-        bwd_hops,
-        RingKeys {
-            first_segment: bkeys[m],
-            last_segment: bkeys[0],
-        },
-        limits,
-        max_message,
-        opts.setup_timeout,
-    )
-    .await
-    .map_err(|e| ring_setup_error("backward", e))?;
-    let setup_seconds = started.elapsed().as_secs_f64();
-
-    let mut map = ModelMap {
+        .enumerate()
+        .map(|(i, s)| {
+            Slot::new(
+                s,
+                InitSpec {
+                    seed: cfg.seed,
+                    stage_index: i as u32,
+                },
+                cfg.optimizer,
+            )
+            .map(|slot| slot.to_bytes())
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let ckpt = Checkpoint {
+        step: 0,
+        stages: states,
+        losses: Vec::new(),
+    };
+    let owner = Identity::generate();
+    let map = ModelMap {
         format: FORMAT,
         arch: cfg.arch.to_string(),
         optimizer: cfg.optimizer,
@@ -486,227 +471,1090 @@ pub async fn train_network(
         steps: 0,
         owner_secret: hex::encode(*owner.secret_bytes()),
         stages: Vec::new(),
-        params_digest: String::new(),
+        params_digest: to_hex(&ckpt.digest().map_err(JobError::Invalid)?),
         complete: false,
+        job: Some(JobRecord {
+            epochs: cfg.epochs,
+            limit: cfg.limit,
+            keep_ends: job.opts.keep_ends,
+            mixes: job.opts.mixes,
+            data: DataFingerprint::of(job.train),
+            checkpoint_step: 0,
+        }),
     };
-    let write_map = |map: &mut ModelMap,
-                     reports: &[SlotReport],
-                     first: Option<&Slot>,
-                     last: Option<&Slot>|
-     -> Result<Vec<[u8; 32]>, JobError> {
-        let mut digests = Vec::with_capacity(n);
-        map.stages.clear();
-        if let Some(s) = first {
-            digests.push(s.params_digest());
-            map.stages.push(StageEntry::Local {
-                index: 0,
-                state: hex::encode(s.to_bytes()),
-                params_digest: to_hex(&s.params_digest()),
-            });
+    ckpt.save(&checkpoint::path_for(job.map_path))?;
+    map.save(job.map_path)?;
+    let placement = vec![None; remote.len()];
+    Driver::new(client, volunteers, job, owner, map, ckpt, remote, placement)?
+        .run(true, on_event)
+        .await
+}
+
+/// Carry on the job of the model map at `job.map_path` from its latest
+/// checkpoint, to `job.cfg.epochs` epochs in all. `job.cfg` must describe
+/// the same model and data as the map (see [`resume_config`]).
+pub async fn resume_network(
+    client: &Client,
+    volunteers: &[Volunteer],
+    job: TrainJob<'_>,
+    on_event: &mut (dyn FnMut(JobEvent) + Send),
+) -> Result<NetworkReport, JobError> {
+    let cfg = job.cfg;
+    cfg.validate()?;
+    check_data(cfg, job.train)?;
+    let mut map = ModelMap::load(job.map_path)?;
+    let record = map.job.clone().ok_or_else(|| {
+        JobError::Invalid(format!(
+            "the model map {} records no job to resume (it was written by an older mixnn)",
+            job.map_path.display()
+        ))
+    })?;
+    let same = map.arch == cfg.arch.to_string()
+        && map.optimizer == cfg.optimizer
+        && map.seed == cfg.seed
+        && map.batch == cfg.batch
+        && record.limit == cfg.limit
+        && record.keep_ends == job.opts.keep_ends;
+    if !same {
+        return Err(JobError::Invalid(
+            "the job to resume was trained with another architecture, optimizer, seed, batch, limit or --keep-ends".into(),
+        ));
+    }
+    if record.data != DataFingerprint::of(job.train) {
+        return Err(JobError::Invalid(format!(
+            "the training data differs from the job's ({} examples of {} features before, {} of {} now, or other contents); pass the same --data",
+            record.data.examples,
+            record.data.features,
+            job.train.len(),
+            job.train.features
+        )));
+    }
+    let ckpt = Checkpoint::load(&checkpoint::path_for(job.map_path))?;
+    let digest = ckpt
+        .digest()
+        .map_err(|e| JobError::Invalid(format!("the checkpoint beside the map: {e}")))?;
+    if ckpt.stages.len() != cfg.arch.num_stages() {
+        return Err(JobError::Invalid(
+            "the checkpoint does not hold every stage of the model".into(),
+        ));
+    }
+    let remote = remote_range(cfg, job.opts.keep_ends)?;
+    let mut placement = Vec::with_capacity(remote.len());
+    for entry in &map.stages {
+        if let StageEntry::Remote { host, slot_id, .. } = entry {
+            let peer: Option<PeerId> = host.parse().ok();
+            let id: Option<SlotId> = hex::decode(slot_id).ok().and_then(|b| b.try_into().ok());
+            placement.push(peer.zip(id));
         }
-        for (j, h) in route.hosts.iter().enumerate() {
-            let r = reports.get(j);
-            digests.push(r.map(|r| r.params_digest).unwrap_or_default());
-            map.stages.push(StageEntry::Remote {
-                index: remote.start + j,
-                slot_id: hex::encode(slot_ids[j]),
-                host: h.peer.to_string(),
-                addresses: volunteers
-                    .iter()
-                    .find(|v| v.peer_id == h.peer)
-                    .map(|v| v.descriptor.addresses.clone())
+    }
+    placement.resize(remote.len(), None);
+    map.params_digest = to_hex(&digest);
+    map.complete = false;
+    if let Some(j) = map.job.as_mut() {
+        j.epochs = cfg.epochs;
+        j.mixes = job.opts.mixes;
+    }
+    map.save(job.map_path)?;
+    let owner = map.owner()?;
+    Driver::new(client, volunteers, job, owner, map, ckpt, remote, placement)?
+        .run(false, on_event)
+        .await
+}
+
+/// The training configuration of the job in the map at `path`, to
+/// `epochs` epochs in all (the map's own count when `None`).
+pub fn resume_config(map: &ModelMap, epochs: Option<u32>) -> Result<TrainConfig, JobError> {
+    let record = map
+        .job
+        .as_ref()
+        .ok_or_else(|| JobError::Invalid("the model map records no job to resume".into()))?;
+    let cfg = TrainConfig {
+        arch: mixnn_model::Arch::parse(&map.arch)
+            .map_err(|e| JobError::Invalid(format!("model map arch: {e}")))?,
+        epochs: epochs.unwrap_or(record.epochs),
+        batch: map.batch,
+        optimizer: map.optimizer,
+        seed: map.seed,
+        limit: record.limit,
+    };
+    cfg.validate()?;
+    Ok(cfg)
+}
+
+/// How one action ended, when it did not simply succeed.
+enum Fault {
+    /// A wait passed its deadline.
+    TimedOut,
+    /// A hop failed; the peers are those blamed.
+    Hop { blamed: Vec<PeerId>, reason: String },
+    /// Nothing a new run can fix (the local disk, a bug, bad arguments).
+    Fatal(JobError),
+}
+
+impl From<JobError> for Fault {
+    fn from(e: JobError) -> Self {
+        match e {
+            JobError::Hop {
+                peer,
+                during,
+                detail,
+            } => Fault::Hop {
+                blamed: peer.into_iter().collect(),
+                reason: format!("{during}: {detail}"),
+            },
+            other => Fault::Fatal(other),
+        }
+    }
+}
+
+impl From<ModelError> for Fault {
+    fn from(e: ModelError) -> Self {
+        Fault::Fatal(e.into())
+    }
+}
+
+impl From<MapError> for Fault {
+    fn from(e: MapError) -> Self {
+        Fault::Fatal(e.into())
+    }
+}
+
+/// The rings of the current run.
+struct Rings {
+    fwd: Ring,
+    bwd: Ring,
+    forward_hosts: Vec<usize>,
+    windows: Vec<StateWindow>,
+    state_total: usize,
+    route: Vec<String>,
+}
+
+/// The training split's batches in the order training takes them.
+struct Batches<'a> {
+    train: &'a Split,
+    batch: usize,
+    seed: u64,
+    per_epoch: u64,
+    /// The next step the iterator yields, and the iterator.
+    at: Option<(
+        u64,
+        Box<dyn Iterator<Item = (HostTensor, Vec<u8>)> + Send + Sync + 'a>,
+    )>,
+}
+
+impl<'a> Batches<'a> {
+    fn new(train: &'a Split, batch: usize, seed: u64) -> Self {
+        Self {
+            train,
+            batch,
+            seed,
+            per_epoch: train.num_batches(batch).max(1) as u64,
+            at: None,
+        }
+    }
+
+    fn epoch_of(&self, step: u64) -> u32 {
+        ((step - 1) / self.per_epoch) as u32
+    }
+
+    /// The batch of `step` (1-based over all epochs).
+    fn get(&mut self, step: u64) -> Option<(HostTensor, Vec<u8>)> {
+        let epoch = self.epoch_of(step);
+        let index = (step - 1) % self.per_epoch;
+        let fits = matches!(&self.at, Some((next, _)) if *next == step);
+        if !fits {
+            let it = self
+                .train
+                .batches(self.batch, epoch, self.seed)
+                .skip(index as usize);
+            self.at = Some((step, Box::new(it)));
+        }
+        let (next, it) = self.at.as_mut()?;
+        let b = it.next();
+        *next += 1;
+        if index + 1 == self.per_epoch {
+            self.at = None;
+        }
+        b
+    }
+}
+
+struct Driver<'a> {
+    network: &'a Network,
+    client: &'a Client,
+    candidates: Vec<Candidate>,
+    job: TrainJob<'a>,
+    stages: Vec<StageSpec>,
+    remote: Range<usize>,
+    owner: Identity,
+    map: ModelMap,
+    ckpt: Checkpoint,
+    /// Per remote stage: its host and slot id in the current (or last) run.
+    placement: Vec<Option<(PeerId, SlotId)>>,
+    rings: Option<Rings>,
+    first: Option<Slot>,
+    last: Option<Slot>,
+    losses: Vec<f32>,
+    /// Labels of the steps in flight.
+    labels: HashMap<u64, Vec<u8>>,
+    batches: Batches<'a>,
+    max_batch: u32,
+    limits: (DecodeLimits, usize),
+    b: Breakdown,
+    checkpoints: u64,
+    examples_per_step: Vec<u64>,
+    /// The hosts of the current run.
+    current: Vec<StageHost>,
+    /// Advertised addresses of the volunteers, for the map.
+    addresses: HashMap<PeerId, Vec<String>>,
+    test_accuracy: Option<f32>,
+}
+
+impl<'a> Driver<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        client: &'a Client,
+        volunteers: &[Volunteer],
+        job: TrainJob<'a>,
+        owner: Identity,
+        map: ModelMap,
+        ckpt: Checkpoint,
+        remote: Range<usize>,
+        placement: Vec<Option<(PeerId, SlotId)>>,
+    ) -> Result<Self, JobError> {
+        let stages = job.cfg.arch.stages();
+        let max_batch = job.cfg.batch.max(EVAL_BATCH) as u32;
+        let limits = limits(&stages, max_batch);
+        let batches = Batches::new(job.train, job.cfg.batch, job.cfg.seed);
+        let losses = ckpt.losses.clone();
+        Ok(Self {
+            network: client.network(),
+            client,
+            candidates: volunteers.iter().map(Candidate::from).collect(),
+            stages,
+            remote,
+            owner,
+            map,
+            ckpt,
+            placement,
+            rings: None,
+            first: None,
+            last: None,
+            losses,
+            labels: HashMap::new(),
+            batches,
+            max_batch,
+            limits,
+            b: Breakdown::default(),
+            checkpoints: 0,
+            examples_per_step: Vec::new(),
+            current: Vec::new(),
+            addresses: volunteers
+                .iter()
+                .map(|v| (v.peer_id, v.descriptor.addresses.clone()))
+                .collect(),
+            test_accuracy: None,
+            job,
+        })
+    }
+
+    fn total_steps(&self) -> u64 {
+        self.job.cfg.epochs as u64 * self.batches.per_epoch
+    }
+
+    async fn run(
+        mut self,
+        fresh: bool,
+        on_event: &mut (dyn FnMut(JobEvent) + Send),
+    ) -> Result<NetworkReport, JobError> {
+        let started = Instant::now();
+        let start = self.ckpt.step;
+        let schedule = Schedule {
+            total_steps: self.total_steps(),
+            checkpoint_every: self.job.opts.checkpoint_every,
+            pipeline: !self.job.opts.keep_ends,
+            max_failovers: self.job.opts.max_failovers,
+            step_timeout: self.job.opts.step_timeout,
+        };
+        let mut m = TrainMachine::new(schedule, start, fresh);
+        let mut interrupted = false;
+        loop {
+            if !interrupted && self.job.stop.is_cancelled() {
+                interrupted = true;
+                m.on(Event::Interrupt, Instant::now());
+            }
+            let now = Instant::now();
+            let Some(action) = m.next_action(now) else {
+                return Err(JobError::Invalid(
+                    "the job's state machine has nothing to do".into(),
+                ));
+            };
+            let deadline = m.deadline().map(tokio::time::Instant::from_std);
+            let outcome: Result<Option<Event>, Fault> = match action {
+                Action::Setup { restore, avoid } => {
+                    let t = Instant::now();
+                    let r = self.setup(restore, &avoid).await;
+                    self.b.setup_seconds += t.elapsed().as_secs_f64();
+                    if r.is_ok() && !m.failovers().is_empty() {
+                        on_event(JobEvent::Resumed {
+                            step: self.ckpt.step,
+                            seconds: m
+                                .failovers()
+                                .last()
+                                .and_then(|f| f.recovery)
+                                .map_or(0.0, |d| d.as_secs_f64()),
+                        });
+                    }
+                    r.map(|()| Some(Event::Ready))
+                }
+                Action::SendForward { step } => self.send_forward(step).await.map(|()| None),
+                Action::AwaitOutput { step } => self
+                    .await_output(step, deadline, on_event)
+                    .await
+                    .map(|()| Some(Event::Output { step })),
+                Action::AwaitAck { step } => self
+                    .await_ack(step, deadline)
+                    .await
+                    .map(|()| Some(Event::Acked { step })),
+                Action::Checkpoint { step } => {
+                    let t = Instant::now();
+                    let r = self.checkpoint(step, deadline).await;
+                    let secs = t.elapsed().as_secs_f64();
+                    self.b.checkpoint_seconds += secs;
+                    if r.is_ok() {
+                        on_event(JobEvent::Checkpoint {
+                            step,
+                            seconds: secs,
+                        });
+                    }
+                    r.map(|()| Some(Event::Checkpointed { step }))
+                }
+                Action::Probe => {
+                    let dead = match &self.rings {
+                        Some(r) => {
+                            let hops: Vec<RingHop> =
+                                r.fwd.hops.iter().chain(&r.bwd.hops).cloned().collect();
+                            unresponsive(self.network, &hops, self.job.opts.probe_timeout).await
+                        }
+                        None => vec![],
+                    };
+                    Err(Fault::Hop {
+                        blamed: dead.iter().map(|h| h.peer).collect(),
+                        reason: format!(
+                            "no reply within {:?}{}",
+                            self.job.opts.step_timeout,
+                            if dead.is_empty() {
+                                String::new()
+                            } else {
+                                format!(
+                                    "; unresponsive: {}",
+                                    dead.iter()
+                                        .map(|h| format!("{} ({})", h.peer, h.label))
+                                        .collect::<Vec<_>>()
+                                        .join(", ")
+                                )
+                            }
+                        ),
+                    })
+                }
+                Action::Evaluate => self.evaluate().await.map(|_| Some(Event::Evaluated)),
+                Action::Finish => {
+                    return match self.finish(started, start, &m).await {
+                        Ok(r) => Ok(r),
+                        Err(Fault::Fatal(e)) => Err(e),
+                        Err(Fault::Hop { blamed, reason }) => Err(JobError::Hop {
+                            during: "the final reports".into(),
+                            peer: blamed.first().copied(),
+                            detail: reason,
+                        }),
+                        Err(Fault::TimedOut) => Err(JobError::Hop {
+                            during: "the final reports".into(),
+                            peer: None,
+                            detail: "no reply in time".into(),
+                        }),
+                    };
+                }
+                Action::Stop { step } => {
+                    self.teardown().await;
+                    return Err(JobError::Interrupted { step });
+                }
+                Action::Abort { reason } => {
+                    self.teardown().await;
+                    let peer = m.failovers().last().and_then(|f| f.blamed.first().copied());
+                    return Err(JobError::Hop {
+                        during: format!(
+                            "the job stopped at the checkpoint of step {}",
+                            m.checkpoint_step()
+                        ),
+                        peer,
+                        detail: reason,
+                    });
+                }
+            };
+            match outcome {
+                Ok(Some(ev)) => m.on(ev, Instant::now()),
+                Ok(None) => {}
+                Err(Fault::TimedOut) => m.timed_out(Instant::now()),
+                Err(Fault::Hop { blamed, reason }) => {
+                    tracing::warn!(event = "hop_failed", %reason, blamed = ?blamed);
+                    // The rings of a failed run are dropped: every hop's
+                    // circuit ends and the slots fall back to the last
+                    // checkpoint.
+                    self.rings = None;
+                    self.labels.clear();
+                    m.on(
+                        Event::Failed {
+                            blamed,
+                            reason: reason.clone(),
+                        },
+                        Instant::now(),
+                    );
+                    if let Some(f) = m.failovers().last() {
+                        if m.failovers().len() as u32 <= self.job.opts.max_failovers
+                            && f.reason == reason
+                        {
+                            on_event(JobEvent::Failover {
+                                number: m.failovers().len() as u32,
+                                reason,
+                                restore_step: f.restored_step,
+                            });
+                        }
+                    }
+                }
+                Err(Fault::Fatal(e)) => {
+                    self.teardown().await;
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn teardown(&mut self) {
+        if let Some(r) = self.rings.take() {
+            r.fwd.teardown().await;
+            r.bwd.teardown().await;
+        }
+    }
+
+    /// Fresh descriptors of the peers that held our stages and are not
+    /// among the candidates (a resumed job, or volunteers that moved on).
+    async fn refresh_placement(&mut self) {
+        for (peer, _) in self.placement.iter().flatten() {
+            if self.candidates.iter().any(|c| c.peer == *peer) {
+                continue;
+            }
+            let fetched =
+                tokio::time::timeout(Duration::from_secs(10), self.network.get_descriptor(*peer))
+                    .await;
+            if let Ok(Ok(d)) = fetched {
+                self.addresses.insert(*peer, d.addresses.clone());
+                self.candidates.push(Candidate::from(&Volunteer {
+                    peer_id: *peer,
+                    descriptor: d,
+                }));
+            }
+        }
+    }
+
+    /// A route avoiding `avoid` whose every peer answers.
+    async fn choose(&mut self, avoid: &[PeerId]) -> Result<super::route::Route, Fault> {
+        let params: Vec<u64> = self
+            .remote
+            .clone()
+            .map(|i| self.stages[i].param_count() as u64)
+            .collect();
+        let keep: Vec<Option<PeerId>> = self.placement.iter().map(|p| p.map(|p| p.0)).collect();
+        let mut avoid: HashSet<PeerId> = avoid.iter().copied().collect();
+        let mut rediscovered = false;
+        for _ in 0..4 {
+            let route = choose_route_keeping(
+                &self.candidates,
+                &params,
+                &keep,
+                &avoid,
+                self.job.opts.mixes,
+                true,
+                &mut rng()?,
+            );
+            let route = match route {
+                Ok(r) => r,
+                Err(e) if !rediscovered => {
+                    // Volunteers may have joined since the job started.
+                    rediscovered = true;
+                    tracing::info!(event = "route_rediscovery", reason = %e);
+                    let (found, _) =
+                        crate::discovery::discover(self.network, Duration::from_secs(5)).await;
+                    for v in &found {
+                        self.addresses
+                            .insert(v.peer_id, v.descriptor.addresses.clone());
+                        let c = Candidate::from(v);
+                        match self.candidates.iter_mut().find(|x| x.peer == c.peer) {
+                            Some(x) => *x = c,
+                            None => self.candidates.push(c),
+                        }
+                    }
+                    continue;
+                }
+                Err(e) => return Err(Fault::Fatal(e.into())),
+            };
+            let peers: Vec<PeerId> = route
+                .hosts
+                .iter()
+                .chain(route.forward_mixes.iter().flatten())
+                .chain(route.backward_mixes.iter().flatten())
+                .map(|c| c.peer)
+                .collect();
+            let alive = answering(self.network, &peers, self.job.opts.probe_timeout).await;
+            let dead: Vec<PeerId> = peers.into_iter().filter(|p| !alive.contains(p)).collect();
+            if dead.is_empty() {
+                return Ok(route);
+            }
+            tracing::info!(event = "route_peers_unreachable", count = dead.len());
+            avoid.extend(dead);
+        }
+        Err(Fault::Hop {
+            blamed: vec![],
+            reason: "no route whose peers all answer".into(),
+        })
+    }
+
+    /// Set up both rings of a new run and bring every stage to the
+    /// checkpoint of `restore` (already there when `None`).
+    async fn setup(&mut self, restore: Option<u64>, avoid: &[PeerId]) -> Result<(), Fault> {
+        self.rings = None;
+        self.refresh_placement().await;
+        let route = self.choose(avoid).await?;
+        let hosts: Vec<StageHost> = route
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(j, c)| StageHost {
+                stage: self.remote.start + j,
+                host: c.clone(),
+                slot_id: match self.placement[j] {
+                    Some((peer, id)) if peer == c.peer => id,
+                    _ => random(),
+                },
+            })
+            .collect();
+        let layout = Layout {
+            stages: &self.stages,
+            seed: self.job.cfg.seed,
+            optimizer: self.job.cfg.optimizer,
+            max_batch: self.max_batch,
+        };
+        let planned = plan::training_rings(
+            &layout,
+            &hosts,
+            &route.forward_mixes,
+            &route.backward_mixes,
+            &self.owner,
+            random(),
+            &mut rng()?,
+        )
+        .map_err(|e| Fault::Fatal(e.into()))?;
+        // The map names the new placement before any slot is made, so no
+        // slot of the owner's is ever unknown to it.
+        self.placement = hosts
+            .iter()
+            .map(|h| Some((h.host.peer, h.slot_id)))
+            .collect();
+        self.current = hosts;
+        self.write_map(None)?;
+        let route_lines: Vec<String> = planned
+            .forward
+            .iter()
+            .map(|h| format!("{} {}", h.label, h.peer))
+            .collect();
+        let (limits, max_message) = self.limits;
+        let max_message = max_message.max(planned.state_total + 64 * 1024);
+        let (network, listener) = (self.client.network(), self.client.listener());
+        let all_hops: Vec<RingHop> = planned
+            .forward
+            .iter()
+            .chain(&planned.backward)
+            .cloned()
+            .collect();
+        let fwd = Ring::open(
+            network,
+            listener,
+            planned.forward,
+            planned.forward_keys,
+            limits,
+            max_message,
+            self.job.opts.setup_timeout,
+        )
+        .await;
+        let fwd = match fwd {
+            Ok(r) => r,
+            Err(e) => return Err(self.setup_fault("forward", &all_hops, e).await),
+        };
+        // The backward ring binds the slots the forward ring created.
+        let bwd = Ring::open(
+            network,
+            listener,
+            planned.backward,
+            planned.backward_keys,
+            limits,
+            max_message,
+            self.job.opts.setup_timeout,
+        )
+        .await;
+        let bwd = match bwd {
+            Ok(r) => r,
+            Err(e) => return Err(self.setup_fault("backward", &all_hops, e).await),
+        };
+        self.rings = Some(Rings {
+            fwd,
+            bwd,
+            forward_hosts: planned.forward_hosts,
+            windows: planned.windows,
+            state_total: planned.state_total,
+            route: route_lines,
+        });
+        if let Some(step) = restore {
+            self.restore(step).await?;
+        }
+        let n = self.stages.len();
+        let local = |i: usize| Slot::from_bytes(&self.ckpt.stages[i]);
+        self.first = (self.remote.start > 0).then(|| local(0)).transpose()?;
+        self.last = (self.remote.end < n).then(|| local(n - 1)).transpose()?;
+        self.losses.truncate(self.ckpt.step as usize);
+        Ok(())
+    }
+
+    /// Blame for a ring that did not come up: the hop it names, or the
+    /// hops that do not answer.
+    async fn setup_fault(&self, which: &str, hops: &[RingHop], e: RingError) -> Fault {
+        let named = e
+            .blamed_hop()
+            .and_then(|i| {
+                let ring_hops = match which {
+                    "forward" => &hops[..hops.len() / 2],
+                    _ => &hops[hops.len() / 2..],
+                };
+                ring_hops.get(i)
+            })
+            .map(|h| h.peer);
+        let blamed: Vec<PeerId> = match named {
+            Some(p) => vec![p],
+            None => unresponsive(self.network, hops, self.job.opts.probe_timeout)
+                .await
+                .into_iter()
+                .map(|h| h.peer)
+                .collect(),
+        };
+        Fault::Hop {
+            blamed,
+            reason: format!("setting up the {which} ring: {e}"),
+        }
+    }
+
+    /// Send every host its state of the checkpoint, sealed to it alone.
+    async fn restore(&mut self, step: u64) -> Result<(), Fault> {
+        if self.ckpt.step != step {
+            return Err(Fault::Fatal(JobError::Invalid(format!(
+                "asked to restore step {step}, the checkpoint holds step {}",
+                self.ckpt.step
+            ))));
+        }
+        let remote = self.remote.clone();
+        let timeout = self.job.opts.step_timeout;
+        let network = self.network;
+        let ckpt_stages = &self.ckpt.stages;
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        let mut blob = vec![0u8; rings.state_total];
+        rng()?.fill_bytes(&mut blob);
+        for (j, stage) in remote.enumerate() {
+            let w = rings.windows[j];
+            let range = w.range().ok_or_else(|| {
+                Fault::Fatal(JobError::Invalid("a state window out of range".into()))
+            })?;
+            let key = rings
+                .fwd
+                .secrets(rings.forward_hosts[j])
+                .map(|s| s.key(STATE_DOWN_KEY))
+                .ok_or_else(|| Fault::Fatal(JobError::Invalid("no secrets for a host".into())))?;
+            seal_state(&key, &ckpt_stages[stage], &mut blob[range])
+                .map_err(|e| Fault::Fatal(e.into()))?;
+        }
+        let during = format!("restoring every stage to step {step}");
+        let msg = JobMsg::State {
+            op: StateOp::Restore,
+            step,
+            blob,
+        };
+        match exchange(network, &mut rings.fwd, &msg, &during, timeout).await? {
+            JobMsg::State {
+                op: StateOp::Restore,
+                step: s,
+                ..
+            } if s == step => Ok(()),
+            other => Err(Fault::Fatal(unexpected(&during, &other))),
+        }
+    }
+
+    async fn send_forward(&mut self, step: u64) -> Result<(), Fault> {
+        let (x, labels) = self
+            .batches
+            .get(step)
+            .ok_or_else(|| Fault::Fatal(JobError::Invalid(format!("no batch for step {step}"))))?;
+        self.labels.insert(step, labels);
+        let t = Instant::now();
+        let h = match self.first.as_mut() {
+            Some(s) => s.forward(step, &x)?,
+            None => x,
+        };
+        self.b.client_compute_seconds += t.elapsed().as_secs_f64();
+        let network = self.network;
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        if let Err(e) = rings.fwd.send(&JobMsg::Forward { step, tensor: h }).await {
+            return Err(with_probe(
+                network,
+                &format!("step {step} (forward pass)"),
+                &rings.fwd,
+                e,
+            )
+            .await
+            .into());
+        }
+        Ok(())
+    }
+
+    async fn await_output(
+        &mut self,
+        step: u64,
+        deadline: Option<tokio::time::Instant>,
+        on_event: &mut (dyn FnMut(JobEvent) + Send),
+    ) -> Result<(), Fault> {
+        let during = format!("step {step} (forward pass)");
+        let timeout = remaining(deadline, self.job.opts.step_timeout);
+        let network = self.network;
+        let t = Instant::now();
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        let y = match rings.fwd.recv(timeout).await {
+            Ok(JobMsg::Forward { step: got, tensor }) if got == step => tensor,
+            Ok(other) => return Err(Fault::Fatal(unexpected(&during, &other))),
+            Err(RingError::Timeout(_)) => return Err(Fault::TimedOut),
+            Err(e) => return Err(with_probe(network, &during, &rings.fwd, e).await.into()),
+        };
+        self.b.waiting_seconds += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let logits = match self.last.as_mut() {
+            Some(sl) => sl.forward(step, &y)?,
+            None => y,
+        };
+        let labels = self
+            .labels
+            .get(&step)
+            .ok_or_else(|| Fault::Fatal(JobError::Invalid(format!("no labels for step {step}"))))?;
+        let (loss, mut grad) = softmax_cross_entropy(&logits, labels)?;
+        let examples = labels.len() as u64;
+        if let Some(sl) = self.last.as_mut() {
+            grad = sl.backward(step, &grad)?;
+        }
+        self.b.client_compute_seconds += t.elapsed().as_secs_f64();
+        let during = format!("step {step} (backward pass)");
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        if let Err(e) = rings
+            .bwd
+            .send(&JobMsg::Backward { step, tensor: grad })
+            .await
+        {
+            return Err(with_probe(network, &during, &rings.bwd, e).await.into());
+        }
+        let i = (step - 1) as usize;
+        self.losses.truncate(i);
+        self.losses.push(loss);
+        self.examples_per_step.truncate(i);
+        self.examples_per_step.resize(i, examples);
+        self.examples_per_step.push(examples);
+        let done = (step - 1) / self.batches.per_epoch * self.job.train.len() as u64
+            + ((step - 1) % self.batches.per_epoch) * self.job.cfg.batch as u64
+            + examples;
+        on_event(JobEvent::Step(StepInfo {
+            step,
+            epoch: self.batches.epoch_of(step),
+            loss,
+            examples_done: done,
+            examples_total: self.job.cfg.epochs as u64 * self.job.train.len() as u64,
+        }));
+        Ok(())
+    }
+
+    async fn await_ack(
+        &mut self,
+        step: u64,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), Fault> {
+        let during = format!("step {step} (backward pass)");
+        let timeout = remaining(deadline, self.job.opts.step_timeout);
+        let network = self.network;
+        let t = Instant::now();
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        let reply = match rings.bwd.recv(timeout).await {
+            Ok(r) => r,
+            Err(RingError::Timeout(_)) => return Err(Fault::TimedOut),
+            Err(e) => return Err(with_probe(network, &during, &rings.bwd, e).await.into()),
+        };
+        self.b.waiting_seconds += t.elapsed().as_secs_f64();
+        match (reply, self.first.as_mut()) {
+            (JobMsg::Ack { step: got }, None) if got == step => {}
+            (JobMsg::Backward { step: got, tensor }, Some(f)) if got == step => {
+                let t = Instant::now();
+                f.backward(step, &tensor)?;
+                self.b.client_compute_seconds += t.elapsed().as_secs_f64();
+            }
+            (other, _) => return Err(Fault::Fatal(unexpected(&during, &other))),
+        }
+        self.labels.remove(&step);
+        Ok(())
+    }
+
+    /// Collect every stage's state after `step` steps and write it.
+    async fn checkpoint(
+        &mut self,
+        step: u64,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<(), Fault> {
+        let timeout = remaining(deadline, self.job.opts.step_timeout);
+        let network = self.network;
+        let remote = self.remote.clone();
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        let mut blob = vec![0u8; rings.state_total];
+        rng()?.fill_bytes(&mut blob);
+        let during = format!("checkpoint of step {step}");
+        let msg = JobMsg::State {
+            op: StateOp::Checkpoint,
+            step,
+            blob,
+        };
+        if let Err(e) = rings.fwd.send(&msg).await {
+            return Err(with_probe(network, &during, &rings.fwd, e).await.into());
+        }
+        let blob = match rings.fwd.recv(timeout).await {
+            Ok(JobMsg::State {
+                op: StateOp::Checkpoint,
+                step: s,
+                blob,
+            }) if s == step && blob.len() == rings.state_total => blob,
+            Ok(other) => return Err(Fault::Fatal(unexpected(&during, &other))),
+            Err(RingError::Timeout(_)) => return Err(Fault::TimedOut),
+            Err(e) => return Err(with_probe(network, &during, &rings.fwd, e).await.into()),
+        };
+        let mut stages = self.ckpt.stages.clone();
+        for (j, stage) in remote.enumerate() {
+            let pos = rings.forward_hosts[j];
+            let peer = rings.fwd.hops.get(pos).map(|h| h.peer);
+            let diverged = |detail: String| Fault::Hop {
+                blamed: peer.into_iter().collect(),
+                reason: format!("{during}: stage {stage}: {detail}"),
+            };
+            let key = rings
+                .fwd
+                .secrets(pos)
+                .map(|s| s.key(STATE_UP_KEY))
+                .ok_or_else(|| Fault::Fatal(JobError::Invalid("no secrets for a host".into())))?;
+            let range = rings.windows[j]
+                .range()
+                .ok_or_else(|| diverged("a window out of range".into()))?;
+            let state = open_state(&key, &blob[range])
+                .map_err(|_| diverged("the host's state does not open".into()))?;
+            let slot =
+                Slot::from_bytes(&state).map_err(|e| diverged(format!("unreadable state: {e}")))?;
+            if slot.steps_applied() != step || slot.spec() != &self.stages[stage] {
+                return Err(diverged(format!(
+                    "the host sent a state of another stage or step ({} steps)",
+                    slot.steps_applied()
+                )));
+            }
+            stages[stage] = state;
+        }
+        let n = self.stages.len();
+        if let Some(f) = &self.first {
+            stages[0] = f.to_bytes();
+        }
+        if let Some(l) = &self.last {
+            stages[n - 1] = l.to_bytes();
+        }
+        let ckpt = Checkpoint {
+            step,
+            stages,
+            losses: self.losses[..(step as usize).min(self.losses.len())].to_vec(),
+        };
+        let digest = ckpt.digest().map_err(|e| Fault::Hop {
+            blamed: vec![],
+            reason: format!("{during}: {e}"),
+        })?;
+        ckpt.save(&checkpoint::path_for(self.job.map_path))?;
+        self.ckpt = ckpt;
+        self.checkpoints += 1;
+        self.map.steps = step;
+        self.map.params_digest = to_hex(&digest);
+        if let Some(j) = self.map.job.as_mut() {
+            j.checkpoint_step = step;
+        }
+        self.map.save(self.job.map_path)?;
+        Ok(())
+    }
+
+    async fn evaluate(&mut self) -> Result<f32, Fault> {
+        let network = self.network;
+        let timeout = self.job.opts.step_timeout;
+        let test = self.job.test;
+        let (first, last) = (self.first.as_ref(), self.last.as_ref());
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        let (acc, _) = evaluate(network, &mut rings.fwd, test, first, last, timeout).await?;
+        self.test_accuracy = Some(acc);
+        Ok(acc)
+    }
+
+    /// The map with the current placement; `reports` (the final round)
+    /// fill in each slot's version and digest.
+    fn write_map(&mut self, reports: Option<&[SlotReport]>) -> Result<(), Fault> {
+        let n = self.stages.len();
+        let mut entries = Vec::with_capacity(n);
+        let local = |i: usize, bytes: &[u8]| -> Result<StageEntry, Fault> {
+            let slot = Slot::from_bytes(bytes)?;
+            Ok(StageEntry::Local {
+                index: i,
+                state: hex::encode(bytes),
+                params_digest: to_hex(&slot.params_digest()),
+            })
+        };
+        if self.remote.start > 0 {
+            let bytes = match &self.first {
+                Some(f) if reports.is_some() => f.to_bytes(),
+                _ => self.ckpt.stages[0].clone(),
+            };
+            entries.push(local(0, &bytes)?);
+        }
+        for (j, h) in self.current.iter().enumerate() {
+            let r = reports.and_then(|r| r.get(j));
+            entries.push(StageEntry::Remote {
+                index: h.stage,
+                slot_id: hex::encode(h.slot_id),
+                host: h.host.peer.to_string(),
+                addresses: self
+                    .addresses
+                    .get(&h.host.peer)
+                    .cloned()
                     .unwrap_or_default(),
                 version: r.map_or(0, |r| r.version),
                 params_digest: r.map(|r| to_hex(&r.params_digest)).unwrap_or_default(),
             });
         }
-        if let Some(s) = last {
-            digests.push(s.params_digest());
-            map.stages.push(StageEntry::Local {
-                index: n - 1,
-                state: hex::encode(s.to_bytes()),
-                params_digest: to_hex(&s.params_digest()),
-            });
+        if self.remote.end < n {
+            let bytes = match &self.last {
+                Some(l) if reports.is_some() => l.to_bytes(),
+                _ => self.ckpt.stages[n - 1].clone(),
+            };
+            entries.push(local(n - 1, &bytes)?);
         }
-        map.params_digest = to_hex(&model_digest(&digests));
-        map.save(map_path)?;
-        Ok(digests)
-    };
-    write_map(&mut map, &[], first.as_ref(), last.as_ref())?;
+        self.map.stages = entries;
+        self.map.save(self.job.map_path)?;
+        Ok(())
+    }
 
-    let mut b = Breakdown {
-        setup_seconds,
-        ..Breakdown::default()
-    };
-    let mut losses = Vec::new();
-    let mut step = 0u64;
-    let examples_total = cfg.epochs as u64 * train.len() as u64;
-    let mut examples_done = 0u64;
-    let timeout = opts.step_timeout;
-    for epoch in 0..cfg.epochs {
-        let mut batches = train.batches(cfg.batch, epoch, cfg.seed);
-        // The step whose forward pass is on the forward ring.
-        let mut in_flight: Option<(u64, Vec<u8>)> = None;
-        if let Some((x, labels)) = batches.next() {
-            step += 1;
-            let t = Instant::now();
-            let h = match first.as_mut() {
-                Some(s) => s.forward(step, &x)?,
-                None => x,
-            };
-            b.client_compute_seconds += t.elapsed().as_secs_f64();
-            send_forward(network, &mut fwd, step, h).await?;
-            in_flight = Some((step, labels));
-        }
-        while let Some((s, labels)) = in_flight.take() {
-            let during = format!("step {s} (forward pass)");
-            let t = Instant::now();
-            let y = match fwd.recv(timeout).await {
-                Ok(JobMsg::Forward { step: got, tensor }) if got == s => tensor,
-                Ok(other) => {
-                    return Err(JobError::Invalid(format!(
-                        "{during}: got a {} message",
-                        other.name()
-                    )))
-                }
-                Err(e) => return Err(with_probe(network, &during, &fwd, e).await),
-            };
-            b.waiting_seconds += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let logits = match last.as_mut() {
-                Some(sl) => sl.forward(s, &y)?,
-                None => y,
-            };
-            let (loss, mut grad) = softmax_cross_entropy(&logits, &labels)?;
-            if let Some(sl) = last.as_mut() {
-                grad = sl.backward(s, &grad)?;
-            }
-            b.client_compute_seconds += t.elapsed().as_secs_f64();
-            let during = format!("step {s} (backward pass)");
-            if let Err(e) = bwd
-                .send(&JobMsg::Backward {
-                    step: s,
-                    tensor: grad,
-                })
-                .await
-            {
-                return Err(with_probe(network, &during, &bwd, e).await);
-            }
-            // Pipelining: the next batch travels to the first host while the
-            // hosts run this step's backward pass; each host holds it until
-            // its own backward pass is done, so the arithmetic is unchanged.
-            // (With --keep-ends the first stage is ours and must finish its
-            // backward pass first.)
-            if first.is_none() {
-                if let Some((x, next_labels)) = batches.next() {
-                    step += 1;
-                    send_forward(network, &mut fwd, step, x).await?;
-                    in_flight = Some((step, next_labels));
-                }
-            }
-            let t = Instant::now();
-            let reply = match bwd.recv(timeout).await {
-                Ok(r) => r,
-                Err(e) => return Err(with_probe(network, &during, &bwd, e).await),
-            };
-            b.waiting_seconds += t.elapsed().as_secs_f64();
-            match (reply, first.as_mut()) {
-                (JobMsg::Ack { step: got }, None) if got == s => {}
-                (JobMsg::Backward { step: got, tensor }, Some(f)) if got == s => {
-                    let t = Instant::now();
-                    f.backward(s, &tensor)?;
-                    if let Some((x, next_labels)) = batches.next() {
-                        step += 1;
-                        let h = f.forward(step, &x)?;
-                        b.client_compute_seconds += t.elapsed().as_secs_f64();
-                        send_forward(network, &mut fwd, step, h).await?;
-                        in_flight = Some((step, next_labels));
-                    } else {
-                        b.client_compute_seconds += t.elapsed().as_secs_f64();
-                    }
-                }
-                (other, _) => {
-                    return Err(JobError::Invalid(format!(
-                        "{during}: got a {} message",
-                        other.name()
-                    )))
-                }
-            }
-            losses.push(loss);
-            examples_done += labels.len() as u64;
-            on_step(StepInfo {
-                step: s,
-                epoch,
-                loss,
-                examples_done,
-                examples_total,
-            });
-        }
-        // A checkpoint per epoch: the slots persist, the map records it.
+    /// Final reports from every host; each must match the last checkpoint.
+    async fn finish(
+        &mut self,
+        started: Instant,
+        start_step: u64,
+        m: &TrainMachine,
+    ) -> Result<NetworkReport, Fault> {
+        let network = self.network;
+        let timeout = self.job.opts.step_timeout;
+        let rings = self.rings.as_mut().ok_or_else(no_rings)?;
+        let positions = rings.forward_hosts.clone();
         let reports = control(
             network,
-            &mut fwd,
-            ControlOp::Checkpoint,
-            &fwd_host_pos,
+            &mut rings.fwd,
+            ControlOp::Finish,
+            &positions,
             timeout,
         )
         .await?;
-        check_reports(&reports, &slot_ids)?;
-        map.steps = step;
-        write_map(&mut map, &reports, first.as_ref(), last.as_ref())?;
+        let hosts = &self.current;
+        let mut digests = Vec::with_capacity(self.stages.len());
+        for (i, bytes) in self.ckpt.stages.iter().enumerate() {
+            digests.push(Slot::from_bytes(bytes)?.params_digest());
+            if let Some(j) = i
+                .checked_sub(self.remote.start)
+                .filter(|_| self.remote.contains(&i))
+            {
+                let r = &reports[j];
+                if r.slot_id != hosts[j].slot_id
+                    || r.params_digest != digests[i]
+                    || r.steps_applied != self.ckpt.step
+                {
+                    return Err(Fault::Hop {
+                        blamed: vec![hosts[j].host.peer],
+                        reason: format!(
+                            "the host of stage {i} ({}) reports a slot that differs from the checkpoint",
+                            hosts[j].host.peer
+                        ),
+                    });
+                }
+            }
+        }
+        let route = rings.route.clone();
+        let rings = self.rings.as_ref().ok_or_else(no_rings)?;
+        let b = &mut self.b;
+        let (fwd, bwd) = (&rings.fwd, &rings.bwd);
+        b.client_crypto_seconds += (fwd.crypto + bwd.crypto).as_secs_f64();
+        b.client_serialization_seconds += (fwd.codec + bwd.codec).as_secs_f64();
+        b.bytes_sent += fwd.bytes_sent + bwd.bytes_sent;
+        b.bytes_received += fwd.bytes_received + bwd.bytes_received;
+        self.map.complete = true;
+        self.map.steps = self.ckpt.step;
+        self.map.params_digest = to_hex(&model_digest(&digests));
+        self.write_map(Some(&reports))?;
+        self.teardown().await;
+        Ok(NetworkReport {
+            steps: self.ckpt.step,
+            final_loss: self.losses.last().copied().unwrap_or(f32::NAN),
+            losses: std::mem::take(&mut self.losses),
+            test_accuracy: self.test_accuracy.unwrap_or(f32::NAN),
+            seconds: started.elapsed().as_secs_f64(),
+            params_digest: to_hex(&model_digest(&digests)),
+            breakdown: self.b.clone(),
+            route,
+            failovers: m.failovers().len() as u32,
+            replayed_steps: m.replayed_steps(),
+            recovery_seconds: m
+                .failovers()
+                .iter()
+                .filter_map(|f| f.recovery.map(|d| d.as_secs_f64()))
+                .collect(),
+            checkpoints: self.checkpoints,
+            checkpoint_every: m.checkpoint_interval(),
+            started_at_step: start_step,
+        })
     }
+}
 
-    let (test_accuracy, _) = evaluate(
-        network,
-        &mut fwd,
-        test,
-        first.as_ref(),
-        last.as_ref(),
-        timeout,
-    )
-    .await?;
-    let reports = control(network, &mut fwd, ControlOp::Finish, &fwd_host_pos, timeout).await?;
-    check_reports(&reports, &slot_ids)?;
-    map.steps = step;
-    map.complete = true;
-    let digests = write_map(&mut map, &reports, first.as_ref(), last.as_ref())?;
-    b.client_crypto_seconds = (fwd.crypto + bwd.crypto).as_secs_f64();
-    b.client_serialization_seconds = (fwd.codec + bwd.codec).as_secs_f64();
-    b.bytes_sent = fwd.bytes_sent + bwd.bytes_sent;
-    b.bytes_received = fwd.bytes_received + bwd.bytes_received;
-    fwd.teardown().await;
-    bwd.teardown().await;
-    Ok(NetworkReport {
-        steps: step,
-        final_loss: losses.last().copied().unwrap_or(f32::NAN),
-        losses,
-        test_accuracy,
-        seconds: started.elapsed().as_secs_f64(),
-        params_digest: to_hex(&model_digest(&digests)),
-        breakdown: b,
-        route: route_lines,
+fn no_rings() -> Fault {
+    Fault::Fatal(JobError::Invalid("no rings are set up".into()))
+}
+
+/// Time left until `deadline`, or `fallback` when there is none.
+fn remaining(deadline: Option<tokio::time::Instant>, fallback: Duration) -> Duration {
+    deadline.map_or(fallback, |d| {
+        d.saturating_duration_since(tokio::time::Instant::now())
     })
 }
 
-fn ring_setup_error(which: &str, e: RingError) -> JobError {
-    JobError::Hop {
-        during: format!("setting up the {which} ring"),
-        peer: None,
-        detail: e.to_string(),
-    }
-}
-
-fn check_reports(reports: &[SlotReport], slot_ids: &[[u8; 16]]) -> Result<(), JobError> {
-    for (r, id) in reports.iter().zip(slot_ids) {
-        if r.slot_id != *id {
-            return Err(JobError::Invalid(format!(
-                "a host reported slot {} where {} was expected",
-                hex::encode(r.slot_id),
-                hex::encode(id)
-            )));
-        }
-    }
-    Ok(())
+/// The peers among `peers` that accept a connection within `timeout`.
+async fn answering(network: &Network, peers: &[PeerId], timeout: Duration) -> HashSet<PeerId> {
+    let probes = peers
+        .iter()
+        .map(|p| async move { network.connect(*p, timeout).await.is_ok().then_some(*p) });
+    futures::future::join_all(probes)
+        .await
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Run the test split through the slots named in the model map.
@@ -761,13 +1609,19 @@ pub async fn infer_network(
                     .ok_or_else(|| {
                         JobError::Invalid(format!("model map: bad slot id {slot_id}"))
                     })?;
+                if *index >= stages.len() {
+                    return Err(JobError::Invalid(format!(
+                        "model map: stage {index} of a {}-stage model",
+                        stages.len()
+                    )));
+                }
                 remote.push((*index, peer, id));
             }
         }
     }
     // Fresh descriptors for the hosts (their onion keys rotate).
     let mut hosts = Vec::new();
-    for (index, peer, _) in &remote {
+    for (index, peer, slot_id) in &remote {
         let c = match volunteers.iter().find(|v| v.peer_id == *peer) {
             Some(v) => Candidate::from(v),
             None => {
@@ -785,61 +1639,46 @@ pub async fn infer_network(
                 })
             }
         };
-        hosts.push(c);
+        hosts.push(StageHost {
+            stage: *index,
+            host: c,
+            slot_id: *slot_id,
+        });
     }
-    let candidates: Vec<Candidate> = volunteers.iter().map(Candidate::from).collect();
-    let mut rng = rand::rngs::StdRng::from_rng(rand::rngs::OsRng)
-        .map_err(|e| JobError::Invalid(e.to_string()))?;
-    let mixes = choose_mixes(&candidates, &hosts, opts.mixes, &mut rng)?;
-    let m = hosts.len();
-    let keys: Vec<[u8; 32]> = (0..=m).map(|_| random()).collect();
-    let max_batch = EVAL_BATCH as u32;
-    let (limits, max_message) = limits(&stages, max_batch);
-    let mut hops = Vec::new();
-    let used: HashSet<PeerId> = hosts.iter().map(|h| h.peer).collect();
+    let used: HashSet<PeerId> = hosts.iter().map(|h| h.host.peer).collect();
     if used.len() != hosts.len() {
         return Err(JobError::Invalid(
             "the model map names one host twice".into(),
         ));
     }
-    for (j, ((index, _, slot_id), h)) in remote.iter().zip(&hosts).enumerate() {
-        hops.extend(mixes[j].iter().map(mix_hop));
-        let body = AssignmentBody {
-            slot_id: *slot_id,
-            owner: owner.public_key(),
-            direction: Direction::Forward,
-            infer_only: true,
-            create: None,
-            in_key: keys[j],
-            out_key: keys[j + 1],
-            first: false,
-            skip_zero_inputs: false,
-            max_batch,
-            nonce: random(),
-        };
-        hops.push(RingHop {
-            peer: h.peer,
-            onion_key: h.onion_key,
-            epoch: h.epoch,
-            label: host_label(*index, Direction::Forward),
-            role: HopRole::Host(Box::new(Assignment::sign(body, &owner, &h.onion_key)?)),
-        });
-    }
-    hops.extend(mixes[m].iter().map(mix_hop));
+    let candidates: Vec<Candidate> = volunteers.iter().map(Candidate::from).collect();
+    let mut rng = rng()?;
+    let host_candidates: Vec<Candidate> = hosts.iter().map(|h| h.host.clone()).collect();
+    let mixes = choose_mixes(&candidates, &host_candidates, opts.mixes, &mut rng)?;
+    let max_batch = EVAL_BATCH as u32;
+    let layout = Layout {
+        stages: &stages,
+        seed: map.seed,
+        optimizer: map.optimizer,
+        max_batch,
+    };
+    let ring = plan::inference_ring(&layout, &hosts, &mixes, &owner, &mut rng)?;
+    let (limits, max_message) = limits(&stages, max_batch);
     let mut ring = Ring::open(
         network,
         listener,
-        hops,
-        RingKeys {
-            first_segment: keys[0],
-            last_segment: keys[m],
-        },
+        ring.hops,
+        ring.keys,
         limits,
         max_message,
         opts.setup_timeout,
     )
     .await
-    .map_err(|e| ring_setup_error("inference", e))?;
+    .map_err(|e| JobError::Hop {
+        during: "setting up the inference ring".into(),
+        peer: None,
+        detail: e.to_string(),
+    })?;
     let (acc, examples) = evaluate(
         network,
         &mut ring,

@@ -1,12 +1,18 @@
 //! The client: route choice, circuit rings, training and inference jobs,
 //! and the model map.
 
+pub mod checkpoint;
 pub mod job;
+pub mod machine;
 pub mod model_map;
+pub mod plan;
 pub mod ring;
 pub mod route;
 
-pub use job::{infer_network, train_network, InferReport, JobError, JobOptions, NetworkReport};
+pub use job::{
+    infer_network, resume_config, resume_network, train_network, InferReport, JobError, JobEvent,
+    JobOptions, NetworkReport, TrainJob,
+};
 pub use model_map::ModelMap;
 
 use tokio_util::sync::CancellationToken;

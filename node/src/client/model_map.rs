@@ -1,7 +1,6 @@
 //! The model map: the owner's private file and the only place that ties
 //! slots, hosts and layer order together.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use mixnn_crypto::Identity;
@@ -54,9 +53,49 @@ pub struct ModelMap {
     pub params_digest: String,
     /// Whether the job ended and every slot reported its final checkpoint.
     pub complete: bool,
+    /// How the job runs, for `--resume` (absent in maps of format 1).
+    #[serde(default)]
+    pub job: Option<JobRecord>,
 }
 
-pub const FORMAT: u32 = 1;
+/// What a training job needs to carry on after an interruption.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub epochs: u32,
+    pub limit: Option<usize>,
+    pub keep_ends: bool,
+    pub mixes: usize,
+    /// The training data the job runs on.
+    pub data: DataFingerprint,
+    /// The step of the checkpoint beside the map.
+    pub checkpoint_step: u64,
+}
+
+/// Identifies a training split: its size and a digest of its contents.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataFingerprint {
+    pub examples: usize,
+    pub features: usize,
+    pub digest: String,
+}
+
+impl DataFingerprint {
+    pub fn of(split: &mixnn_model::Split) -> Self {
+        let mut h = blake3::Hasher::new();
+        h.update(&(split.features as u64).to_le_bytes());
+        h.update(&split.labels);
+        for x in &split.images {
+            h.update(&x.to_le_bytes());
+        }
+        Self {
+            examples: split.len(),
+            features: split.features,
+            digest: h.finalize().to_hex().to_string(),
+        }
+    }
+}
+
+pub const FORMAT: u32 = 2;
 
 impl ModelMap {
     pub fn owner(&self) -> Result<Identity, MapError> {
@@ -73,36 +112,11 @@ impl ModelMap {
 
     /// Write atomically with mode 0600.
     pub fn save(&self, path: &Path) -> Result<(), MapError> {
-        let io = |source| MapError::Io {
-            path: path.to_path_buf(),
-            source,
-        };
         let text = serde_json::to_string_pretty(self).map_err(|e| MapError::Malformed {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let dir = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let tmp = dir.join(format!(
-            ".{}.tmp",
-            path.file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default()
-        ));
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let mut f = opts.open(&tmp).map_err(io)?;
-        f.write_all(text.as_bytes()).map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, path).map_err(io)?;
-        Ok(())
+        super::checkpoint::write_private(path, text.as_bytes())
     }
 
     pub fn load(path: &Path) -> Result<Self, MapError> {
@@ -120,7 +134,7 @@ impl ModelMap {
         }
         let text = std::fs::read_to_string(path).map_err(io)?;
         let map: ModelMap = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
-        if map.format != FORMAT {
+        if map.format != FORMAT && map.format != 1 {
             return Err(bad(format!("format {} is not supported", map.format)));
         }
         map.owner().map_err(|e| bad(e.to_string()))?;

@@ -91,12 +91,54 @@ pub fn choose_route<R: Rng>(
     backward: bool,
     rng: &mut R,
 ) -> Result<Route, RouteError> {
-    let mut pool: Vec<&Candidate> = candidates.iter().collect();
+    let keep = vec![None; stage_params.len()];
+    choose_route_keeping(
+        candidates,
+        stage_params,
+        &keep,
+        &HashSet::new(),
+        mixes,
+        backward,
+        rng,
+    )
+}
+
+/// [`choose_route`] for a job that already runs: stage `i` stays on
+/// `keep[i]` when that peer is still a candidate and not in `avoid` (it
+/// holds the stage's slot, so it needs no free one); every other stage gets
+/// a new host, and no hop is a peer in `avoid`.
+pub fn choose_route_keeping<R: Rng>(
+    candidates: &[Candidate],
+    stage_params: &[u64],
+    keep: &[Option<PeerId>],
+    avoid: &HashSet<PeerId>,
+    mixes: usize,
+    backward: bool,
+    rng: &mut R,
+) -> Result<Route, RouteError> {
+    let allowed: Vec<Candidate> = candidates
+        .iter()
+        .filter(|c| !avoid.contains(&c.peer))
+        .cloned()
+        .collect();
+    let mut pool: Vec<&Candidate> = allowed.iter().collect();
     pool.shuffle(rng);
-    let host_count = candidates.iter().filter(|c| c.layer_host).count();
-    let mut used: HashSet<PeerId> = HashSet::new();
+    let host_count = allowed.iter().filter(|c| c.layer_host).count();
+    let kept: Vec<Option<&Candidate>> = (0..stage_params.len())
+        .map(|i| {
+            keep.get(i)
+                .copied()
+                .flatten()
+                .and_then(|p| allowed.iter().find(|c| c.peer == p))
+        })
+        .collect();
+    let mut used: HashSet<PeerId> = kept.iter().flatten().map(|c| c.peer).collect();
     let mut hosts = Vec::with_capacity(stage_params.len());
     for (stage, &params) in stage_params.iter().enumerate() {
+        if let Some(c) = kept[stage] {
+            hosts.push(c.clone());
+            continue;
+        }
         // Prefer hosts that are not mixes, so mixes stay available.
         let pick = pool
             .iter()
@@ -116,9 +158,9 @@ pub fn choose_route<R: Rng>(
         used.insert(pick.peer);
         hosts.push(pick.clone());
     }
-    let forward_mixes = choose_mixes(candidates, &hosts, mixes, rng)?;
+    let forward_mixes = choose_mixes(&allowed, &hosts, mixes, rng)?;
     let backward_mixes = if backward {
-        choose_mixes(candidates, &hosts, mixes, rng)?
+        choose_mixes(&allowed, &hosts, mixes, rng)?
     } else {
         vec![]
     };
@@ -236,6 +278,50 @@ mod tests {
             c.free_slots = 0
         });
         assert!(choose_route(&cands, &[100], 1, true, &mut rng).is_err());
+    }
+
+    #[test]
+    fn a_running_job_keeps_its_hosts_and_avoids_banned_peers() {
+        let cands: Vec<_> = (0..10).map(|i| cand(i, true, true)).collect();
+        for seed in 0..30 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let first = choose_route(&cands, &[1, 1, 1], 1, true, &mut rng).expect("route");
+            let dead = first.hosts[1].peer;
+            let keep: Vec<Option<PeerId>> = first.hosts.iter().map(|h| Some(h.peer)).collect();
+            let avoid: HashSet<PeerId> = [dead, first.forward_mixes[0][0].peer].into();
+            let mut full = cands.clone();
+            // A kept host needs no free slot: it holds the stage already.
+            full.iter_mut()
+                .filter(|c| c.peer == first.hosts[0].peer)
+                .for_each(|c| c.free_slots = 0);
+            let next = choose_route_keeping(&full, &[1, 1, 1], &keep, &avoid, 1, true, &mut rng)
+                .expect("route");
+            assert_eq!(next.hosts[0].peer, first.hosts[0].peer, "seed {seed}");
+            assert_eq!(next.hosts[2].peer, first.hosts[2].peer, "seed {seed}");
+            assert_ne!(next.hosts[1].peer, dead, "seed {seed}");
+            let all: Vec<PeerId> = next
+                .hosts
+                .iter()
+                .chain(next.forward_mixes.iter().flatten())
+                .chain(next.backward_mixes.iter().flatten())
+                .map(|c| c.peer)
+                .collect();
+            assert!(all.iter().all(|p| !avoid.contains(p)), "seed {seed}");
+        }
+        // With too few peers left the error says so at once.
+        let avoid: HashSet<PeerId> = cands[..6].iter().map(|c| c.peer).collect();
+        assert!(matches!(
+            choose_route_keeping(
+                &cands,
+                &[1, 1, 1],
+                &[None; 3],
+                &avoid,
+                1,
+                true,
+                &mut rand::rngs::StdRng::seed_from_u64(1)
+            ),
+            Err(RouteError::NotEnoughMixes { .. })
+        ));
     }
 
     #[test]

@@ -86,7 +86,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let model = super::train::ModelArgs {
         arch: a.arch.clone(),
         data: a.data.clone(),
-        epochs: a.epochs,
+        epochs: Some(a.epochs),
         batch: a.batch,
         lr: a.lr,
         optimizer: a.optimizer.clone(),

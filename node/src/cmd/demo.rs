@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use clap::Args;
 use mixnn_model::train_local;
-use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap};
+use mixnn_node::client::{infer_network, train_network, JobOptions, ModelMap, TrainJob};
 use mixnn_node::local_net::LocalNet;
 use mixnn_node::network::TransportKind;
 use tokio_util::sync::CancellationToken;
 
 use super::network::volunteers_needed;
-use super::train::{on_step, progress, ModelArgs};
+use super::train::{on_event, on_step, progress, ModelArgs};
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -61,7 +61,7 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         let map_dir = tempfile::tempdir()?;
         let map_path = map_dir.path().join("model.json");
         let bar = progress(cfg.epochs as u64 * train.len() as u64, "network");
-        let mut step = on_step(&bar);
+        let mut events = on_event(&bar);
         let opts = JobOptions {
             mixes: args.mixes,
             ..JobOptions::default()
@@ -69,12 +69,15 @@ pub fn run(mut args: DemoArgs) -> anyhow::Result<()> {
         let network = train_network(
             &client,
             &volunteers,
-            &cfg,
-            &train,
-            &data.test,
-            &opts,
-            &map_path,
-            &mut step,
+            TrainJob {
+                cfg: &cfg,
+                train: &train,
+                test: &data.test,
+                opts: &opts,
+                map_path: &map_path,
+                stop: cancel.child_token(),
+            },
+            &mut events,
         )
         .await;
         bar.finish_and_clear();

@@ -8,14 +8,15 @@ use clap::Args;
 use libp2p::Multiaddr;
 use mixnn_model::{Dataset, TrainConfig};
 use mixnn_node::client::{
-    infer_network, train_network, Client, JobOptions, ModelMap, NetworkReport,
+    infer_network, resume_config, resume_network, train_network, Client, JobError, JobOptions,
+    ModelMap, NetworkReport, TrainJob,
 };
 use mixnn_node::config::parse_addrs;
 use mixnn_node::discovery::{discover_at_least, join_as_client, Volunteer};
 use mixnn_node::network::{Network, TransportKind};
 use tokio_util::sync::CancellationToken;
 
-use super::train::{on_step, progress, TrainArgs};
+use super::train::{on_event, progress, TrainArgs};
 
 /// Volunteers a job over `stages` remote stages with `mixes` per segment needs.
 pub fn volunteers_needed(stages: usize, mixes: usize) -> usize {
@@ -54,16 +55,127 @@ pub fn print_network_summary(cfg: &TrainConfig, r: &NetworkReport, map: &std::pa
     );
 }
 
+fn job_options(args: &TrainArgs, mixes: usize, keep_ends: bool) -> JobOptions {
+    JobOptions {
+        mixes,
+        keep_ends,
+        step_timeout: Duration::from_secs(args.step_timeout),
+        checkpoint_every: args.checkpoint_every,
+        max_failovers: args.max_failovers,
+        ..JobOptions::default()
+    }
+}
+
+/// Cancelled at the first Ctrl-C (the job checkpoints and stops); a second
+/// one ends the process at once.
+fn stop_on_ctrl_c() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("stopping after this step (Ctrl-C again to quit at once) ...");
+            s.cancel();
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(130);
+            }
+        }
+    });
+    stop
+}
+
+/// The command that carries an interrupted job on.
+fn resume_command(args: &TrainArgs) -> String {
+    let mut cmd = format!(
+        "mixnn train --resume --model-map {}",
+        args.model_map.display()
+    );
+    if !args.bootstrap.is_empty() {
+        cmd.push_str(&format!(" --bootstrap {}", args.bootstrap.join(",")));
+    }
+    if args.model.data != "synthetic" {
+        cmd.push_str(&format!(" --data {}", args.model.data));
+    }
+    if let Some(e) = args.model.epochs {
+        cmd.push_str(&format!(" --epochs {e}"));
+    }
+    if args.mixes != 1 {
+        cmd.push_str(&format!(" --mixes {}", args.mixes));
+    }
+    cmd
+}
+
+/// Print the outcome of a network training job.
+fn report_training(
+    args: &TrainArgs,
+    cfg: &TrainConfig,
+    result: Result<NetworkReport, JobError>,
+) -> anyhow::Result<()> {
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => {
+            if e.resumable() && args.model_map.exists() {
+                eprintln!(
+                    "the model map and its checkpoint are kept; carry the job on with:\n  {}",
+                    resume_command(args)
+                );
+            }
+            return Err(e.into());
+        }
+    };
+    print_network_summary(cfg, &report, &args.model_map);
+    if report.failovers > 0 {
+        eprintln!(
+            "{} failover(s), {} step(s) replayed; the parameters are those of an uninterrupted run",
+            report.failovers, report.replayed_steps
+        );
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "mode": "network",
+                "arch": cfg.arch.to_string(),
+                "test_accuracy": report.test_accuracy,
+                "final_loss": report.final_loss,
+                "steps": report.steps,
+                "seconds": report.seconds,
+                "params_digest": report.params_digest,
+                "model_map": args.model_map,
+                "failovers": report.failovers,
+                "replayed_steps": report.replayed_steps,
+                "recovery_seconds": report.recovery_seconds,
+                "checkpoints": report.checkpoints,
+                "checkpoint_every": report.checkpoint_every,
+                "started_at_step": report.started_at_step,
+                "breakdown": report.breakdown,
+            })
+        );
+    }
+    Ok(())
+}
+
 pub fn train(args: &TrainArgs, cfg: TrainConfig, data: Dataset) -> anyhow::Result<()> {
     let bootstrap = bootstrap_addrs(&args.bootstrap)?;
+    if args.model_map.exists() && !args.force {
+        anyhow::bail!(
+            "the model map {} exists and holds the only key to its model's slots; \
+             pass --resume to carry its job on, or --force to overwrite it",
+            args.model_map.display()
+        );
+    }
+    let dir = args
+        .model_map
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    anyhow::ensure!(
+        dir.is_dir(),
+        "the directory of --model-map {} does not exist",
+        args.model_map.display()
+    );
     let stages = cfg.arch.num_stages() - if args.keep_ends { 2 } else { 0 };
     let want = volunteers_needed(stages, args.mixes);
-    let opts = JobOptions {
-        mixes: args.mixes,
-        keep_ends: args.keep_ends,
-        step_timeout: Duration::from_secs(args.step_timeout),
-        ..JobOptions::default()
-    };
+    let opts = job_options(args, args.mixes, args.keep_ends);
     let train = match cfg.limit {
         Some(n) => data.train.clone().limit(n),
         None => data.train.clone(),
@@ -74,40 +186,70 @@ pub fn train(args: &TrainArgs, cfg: TrainConfig, data: Dataset) -> anyhow::Resul
         let (network, volunteers) =
             join_and_discover(bootstrap, want, cancel.child_token()).await?;
         eprintln!("found {} volunteers", volunteers.len());
+        anyhow::ensure!(
+            volunteers.len() >= want,
+            "not enough volunteers: {} with --mixes {} needs {want} distinct peers, found {}",
+            cfg.arch,
+            args.mixes,
+            volunteers.len()
+        );
         let bar = progress(cfg.epochs as u64 * train.len() as u64, "network");
-        let mut step = on_step(&bar);
+        let mut events = on_event(&bar);
         let client = Client::new(network)?;
-        let report = train_network(
-            &client,
-            &volunteers,
-            &cfg,
-            &train,
-            &data.test,
-            &opts,
-            &args.model_map,
-            &mut step,
-        )
-        .await;
+        let job = TrainJob {
+            cfg: &cfg,
+            train: &train,
+            test: &data.test,
+            opts: &opts,
+            map_path: &args.model_map,
+            stop: stop_on_ctrl_c(),
+        };
+        let report = train_network(&client, &volunteers, job, &mut events).await;
         bar.finish_and_clear();
-        let report = report?;
-        print_network_summary(&cfg, &report, &args.model_map);
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({
-                    "mode": "network",
-                    "arch": cfg.arch.to_string(),
-                    "test_accuracy": report.test_accuracy,
-                    "final_loss": report.final_loss,
-                    "steps": report.steps,
-                    "seconds": report.seconds,
-                    "params_digest": report.params_digest,
-                    "model_map": args.model_map,
-                    "breakdown": report.breakdown,
-                })
-            );
-        }
-        Ok(())
+        report_training(args, &cfg, report)
+    })
+}
+
+pub fn resume(args: &TrainArgs) -> anyhow::Result<()> {
+    let bootstrap = bootstrap_addrs(&args.bootstrap)?;
+    let map = ModelMap::load(&args.model_map)?;
+    let cfg = resume_config(&map, args.model.epochs)?;
+    let record = map
+        .job
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("the model map records no job to resume"))?;
+    let data = mixnn_node::dataset::load(&args.model.data)?;
+    let train = match cfg.limit {
+        Some(n) => data.train.clone().limit(n),
+        None => data.train.clone(),
+    };
+    let stages = cfg.arch.num_stages() - if record.keep_ends { 2 } else { 0 };
+    let want = volunteers_needed(stages, args.mixes);
+    let opts = job_options(args, args.mixes, record.keep_ends);
+    eprintln!(
+        "resuming {} from the checkpoint of step {} ({} epoch(s) in all)",
+        cfg.arch, record.checkpoint_step, cfg.epochs
+    );
+    super::runtime()?.block_on(async {
+        let cancel = CancellationToken::new();
+        let _stop = cancel.clone().drop_guard();
+        let (network, volunteers) =
+            join_and_discover(bootstrap, want, cancel.child_token()).await?;
+        eprintln!("found {} volunteers", volunteers.len());
+        let bar = progress(cfg.epochs as u64 * train.len() as u64, "network");
+        let mut events = on_event(&bar);
+        let client = Client::new(network)?;
+        let job = TrainJob {
+            cfg: &cfg,
+            train: &train,
+            test: &data.test,
+            opts: &opts,
+            map_path: &args.model_map,
+            stop: stop_on_ctrl_c(),
+        };
+        let report = resume_network(&client, &volunteers, job, &mut events).await;
+        bar.finish_and_clear();
+        report_training(args, &cfg, report)
     })
 }
 
@@ -126,7 +268,7 @@ pub struct InferArgs {
     #[arg(long, default_value_t = 1)]
     mixes: usize,
     /// Fail if one batch takes longer than this many seconds.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     step_timeout: u64,
     /// Print one JSON object on stdout's last line.
     #[arg(long)]

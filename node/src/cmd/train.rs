@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use mixnn_model::{train_local, Arch, OptimizerSpec, StepInfo, TrainConfig};
+use mixnn_node::client::JobEvent;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -16,8 +17,9 @@ pub struct ModelArgs {
     /// `synthetic` (built in) or a directory with the four MNIST IDX files (gzipped or not).
     #[arg(long, default_value = "synthetic")]
     pub data: String,
-    #[arg(long, default_value_t = 1)]
-    pub epochs: u32,
+    /// Passes over the training data [default: 1; with --resume, the job's own].
+    #[arg(long)]
+    pub epochs: Option<u32>,
     #[arg(long, default_value_t = 128)]
     pub batch: usize,
     /// Learning rate.
@@ -41,7 +43,7 @@ impl ModelArgs {
             .with_context(|| format!("--optimizer {} --lr {}", self.optimizer, self.lr))?;
         let cfg = TrainConfig {
             arch,
-            epochs: self.epochs,
+            epochs: self.epochs.unwrap_or(1),
             batch: self.batch,
             optimizer,
             seed: self.seed,
@@ -66,13 +68,29 @@ pub struct TrainArgs {
     #[arg(long, default_value_t = 1)]
     pub mixes: usize,
     /// Where to write the model map: the owner's private file tying slots, hosts and keys together.
+    /// The owner's checkpoint goes beside it (`<map>.ckpt`).
     #[arg(long, default_value = "model.json")]
     pub model_map: PathBuf,
+    /// Carry on the interrupted (or finished) job of --model-map from its checkpoint; with
+    /// --epochs N, train to N epochs in all. Model, optimizer, seed and batch come from the map.
+    #[arg(long)]
+    pub resume: bool,
+    /// Overwrite an existing model map (and with it the only key to its slots).
+    #[arg(long)]
+    pub force: bool,
+    /// Every stage's state goes to the owner every K steps (default: chosen so checkpoints
+    /// cost about 5% of the training time).
+    #[arg(long, value_name = "K")]
+    pub checkpoint_every: Option<u64>,
+    /// New runs from the last checkpoint after failed hops, before the job gives up
+    /// (0: stop at the first failure).
+    #[arg(long, default_value_t = 5)]
+    pub max_failovers: u32,
     /// Keep the first and last layer in this process (raw inputs and labels never leave it).
     #[arg(long)]
     pub keep_ends: bool,
-    /// Fail the job if one step takes longer than this many seconds.
-    #[arg(long, default_value_t = 60)]
+    /// A hop that has not answered within this many seconds has failed (the job fails over).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub step_timeout: u64,
     /// Print one JSON object on stdout's last line.
     #[arg(long)]
@@ -100,7 +118,34 @@ pub fn on_step(bar: &ProgressBar) -> impl FnMut(StepInfo) + '_ {
     }
 }
 
+/// Progress of a network job: steps move the bar, failovers and
+/// checkpoints print a line above it.
+pub fn on_event(bar: &ProgressBar) -> impl FnMut(JobEvent) + Send + '_ {
+    let mut step = on_step(bar);
+    move |e: JobEvent| match e {
+        JobEvent::Step(s) => step(s),
+        JobEvent::Failover {
+            number,
+            reason,
+            restore_step,
+        } => bar.println(format!(
+            "failover {number}: {reason}; going back to the checkpoint of step {restore_step}"
+        )),
+        JobEvent::Resumed { step, seconds } => bar.println(format!(
+            "running again from step {step} after {seconds:.1} s"
+        )),
+        JobEvent::Checkpoint { .. } => {}
+    }
+}
+
 pub fn run(args: TrainArgs) -> anyhow::Result<()> {
+    if args.resume {
+        anyhow::ensure!(
+            !args.local,
+            "--resume carries on a network job; drop --local"
+        );
+        return super::network::resume(&args);
+    }
     let cfg = args.model.config()?;
     let data = mixnn_node::dataset::load(&args.model.data)?;
     if !args.local {

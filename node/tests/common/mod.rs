@@ -116,3 +116,21 @@ pub async fn testnet(
         volunteers,
     }
 }
+
+/// A training job with nothing to stop it.
+pub fn job<'a>(
+    cfg: &'a mixnn_model::TrainConfig,
+    train: &'a mixnn_model::Split,
+    test: &'a mixnn_model::Split,
+    opts: &'a mixnn_node::client::JobOptions,
+    map_path: &'a Path,
+) -> mixnn_node::client::TrainJob<'a> {
+    mixnn_node::client::TrainJob {
+        cfg,
+        train,
+        test,
+        opts,
+        map_path,
+        stop: CancellationToken::new(),
+    }
+}
