@@ -278,11 +278,26 @@ impl TrainMachine {
         match event {
             Event::Interrupt => {
                 self.stopping = true;
-                // Between steps or while setting up, stop right here.
-                if matches!(self.phase, Phase::SettingUp | Phase::Probing)
-                    || self.phase == Phase::Done
-                {
+                // While setting up, stop right here.
+                if matches!(self.phase, Phase::SettingUp | Phase::Probing | Phase::Done) {
                     self.finish_stop();
+                    return;
+                }
+                // Send no new step; the steps already sent finish first.
+                let sent = self.sent;
+                self.queue.retain(|a| match a {
+                    Action::SendForward { .. } => false,
+                    Action::AwaitOutput { step } => *step <= sent,
+                    _ => true,
+                });
+                if self.queue.is_empty() && self.waiting_since.is_none() {
+                    // Between two steps, no answer pending.
+                    if self.acked > self.checkpoint {
+                        self.queue
+                            .push_back(Action::Checkpoint { step: self.acked });
+                    } else {
+                        self.finish_stop();
+                    }
                 }
             }
             Event::Failed { blamed, reason } => self.fail(blamed, reason, now),
@@ -317,10 +332,11 @@ impl TrainMachine {
             Event::Acked { step } if self.phase == Phase::Ack(step) => {
                 self.waiting_since = None;
                 self.acked = step;
-                if self.is_checkpoint_step(step) || self.stopping {
-                    self.queue.push_back(Action::Checkpoint { step });
-                } else if self.sent > step {
+                if self.sent > step {
+                    // A pipelined step is on its way.
                     self.queue.push_back(Action::AwaitOutput { step: step + 1 });
+                } else if self.is_checkpoint_step(step) || self.stopping {
+                    self.queue.push_back(Action::Checkpoint { step });
                 } else {
                     self.send_next();
                 }
@@ -701,6 +717,53 @@ mod tests {
             ]
         );
         assert!(!log.contains(&Action::SendForward { step: 4 }));
+    }
+
+    #[test]
+    fn an_interrupt_between_actions_never_leaves_a_step_unfinished() {
+        // Interrupt after every kind of event: the job always ends with a
+        // checkpoint of the last step it acknowledged, then stops.
+        for at in 1..14 {
+            let t0 = Instant::now();
+            let mut m = TrainMachine::new(schedule(100, 5, 3), 0, true);
+            let mut events = 0;
+            let mut log = Vec::new();
+            while let Some(a) = m.next_action(t0) {
+                log.push(a.clone());
+                let ev = match a {
+                    Action::Setup { .. } => Some(Event::Ready),
+                    Action::SendForward { .. } => None,
+                    Action::AwaitOutput { step } => Some(Event::Output { step }),
+                    Action::AwaitAck { step } => Some(Event::Acked { step }),
+                    Action::Checkpoint { step } => Some(Event::Checkpointed { step }),
+                    _ => break,
+                };
+                if let Some(ev) = ev {
+                    m.on(ev, t0);
+                    events += 1;
+                    if events == at {
+                        m.on(Event::Interrupt, t0);
+                    }
+                }
+                assert!(log.len() < 1000, "runaway at {at}");
+            }
+            let sent: Vec<u64> = log
+                .iter()
+                .filter_map(|a| match a {
+                    Action::SendForward { step } => Some(*step),
+                    _ => None,
+                })
+                .collect();
+            let last = sent.last().copied().unwrap_or(0);
+            assert!(acked(&log).contains(&last) || last == 0, "at {at}: {log:?}");
+            match log.last() {
+                Some(Action::Stop { step }) => {
+                    assert_eq!(*step, last, "at {at}: {log:?}");
+                    assert_eq!(*step, m.checkpoint_step());
+                }
+                other => panic!("at {at}: ended with {other:?}"),
+            }
+        }
     }
 
     #[test]
