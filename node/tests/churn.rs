@@ -416,3 +416,71 @@ async fn a_stopped_job_and_a_finished_job_given_more_epochs_resume_exactly() {
     .expect_err("other data");
     assert!(err.to_string().contains("data"), "{err}");
 }
+
+/// A validly signed descriptor whose addresses lead nowhere: anyone can
+/// publish one.
+fn dead_volunteer() -> mixnn_node::discovery::Volunteer {
+    use mixnn_crypto::{Capacity, Descriptor, Identity, OnionKeyPair, Roles};
+    let id = Identity::generate();
+    let now = mixnn_node::network::records::unix_now();
+    let onion = OnionKeyPair::generate(1, now + 3600);
+    let descriptor = Descriptor {
+        peer_id: id.peer_id_bytes(),
+        identity_key: id.public_key(),
+        onion_key: onion.public(),
+        epoch: 1,
+        expires_at: now + 600,
+        roles: Roles {
+            layer_host: true,
+            mix: true,
+        },
+        free_slots: 64,
+        capacity: Capacity {
+            max_params: 1 << 30,
+            memory_bytes: 1 << 34,
+        },
+        addresses: vec!["/memory/987654321".into(), "/ip4/127.0.0.1/tcp/1".into()],
+    };
+    let signed = descriptor.sign(&id).expect("sign");
+    let descriptor = signed.verify(now).expect("a valid descriptor");
+    mixnn_node::discovery::Volunteer {
+        peer_id: PeerId::from_bytes(&id.peer_id_bytes()).expect("peer id"),
+        descriptor,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn descriptors_with_dead_addresses_never_fail_a_job() {
+    let data = data();
+    let cfg = config(1);
+    let reference = local(&cfg, &data);
+    let net = common::testnet(7, 16, None).await;
+    let dead: Vec<_> = (0..4).map(|_| dead_volunteer()).collect();
+    let mut vols = net.volunteers.clone();
+    vols.extend(dead.iter().cloned());
+    let train = data.train.clone().limit(640);
+    let test = data.test.clone().limit(200);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = JobOptions {
+        max_failovers: 0,
+        ..opts(100)
+    };
+    // 11 candidates, 4 of them dead, 7 needed per ring: nearly every first
+    // choice of a route holds a dead peer.
+    for i in 0..3 {
+        let path = dir.path().join(format!("m{i}.json"));
+        let r = train_network(
+            &net.client,
+            &vols,
+            common::job(&cfg, &train, &test, &o, &path),
+            &mut |_| {},
+        )
+        .await
+        .expect("the job never uses a dead peer");
+        assert_eq!(r.params_digest, reference.params_digest_hex);
+        assert_eq!(r.failovers, 0);
+        for d in &dead {
+            assert!(r.route.iter().all(|h| !h.contains(&d.peer_id.to_string())));
+        }
+    }
+}

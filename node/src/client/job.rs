@@ -965,8 +965,10 @@ impl<'a> Driver<'a> {
             .collect();
         let keep: Vec<Option<PeerId>> = self.placement.iter().map(|p| p.map(|p| p.0)).collect();
         let mut avoid: HashSet<PeerId> = avoid.iter().copied().collect();
+        let mut alive: HashSet<PeerId> = HashSet::new();
         let mut rediscovered = false;
-        for _ in 0..4 {
+        // Every round either succeeds or rules out at least one peer.
+        for _ in 0..=self.candidates.len() + 1 {
             let route = choose_route_keeping(
                 &self.candidates,
                 &params,
@@ -997,15 +999,20 @@ impl<'a> Driver<'a> {
                 }
                 Err(e) => return Err(Fault::Fatal(e.into())),
             };
-            let peers: Vec<PeerId> = route
+            let unknown: Vec<PeerId> = route
                 .hosts
                 .iter()
                 .chain(route.forward_mixes.iter().flatten())
                 .chain(route.backward_mixes.iter().flatten())
                 .map(|c| c.peer)
+                .filter(|p| !alive.contains(p))
                 .collect();
-            let alive = answering(self.network, &peers, self.job.opts.probe_timeout).await;
-            let dead: Vec<PeerId> = peers.into_iter().filter(|p| !alive.contains(p)).collect();
+            let answered = answering(self.network, &unknown, self.job.opts.probe_timeout).await;
+            let dead: Vec<PeerId> = unknown
+                .into_iter()
+                .filter(|p| !answered.contains(p))
+                .collect();
+            alive.extend(answered);
             if dead.is_empty() {
                 return Ok(route);
             }
