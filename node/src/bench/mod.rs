@@ -1,5 +1,6 @@
 //! `mixnn bench paper`: the MixNN paper's experiment, reproduced here.
 
+pub mod churn;
 pub mod report;
 
 use serde::Serialize;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 use mixnn_model::StepInfo;
+use mixnn_node::bench::churn::{self, run_churn, ChurnConfig};
 use mixnn_node::bench::{report, run_paper, PaperConfig, Progress};
 
 use super::train::progress;
@@ -22,10 +23,28 @@ enum Which {
     /// inference through it, and a discovery simulation; writes report.md,
     /// report.json and loss.png.
     Paper(PaperArgs),
+    /// The paper's model and data with layer hosts killed at random steps:
+    /// recovery time per failure, steps replayed, checkpoint overhead, and
+    /// whether the parameters still equal local training's; writes
+    /// report.md and report.json.
+    Churn(ChurnArgs),
 }
 
 #[derive(Args, Debug)]
-struct PaperArgs {
+struct ChurnArgs {
+    #[command(flatten)]
+    model: ExperimentArgs,
+    /// Layer hosts killed during the run, at random steps.
+    #[arg(long, default_value_t = 2)]
+    kills: usize,
+    /// Where to write report.md and report.json.
+    #[arg(long, default_value = "bench-churn")]
+    out: PathBuf,
+}
+
+/// The experiment's model and data (the paper's by default).
+#[derive(Args, Debug)]
+struct ExperimentArgs {
     /// `synthetic` or a directory with the four MNIST IDX files.
     #[arg(long, default_value = "synthetic")]
     data: String,
@@ -47,6 +66,12 @@ struct PaperArgs {
     /// Train on the first N examples only.
     #[arg(long)]
     limit: Option<usize>,
+}
+
+#[derive(Args, Debug)]
+struct PaperArgs {
+    #[command(flatten)]
+    model: ExperimentArgs,
     /// Network sizes for the route-discovery simulation (memory transport).
     #[arg(long, value_delimiter = ',', default_value = "25,50,100,200")]
     scaling: Vec<usize>,
@@ -81,21 +106,24 @@ impl Progress for Bar {
     }
 }
 
-pub fn run(args: BenchArgs) -> anyhow::Result<()> {
-    let Which::Paper(a) = args.which;
-    let model = super::train::ModelArgs {
-        arch: a.arch.clone(),
-        data: a.data.clone(),
-        epochs: Some(a.epochs),
-        batch: a.batch,
-        lr: a.lr,
-        optimizer: a.optimizer.clone(),
-        seed: a.seed,
-        limit: a.limit,
-    };
-    let train = model.config()?;
-    let data = mixnn_node::dataset::load(&a.data)?;
-    let environment = format!(
+impl ExperimentArgs {
+    fn config(&self) -> anyhow::Result<mixnn_model::TrainConfig> {
+        super::train::ModelArgs {
+            arch: self.arch.clone(),
+            data: self.data.clone(),
+            epochs: Some(self.epochs),
+            batch: self.batch,
+            lr: self.lr,
+            optimizer: self.optimizer.clone(),
+            seed: self.seed,
+            limit: self.limit,
+        }
+        .config()
+    }
+}
+
+fn environment() -> String {
+    format!(
         "{} CPU cores, {} {}, mixnn {}; `{}`",
         std::thread::available_parallelism()
             .map(|n| n.get())
@@ -104,11 +132,48 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         std::env::consts::ARCH,
         env!("CARGO_PKG_VERSION"),
         std::env::args().collect::<Vec<_>>().join(" ")
+    )
+}
+
+fn churn(a: ChurnArgs) -> anyhow::Result<()> {
+    let train = a.model.config()?;
+    let data = mixnn_node::dataset::load(&a.model.data)?;
+    let cfg = ChurnConfig {
+        train,
+        data_name: a.model.data.clone(),
+        mixes: a.model.mixes,
+        kills: a.kills,
+        seed: a.model.seed,
+        environment: environment(),
+    };
+    let report = super::runtime()?.block_on(async {
+        let mut bar = Bar(None);
+        let r = run_churn(&cfg, &data, &mut bar).await;
+        bar.phase("done", 0);
+        r
+    })?;
+    let (md, json) = churn::write_report(&report, &a.out)?;
+    println!("{}", churn::table(&report));
+    eprintln!("wrote {} and {}", md.display(), json.display());
+    anyhow::ensure!(
+        report.steady.digest_equal && report.churn.digest_equal,
+        "the network's parameters differ from local training"
     );
+    Ok(())
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let a = match args.which {
+        Which::Paper(a) => a,
+        Which::Churn(a) => return churn(a),
+    };
+    let train = a.model.config()?;
+    let data = mixnn_node::dataset::load(&a.model.data)?;
+    let environment = environment();
     let cfg = PaperConfig {
         train,
-        data_name: a.data.clone(),
-        mixes: a.mixes,
+        data_name: a.model.data.clone(),
+        mixes: a.model.mixes,
         scaling: if a.no_scaling {
             vec![]
         } else {
