@@ -3,6 +3,7 @@
 
 pub mod job;
 pub mod model_map;
+pub mod probe;
 pub mod ring;
 pub mod route;
 
