@@ -1,18 +1,29 @@
-//! The signed descriptor a peer publishes in the DHT.
+//! The signed record a peer publishes in the DHT under its descriptor key:
+//! either its descriptor or, when it leaves, a withdrawal of it.
 //!
 //! Wire format: `version (1) | body length (u16 LE) | body | signature (64)`.
-//! The body is the postcard encoding of [`Descriptor`]; the signature is the
-//! identity key's over a domain tag and the body. A reader checks the size,
-//! the encoding, the signature, that the peer id is the identity key's, and
-//! the expiry, and gets a [`DescriptorError`] naming the first that fails.
+//! The body is the postcard encoding of a [`PeerRecord`]; the signature is
+//! the identity key's over a domain tag and the body. A reader checks the
+//! size, the encoding, the signature, that the peer id is the identity
+//! key's, and the expiry, and gets a [`DescriptorError`] naming the first
+//! that fails.
+//!
+//! Every record carries a sequence number `seq` (the signer's unix time in
+//! milliseconds, kept strictly increasing by the signer, see [`next_seq`]).
+//! Of two valid records of one peer the one with the higher `seq` wins; at
+//! equal `seq` a withdrawal wins ([`PeerRecord::supersedes`]). So a
+//! withdrawal replaces the descriptors signed before it, and nobody can
+//! bring a withdrawn peer back by replaying one of its old descriptors.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::identity::{peer_id_bytes, verify_signature, Identity};
 
-const VERSION: u8 = 1;
-const DOMAIN: &[u8] = b"mixnn-descriptor-v1";
+const VERSION: u8 = 2;
+const DOMAIN: &[u8] = b"mixnn-descriptor-v2";
+/// Version byte, length and signature around the body.
+const FRAMING_BYTES: usize = 1 + 2 + 64;
 
 /// Upper bound on an encoded descriptor.
 pub const MAX_DESCRIPTOR_BYTES: usize = 4096;
@@ -56,6 +67,8 @@ pub struct Descriptor {
     /// libp2p peer id bytes; must be those of `identity_key`.
     pub peer_id: Vec<u8>,
     pub identity_key: [u8; 32],
+    /// Orders this peer's records: higher supersedes lower (see [`next_seq`]).
+    pub seq: u64,
     /// x25519 key for circuit setup in `epoch`.
     pub onion_key: [u8; 32],
     pub epoch: u64,
@@ -66,6 +79,115 @@ pub struct Descriptor {
     pub capacity: Capacity,
     /// Multiaddrs the peer listens on, as strings.
     pub addresses: Vec<String>,
+}
+
+/// A peer's signed statement that it has left: it supersedes every
+/// descriptor it signed with a lower `seq`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawal {
+    /// libp2p peer id bytes; must be those of `identity_key`.
+    pub peer_id: Vec<u8>,
+    pub identity_key: [u8; 32],
+    pub seq: u64,
+    /// Unix seconds after which the withdrawal may be forgotten: no
+    /// descriptor it supersedes is valid past it.
+    pub expires_at: u64,
+}
+
+/// What a peer's descriptor key holds: a live descriptor or a withdrawal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PeerRecord {
+    Live(Descriptor),
+    Withdrawn(Withdrawal),
+}
+
+impl PeerRecord {
+    pub fn peer_id(&self) -> &[u8] {
+        match self {
+            PeerRecord::Live(d) => &d.peer_id,
+            PeerRecord::Withdrawn(w) => &w.peer_id,
+        }
+    }
+
+    pub fn identity_key(&self) -> &[u8; 32] {
+        match self {
+            PeerRecord::Live(d) => &d.identity_key,
+            PeerRecord::Withdrawn(w) => &w.identity_key,
+        }
+    }
+
+    pub fn seq(&self) -> u64 {
+        match self {
+            PeerRecord::Live(d) => d.seq,
+            PeerRecord::Withdrawn(w) => w.seq,
+        }
+    }
+
+    pub fn expires_at(&self) -> u64 {
+        match self {
+            PeerRecord::Live(d) => d.expires_at,
+            PeerRecord::Withdrawn(w) => w.expires_at,
+        }
+    }
+
+    pub fn is_withdrawn(&self) -> bool {
+        matches!(self, PeerRecord::Withdrawn(_))
+    }
+
+    /// Whether `self` replaces `other`, two records of the same peer: a
+    /// higher `seq` wins, and at equal `seq` a withdrawal beats a
+    /// descriptor. Never true of a record and itself, so a replayed copy
+    /// changes nothing.
+    pub fn supersedes(&self, other: &PeerRecord) -> bool {
+        match self.seq().cmp(&other.seq()) {
+            std::cmp::Ordering::Greater => true,
+            std::cmp::Ordering::Less => false,
+            std::cmp::Ordering::Equal => self.is_withdrawn() && !other.is_withdrawn(),
+        }
+    }
+
+    /// Encode and sign with `identity`. The caller fills `peer_id` and
+    /// `identity_key` from the same identity.
+    pub fn sign(&self, identity: &Identity) -> Result<SignedDescriptor, DescriptorError> {
+        self.check_limits()?;
+        let body = postcard::to_allocvec(self).map_err(|_| DescriptorError::Malformed)?;
+        if body.len() + FRAMING_BYTES > MAX_DESCRIPTOR_BYTES {
+            return Err(DescriptorError::TooLarge(body.len() + FRAMING_BYTES));
+        }
+        let signature = identity.sign(&signed_message(&body));
+        Ok(SignedDescriptor { body, signature })
+    }
+
+    fn check_limits(&self) -> Result<(), DescriptorError> {
+        match self {
+            PeerRecord::Live(d) => d.check_limits(),
+            PeerRecord::Withdrawn(_) => Ok(()),
+        }
+    }
+}
+
+impl Withdrawal {
+    /// The withdrawal of `identity`'s descriptors with sequence number
+    /// `seq`, to be kept until `expires_at`.
+    pub fn new(identity: &Identity, seq: u64, expires_at: u64) -> Self {
+        Self {
+            peer_id: identity.peer_id_bytes(),
+            identity_key: identity.public_key(),
+            seq,
+            expires_at,
+        }
+    }
+
+    pub fn sign(&self, identity: &Identity) -> Result<SignedDescriptor, DescriptorError> {
+        PeerRecord::Withdrawn(self.clone()).sign(identity)
+    }
+}
+
+/// The next sequence number for a signer whose last one was `last`, at unix
+/// time `now_millis`: the clock when it moves forward, `last + 1` when it
+/// does not, so a signer's records stay strictly ordered.
+pub fn next_seq(last: u64, now_millis: u64) -> u64 {
+    now_millis.max(last.saturating_add(1))
 }
 
 /// Why a descriptor was refused.
@@ -87,6 +209,8 @@ pub enum DescriptorError {
     Expired { expires_at: u64, now: u64 },
     #[error("descriptor claims a lifetime beyond the allowed maximum")]
     LifetimeTooLong,
+    #[error("the peer withdrew its descriptor (sequence {seq})")]
+    Withdrawn { seq: u64 },
 }
 
 /// A descriptor with its signature, as stored in the DHT.
@@ -100,13 +224,7 @@ impl Descriptor {
     /// Encode and sign with `identity`. The caller fills `peer_id` and
     /// `identity_key` from the same identity.
     pub fn sign(&self, identity: &Identity) -> Result<SignedDescriptor, DescriptorError> {
-        self.check_limits()?;
-        let body = postcard::to_allocvec(self).map_err(|_| DescriptorError::Malformed)?;
-        if body.len() + 67 > MAX_DESCRIPTOR_BYTES {
-            return Err(DescriptorError::TooLarge(body.len() + 67));
-        }
-        let signature = identity.sign(&signed_message(&body));
-        Ok(SignedDescriptor { body, signature })
+        PeerRecord::Live(self.clone()).sign(identity)
     }
 
     fn check_limits(&self) -> Result<(), DescriptorError> {
@@ -128,7 +246,7 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
 
 impl SignedDescriptor {
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(3 + self.body.len() + 64);
+        let mut out = Vec::with_capacity(FRAMING_BYTES + self.body.len());
         out.push(VERSION);
         // `sign` keeps the body under MAX_DESCRIPTOR_BYTES, so it fits a u16.
         out.extend_from_slice(&(self.body.len() as u16).to_le_bytes());
@@ -162,36 +280,49 @@ impl SignedDescriptor {
         })
     }
 
-    /// Check encoding, signature, peer id and expiry at unix time `now`.
-    pub fn verify(&self, now: u64) -> Result<Descriptor, DescriptorError> {
-        let (d, rest): (Descriptor, _) =
+    /// Check encoding, signature, peer id and expiry at unix time `now`;
+    /// a descriptor or a withdrawal.
+    pub fn verify_record(&self, now: u64) -> Result<PeerRecord, DescriptorError> {
+        let (r, rest): (PeerRecord, _) =
             postcard::take_from_bytes(&self.body).map_err(|_| DescriptorError::Malformed)?;
         if !rest.is_empty() {
             return Err(DescriptorError::Malformed);
         }
-        d.check_limits()?;
+        r.check_limits()?;
         verify_signature(
-            &d.identity_key,
+            r.identity_key(),
             &signed_message(&self.body),
             &self.signature,
         )
         .map_err(|_| DescriptorError::BadSignature)?;
-        if d.peer_id != peer_id_bytes(&d.identity_key) {
+        if r.peer_id() != peer_id_bytes(r.identity_key()) {
             return Err(DescriptorError::PeerIdMismatch);
         }
-        if d.expires_at <= now {
-            return Err(DescriptorError::Expired {
-                expires_at: d.expires_at,
-                now,
-            });
+        let expires_at = r.expires_at();
+        if expires_at <= now {
+            return Err(DescriptorError::Expired { expires_at, now });
         }
-        if d.expires_at - now > MAX_LIFETIME_SECS {
+        if expires_at - now > MAX_LIFETIME_SECS {
             return Err(DescriptorError::LifetimeTooLong);
         }
-        Ok(d)
+        Ok(r)
     }
 
-    /// Decode and verify in one call.
+    /// As [`SignedDescriptor::verify_record`], for a live descriptor: a
+    /// valid withdrawal is [`DescriptorError::Withdrawn`].
+    pub fn verify(&self, now: u64) -> Result<Descriptor, DescriptorError> {
+        match self.verify_record(now)? {
+            PeerRecord::Live(d) => Ok(d),
+            PeerRecord::Withdrawn(w) => Err(DescriptorError::Withdrawn { seq: w.seq }),
+        }
+    }
+
+    /// Decode and verify a descriptor or a withdrawal in one call.
+    pub fn decode_record(bytes: &[u8], now: u64) -> Result<PeerRecord, DescriptorError> {
+        Self::from_bytes(bytes)?.verify_record(now)
+    }
+
+    /// Decode and verify a live descriptor in one call.
     pub fn decode_verified(bytes: &[u8], now: u64) -> Result<Descriptor, DescriptorError> {
         Self::from_bytes(bytes)?.verify(now)
     }
@@ -212,6 +343,7 @@ mod tests {
         Descriptor {
             peer_id: id.peer_id_bytes(),
             identity_key: id.public_key(),
+            seq: 10,
             onion_key: [7; 32],
             epoch: 3,
             expires_at: 2_000,
@@ -292,5 +424,119 @@ mod tests {
             SignedDescriptor::from_bytes(&vec![1u8; MAX_DESCRIPTOR_BYTES + 1]),
             Err(DescriptorError::TooLarge(MAX_DESCRIPTOR_BYTES + 1))
         );
+    }
+    #[test]
+    fn withdrawals_round_trip_and_are_not_descriptors() {
+        let id = Identity::generate();
+        let w = Withdrawal::new(&id, 11, 1_500);
+        let bytes = w.sign(&id).expect("sign").to_bytes();
+        assert!(bytes.len() < 200, "a withdrawal is small: {}", bytes.len());
+        assert_eq!(
+            SignedDescriptor::decode_record(&bytes, 1_000),
+            Ok(PeerRecord::Withdrawn(w))
+        );
+        assert_eq!(
+            SignedDescriptor::decode_verified(&bytes, 1_000),
+            Err(DescriptorError::Withdrawn { seq: 11 })
+        );
+        // A withdrawal expires like a descriptor.
+        assert!(matches!(
+            SignedDescriptor::decode_record(&bytes, 1_500),
+            Err(DescriptorError::Expired { .. })
+        ));
+        // Records of the previous format are refused, not misread.
+        let mut v1 = bytes.clone();
+        v1[0] = 1;
+        assert_eq!(
+            SignedDescriptor::decode_record(&v1, 1_000),
+            Err(DescriptorError::UnsupportedVersion(1))
+        );
+    }
+
+    #[test]
+    fn forged_withdrawals_are_refused() {
+        let id = Identity::generate();
+        let attacker = Identity::generate();
+        // The victim's withdrawal signed by another key.
+        let forged = Withdrawal::new(&id, 99, 1_500)
+            .sign(&attacker)
+            .expect("sign")
+            .to_bytes();
+        assert_eq!(
+            SignedDescriptor::decode_record(&forged, 1_000),
+            Err(DescriptorError::BadSignature)
+        );
+        // The attacker's own key, the victim's peer id.
+        let mut w = Withdrawal::new(&attacker, 99, 1_500);
+        w.peer_id = id.peer_id_bytes();
+        let wrong = w.sign(&attacker).expect("sign").to_bytes();
+        assert_eq!(
+            SignedDescriptor::decode_record(&wrong, 1_000),
+            Err(DescriptorError::PeerIdMismatch)
+        );
+        // Kept for too long.
+        let long = Withdrawal::new(&id, 1, 1_000 + MAX_LIFETIME_SECS + 1)
+            .sign(&id)
+            .expect("sign")
+            .to_bytes();
+        assert_eq!(
+            SignedDescriptor::decode_record(&long, 1_000),
+            Err(DescriptorError::LifetimeTooLong)
+        );
+        // Any flipped bit, any truncation.
+        let good = Withdrawal::new(&id, 99, 1_500)
+            .sign(&id)
+            .expect("sign")
+            .to_bytes();
+        for i in 0..good.len() {
+            for bit in 0..8 {
+                let mut b = good.clone();
+                b[i] ^= 1 << bit;
+                assert!(
+                    SignedDescriptor::decode_record(&b, 1_000).is_err(),
+                    "byte {i} bit {bit}"
+                );
+            }
+        }
+        for n in 0..good.len() {
+            assert!(SignedDescriptor::decode_record(&good[..n], 1_000).is_err());
+        }
+    }
+
+    #[test]
+    fn newer_records_supersede_older_ones() {
+        let id = Identity::generate();
+        let live = |seq| PeerRecord::Live(Descriptor { seq, ..sample(&id) });
+        let gone = |seq| PeerRecord::Withdrawn(Withdrawal::new(&id, seq, 1_500));
+        // A withdrawal replaces the descriptors before it.
+        assert!(gone(11).supersedes(&live(10)));
+        assert!(!live(10).supersedes(&gone(11)));
+        // At the same sequence number the withdrawal wins.
+        assert!(gone(10).supersedes(&live(10)));
+        assert!(!live(10).supersedes(&gone(10)));
+        // A node that comes back publishes a newer descriptor.
+        assert!(live(12).supersedes(&gone(11)));
+        assert!(!gone(11).supersedes(&live(12)));
+        // A copy never replaces itself; an older copy never a newer one.
+        for r in [live(10), gone(10)] {
+            assert!(!r.supersedes(&r.clone()));
+        }
+        assert!(!live(9).supersedes(&live(10)));
+        assert!(!gone(9).supersedes(&gone(10)));
+    }
+
+    #[test]
+    fn sequence_numbers_only_go_up() {
+        assert_eq!(next_seq(0, 5_000), 5_000);
+        assert_eq!(next_seq(5_000, 5_000), 5_001);
+        // The clock went back: still after the last one.
+        assert_eq!(next_seq(9_000, 5_000), 9_001);
+        assert_eq!(next_seq(u64::MAX, 5_000), u64::MAX);
+        let mut last = 0;
+        for now in [10, 10, 9, 11, 11, 3, 100] {
+            let next = next_seq(last, now);
+            assert!(next > last);
+            last = next;
+        }
     }
 }

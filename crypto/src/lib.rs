@@ -10,7 +10,10 @@ pub mod identity;
 pub mod onion;
 pub mod replay;
 
-pub use descriptor::{Capacity, Descriptor, DescriptorError, Roles, SignedDescriptor};
+pub use descriptor::{
+    next_seq, Capacity, Descriptor, DescriptorError, PeerRecord, Roles, SignedDescriptor,
+    Withdrawal,
+};
 pub use identity::{
     peer_id_bytes, verify_signature, Identity, KeyFileError, OnionKeyPair, SignatureError,
 };

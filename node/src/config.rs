@@ -26,6 +26,7 @@ pub struct FileConfig {
     pub metrics: Option<SocketAddr>,
     pub epoch_secs: Option<u64>,
     pub republish_secs: Option<u64>,
+    pub descriptor_ttl_secs: Option<u64>,
     pub max_circuits: Option<usize>,
     pub circuit_idle_secs: Option<u64>,
 }
@@ -60,6 +61,9 @@ pub struct NodeConfig {
     pub epoch_secs: u64,
     /// How often the descriptor and provider records are published again.
     pub republish_secs: u64,
+    /// How long a published descriptor stays valid (and in the DHT); more
+    /// than `republish_secs`, so a live node's descriptor never lapses.
+    pub descriptor_ttl_secs: u64,
     /// Circuits served at once, in total.
     pub max_circuits: usize,
     /// Silence on a circuit before the node tears it down.
@@ -96,7 +100,8 @@ impl NodeConfig {
             layers: true,
             metrics: None,
             epoch_secs: 3600,
-            republish_secs: 300,
+            republish_secs: 180,
+            descriptor_ttl_secs: 600,
             max_circuits: 256,
             circuit_idle_secs: 120,
             transport: TransportKind::Tcp,
@@ -141,6 +146,18 @@ impl NodeConfig {
                 "republish_secs must be positive and no longer than an epoch".into(),
             ));
         }
+        if self.descriptor_ttl_secs <= self.republish_secs {
+            return Err(ConfigError::Invalid(format!(
+                "descriptor_ttl_secs ({}) must be longer than republish_secs ({}), or descriptors lapse between publications",
+                self.descriptor_ttl_secs, self.republish_secs
+            )));
+        }
+        if self.descriptor_ttl_secs > mixnn_crypto::descriptor::MAX_LIFETIME_SECS {
+            return Err(ConfigError::Invalid(format!(
+                "descriptor_ttl_secs is at most {} (7 days)",
+                mixnn_crypto::descriptor::MAX_LIFETIME_SECS
+            )));
+        }
         if !(1..=3600).contains(&self.circuit_idle_secs) {
             return Err(ConfigError::Invalid(
                 "circuit_idle_secs must be between 1 and 3600".into(),
@@ -160,12 +177,18 @@ impl NodeConfig {
             bootstrap: self.bootstrap.clone(),
             server: !self.dht_client,
             transport: self.transport,
+            record_ttl: self.descriptor_ttl(),
+            republish: self.republish_interval(),
             ..NetworkConfig::default()
         }
     }
 
     pub fn republish_interval(&self) -> Duration {
         Duration::from_secs(self.republish_secs)
+    }
+
+    pub fn descriptor_ttl(&self) -> Duration {
+        Duration::from_secs(self.descriptor_ttl_secs)
     }
 }
 
@@ -202,7 +225,11 @@ mod tests {
         let mut c = NodeConfig::new("/tmp/x".into());
         assert!(c.validate().is_ok());
         c.bootstrap = vec!["/ip4/127.0.0.1/tcp/4001".parse().expect("addr")];
-        assert!(c.validate().unwrap_err().to_string().contains("/p2p/"));
+        assert!(c
+            .validate()
+            .expect_err("no peer id")
+            .to_string()
+            .contains("/p2p/"));
         let mut c = NodeConfig::new("/tmp/x".into());
         c.slots = 0;
         assert!(c.validate().is_err());
@@ -211,6 +238,22 @@ mod tests {
         let mut c = NodeConfig::new("/tmp/x".into());
         c.epoch_secs = 1;
         assert!(c.validate().is_err());
+        // A descriptor must outlive the interval between publications.
+        let mut c = NodeConfig::new("/tmp/x".into());
+        assert_eq!((c.republish_secs, c.descriptor_ttl_secs), (180, 600));
+        c.descriptor_ttl_secs = c.republish_secs;
+        assert!(c
+            .validate()
+            .expect_err("ttl not above republish")
+            .to_string()
+            .contains("descriptor_ttl_secs"));
+        c.descriptor_ttl_secs = c.republish_secs + 1;
+        assert!(c.validate().is_ok());
+        c.descriptor_ttl_secs = 8 * 24 * 3600;
+        assert!(c.validate().is_err());
+        let f: FileConfig =
+            toml::from_str("descriptor_ttl_secs = 120\nrepublish_secs = 30").expect("parse");
+        assert_eq!(f.descriptor_ttl_secs, Some(120));
         assert!(parse_addrs("listen", &["nonsense".into()]).is_err());
     }
 }

@@ -1,5 +1,8 @@
 //! Finding volunteers: walk the role keys, fetch and verify descriptors.
 //! This is what `mixnn peers` prints and what a client builds routes from.
+//! A volunteer is listed only with a valid, unexpired descriptor that no
+//! newer withdrawal of its own supersedes; provider records alone count
+//! for nothing (they may outlive the peer).
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -16,6 +19,11 @@ use crate::network::{Network, NetworkConfig, NetworkError, TransportKind};
 
 /// Descriptor fetches in flight at once.
 const FETCH_CONCURRENCY: usize = 16;
+/// Pause between two walks of [`discover_at_least`].
+const WALK_PAUSE: Duration = Duration::from_millis(300);
+/// [`discover_at_least`] gives up early, short of what it wants, once walks
+/// this far apart have found the same volunteers.
+pub const SETTLE_AFTER: Duration = Duration::from_secs(2);
 
 /// A volunteer with a verified descriptor.
 #[derive(Clone, Debug)]
@@ -64,7 +72,12 @@ impl From<&Volunteer> for VolunteerSummary {
 pub struct DiscoveryStats {
     pub providers_found: usize,
     pub descriptors_verified: usize,
+    /// Providers with no valid descriptor (none found, forged, expired).
     pub descriptors_missing: usize,
+    /// Providers whose newest record is their withdrawal.
+    pub descriptors_withdrawn: usize,
+    /// Walks made ([`discover_at_least`] may make several).
+    pub walks: usize,
 }
 
 /// Peers that announce a role: all of them, or about `enough` per role.
@@ -108,6 +121,10 @@ async fn fetch_descriptors(
                 peer_id: peer,
                 descriptor,
             }),
+            Ok(Err(NetworkError::Withdrawn(_))) => {
+                stats.descriptors_withdrawn += 1;
+                tracing::debug!(event = "descriptor_withdrawn", %peer);
+            }
             Ok(Err(e)) => {
                 stats.descriptors_missing += 1;
                 tracing::debug!(event = "descriptor_unavailable", %peer, error = %e);
@@ -127,6 +144,7 @@ pub async fn discover(network: &Network, per_fetch: Duration) -> (Vec<Volunteer>
     let peers = role_providers(network, None).await;
     let mut stats = DiscoveryStats {
         providers_found: peers.len(),
+        walks: 1,
         ..Default::default()
     };
     let mut volunteers =
@@ -153,6 +171,7 @@ pub async fn discover_sample(
         .collect();
     let mut stats = DiscoveryStats {
         providers_found: pool.len(),
+        walks: 1,
         ..Default::default()
     };
     pool.shuffle(&mut rand::thread_rng());
@@ -188,18 +207,160 @@ pub async fn join_as_client(
     Ok(network)
 }
 
-/// Discover until at least `want` volunteers are found or `deadline` passes.
+/// Discover until at least `want` volunteers are found, the walks settle
+/// short of it (two walks [`SETTLE_AFTER`] apart find the same volunteers),
+/// or `deadline` passes; the caller compares the count with `want`.
 pub async fn discover_at_least(
     network: &Network,
     want: usize,
     deadline: Duration,
 ) -> (Vec<Volunteer>, DiscoveryStats) {
+    discover_settling(network, want, deadline, SETTLE_AFTER).await
+}
+
+/// [`discover_at_least`] with the settling time given: how long the set
+/// found must stay the same before a short result is final.
+pub async fn discover_settling(
+    network: &Network,
+    want: usize,
+    deadline: Duration,
+    settle_after: Duration,
+) -> (Vec<Volunteer>, DiscoveryStats) {
     let start = tokio::time::Instant::now();
+    let mut walks = Walks::new(want, start + deadline, settle_after);
     loop {
-        let (found, stats) = discover(network, Duration::from_secs(5)).await;
-        if found.len() >= want || start.elapsed() >= deadline {
-            return (found, stats);
+        let (found, mut stats) = discover(network, Duration::from_secs(5)).await;
+        let ids: HashSet<PeerId> = found.iter().map(|v| v.peer_id).collect();
+        let verdict = walks.after_walk(ids, tokio::time::Instant::now());
+        stats.walks = walks.count;
+        match verdict {
+            WalkVerdict::Again => tokio::time::sleep(WALK_PAUSE).await,
+            WalkVerdict::Settled => {
+                tracing::info!(
+                    event = "discovery_settled",
+                    want,
+                    found = found.len(),
+                    walks = walks.count
+                );
+                return (found, stats);
+            }
+            WalkVerdict::Enough | WalkVerdict::OutOfTime => return (found, stats),
         }
-        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+}
+
+/// What [`Walks::after_walk`] decides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WalkVerdict {
+    /// At least as many volunteers as wanted.
+    Enough,
+    /// Short, and walks far enough apart found the same set: stop now.
+    Settled,
+    /// Short, and the deadline has passed.
+    OutOfTime,
+    /// Short: walk again.
+    Again,
+}
+
+/// The stopping rule of [`discover_at_least`], apart from any I/O: feed it
+/// each walk's result and the time the walk ended.
+#[derive(Debug)]
+pub struct Walks {
+    want: usize,
+    deadline: tokio::time::Instant,
+    settle_after: Duration,
+    /// The set the last walk found, and when a walk first found it.
+    last: Option<(HashSet<PeerId>, tokio::time::Instant)>,
+    /// Walks made so far.
+    pub count: usize,
+}
+
+impl Walks {
+    pub fn new(want: usize, deadline: tokio::time::Instant, settle_after: Duration) -> Self {
+        Self {
+            want,
+            deadline,
+            settle_after,
+            last: None,
+            count: 0,
+        }
+    }
+
+    pub fn after_walk(&mut self, found: HashSet<PeerId>, now: tokio::time::Instant) -> WalkVerdict {
+        self.count += 1;
+        if found.len() >= self.want {
+            return WalkVerdict::Enough;
+        }
+        let settled = match &self.last {
+            Some((set, since)) if *set == found => {
+                now.saturating_duration_since(*since) >= self.settle_after
+            }
+            _ => {
+                self.last = Some((found, now));
+                false
+            }
+        };
+        if settled {
+            WalkVerdict::Settled
+        } else if now >= self.deadline {
+            WalkVerdict::OutOfTime
+        } else {
+            WalkVerdict::Again
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peers(n: usize) -> Vec<PeerId> {
+        (0..n).map(|_| PeerId::random()).collect()
+    }
+
+    fn set(p: &[PeerId]) -> HashSet<PeerId> {
+        p.iter().copied().collect()
+    }
+
+    #[test]
+    fn enough_volunteers_end_the_walks_at_once() {
+        let p = peers(3);
+        let t0 = tokio::time::Instant::now();
+        let mut w = Walks::new(3, t0 + Duration::from_secs(30), SETTLE_AFTER);
+        assert_eq!(w.after_walk(set(&p), t0), WalkVerdict::Enough);
+        let mut w = Walks::new(0, t0, SETTLE_AFTER);
+        assert_eq!(w.after_walk(HashSet::new(), t0), WalkVerdict::Enough);
+    }
+
+    #[test]
+    fn a_short_set_that_stays_the_same_settles_long_before_the_deadline() {
+        let p = peers(3);
+        let t0 = tokio::time::Instant::now();
+        let s = Duration::from_millis;
+        let mut w = Walks::new(5, t0 + Duration::from_secs(30), SETTLE_AFTER);
+        assert_eq!(w.after_walk(set(&p[..2]), t0), WalkVerdict::Again);
+        // The same set soon after is not yet settled.
+        assert_eq!(w.after_walk(set(&p[..2]), t0 + s(500)), WalkVerdict::Again);
+        // A change starts the clock again.
+        assert_eq!(w.after_walk(set(&p), t0 + s(1_000)), WalkVerdict::Again);
+        assert_eq!(w.after_walk(set(&p), t0 + s(2_900)), WalkVerdict::Again);
+        assert_eq!(w.after_walk(set(&p), t0 + s(3_000)), WalkVerdict::Settled);
+        assert_eq!(w.count, 5);
+    }
+
+    #[test]
+    fn a_set_that_keeps_changing_runs_to_the_deadline() {
+        let p = peers(12);
+        let t0 = tokio::time::Instant::now();
+        let deadline = t0 + Duration::from_secs(10);
+        let mut w = Walks::new(20, deadline, SETTLE_AFTER);
+        for (i, at) in (0..10u64).map(|i| (i as usize, Duration::from_millis(i * 1_100))) {
+            let verdict = w.after_walk(set(&p[..i + 1]), t0 + at);
+            assert_eq!(verdict, WalkVerdict::Again, "walk {i}");
+        }
+        assert_eq!(
+            w.after_walk(set(&p[..11]), deadline),
+            WalkVerdict::OutOfTime
+        );
     }
 }

@@ -101,6 +101,11 @@ impl LocalNet {
             );
             nodes.push(RunningNode::start(c, cancel.child_token()).await?);
         }
+        // Discovery gives up once its walks settle: let every volunteer
+        // publish first.
+        for n in &nodes {
+            n.wait_published(Duration::from_secs(30)).await;
+        }
         Ok(Self {
             bootstrap,
             volunteers: nodes,
@@ -132,11 +137,12 @@ impl LocalNet {
         Ok((Client::new(network)?, found))
     }
 
+    /// Stop every node cleanly (each withdraws its descriptor), then the rest.
     pub async fn shutdown(self) {
-        self.cancel.cancel();
         for n in self.volunteers {
             let _ = n.shutdown().await;
         }
         let _ = self.bootstrap.shutdown().await;
+        self.cancel.cancel();
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use mixnn_crypto::{Capacity, Descriptor, OnionKeyPair, Roles};
+use mixnn_crypto::{next_seq, Capacity, Descriptor, OnionKeyPair, Roles, Withdrawal};
 use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +16,7 @@ use crate::circuit::host::{Host, HostPolicy};
 use crate::circuit::server::{CircuitServer, HopTap, Timeouts};
 use crate::config::{ConfigError, NodeConfig};
 use crate::metrics::{self, Metrics};
-use crate::network::records::{unix_now, Role};
+use crate::network::records::{unix_now, unix_now_millis, Role};
 use crate::network::{Network, NetworkError};
 use crate::store::{DataDir, SledStore, SlotStore, StoreError};
 
@@ -65,7 +65,13 @@ pub struct NodeState {
     pub republish: tokio::sync::Notify,
     /// Whether the descriptor and role records have been published once.
     pub published: std::sync::atomic::AtomicBool,
+    /// The sequence number of the last record signed (descriptor or
+    /// withdrawal); the next one is always higher.
+    seq: std::sync::atomic::AtomicU64,
 }
+
+/// How long a clean shutdown waits for its withdrawal to reach the DHT.
+pub const WITHDRAW_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl NodeState {
     pub fn roles(&self) -> Roles {
@@ -81,6 +87,22 @@ impl NodeState {
         }
         let held = self.slots.list_slots().map(|s| s.len()).unwrap_or(0) as u32;
         self.config.slots.saturating_sub(held)
+    }
+
+    /// A sequence number for the next signed record at `now_millis`.
+    fn take_seq(&self, now_millis: u64) -> u64 {
+        use std::sync::atomic::Ordering;
+        let mut last = self.seq.load(Ordering::Relaxed);
+        loop {
+            let next = next_seq(last, now_millis);
+            match self
+                .seq
+                .compare_exchange(last, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
     }
 
     fn epoch_now(&self) -> u64 {
@@ -110,7 +132,13 @@ pub struct RunningNode {
     pub network: Network,
     pub state: Arc<NodeState>,
     cancel: CancellationToken,
+    /// Stops everything but the network, which shutdown still needs.
+    work: CancellationToken,
+    net_task: JoinHandle<()>,
     tasks: Vec<JoinHandle<()>>,
+    /// The descriptor publisher, stopped first at shutdown so that nothing
+    /// is published after the withdrawal.
+    publisher: Option<(CancellationToken, JoinHandle<()>)>,
     listen_addrs: Vec<Multiaddr>,
     metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -160,6 +188,7 @@ impl RunningNode {
         };
 
         let mut tasks = Vec::new();
+        let work = cancel.child_token();
         let (network, net_task) = Network::start(
             keypair,
             config.network(),
@@ -167,12 +196,11 @@ impl RunningNode {
             cancel.child_token(),
         )
         .await?;
-        tasks.push(net_task);
         let listen_addrs = network.listen_addrs().await?;
 
         let metrics_addr = match config.metrics {
             Some(addr) => Some(
-                metrics::serve(addr, metrics.clone(), cancel.child_token())
+                metrics::serve(addr, metrics.clone(), work.child_token())
                     .await
                     .map_err(|source| NodeError::Metrics { addr, source })?,
             ),
@@ -187,7 +215,9 @@ impl RunningNode {
             metrics,
             republish: tokio::sync::Notify::new(),
             published: std::sync::atomic::AtomicBool::new(false),
+            seq: std::sync::atomic::AtomicU64::new(0),
         });
+        let mut publisher_task = None;
 
         let roles = state.roles();
         if roles.layer_host || roles.mix {
@@ -211,12 +241,10 @@ impl RunningNode {
                 network.peer_id(),
                 tap,
             )?;
-            tasks.push(tokio::spawn(server.run(cancel.child_token())));
-            tasks.push(tokio::spawn(publisher(
-                state.clone(),
-                network.clone(),
-                cancel.child_token(),
-            )));
+            tasks.push(tokio::spawn(server.run(work.child_token())));
+            let stop = work.child_token();
+            let handle = tokio::spawn(publisher(state.clone(), network.clone(), stop.clone()));
+            publisher_task = Some((stop, handle));
         }
 
         tracing::info!(
@@ -229,7 +257,10 @@ impl RunningNode {
             network,
             state,
             cancel,
+            work,
+            net_task,
             tasks,
+            publisher: publisher_task,
             listen_addrs,
             metrics_addr,
         })
@@ -257,12 +288,52 @@ impl RunningNode {
         addrs
     }
 
-    /// Stop every task and flush the database.
-    pub async fn shutdown(self) -> Result<(), NodeError> {
-        self.cancel.cancel();
+    /// Wait (at most `timeout`) until the descriptor and role records have
+    /// been published once; whether they have.
+    pub async fn wait_published(&self, timeout: Duration) -> bool {
+        let published = || {
+            self.state
+                .published
+                .load(std::sync::atomic::Ordering::Relaxed)
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !published() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        published()
+    }
+
+    /// Stop serving and publishing, withdraw the descriptor (waiting at
+    /// most [`WITHDRAW_TIMEOUT`]), stop the network and flush the database.
+    /// The withdrawal needs the network: a caller that cancelled the token
+    /// given to [`RunningNode::start`] first gets a shutdown without one.
+    pub async fn shutdown(mut self) -> Result<(), NodeError> {
+        self.work.cancel();
+        if let Some((stop, handle)) = self.publisher.take() {
+            stop.cancel();
+            handle.abort();
+            let _ = handle.await;
+            let withdrawn =
+                tokio::time::timeout(WITHDRAW_TIMEOUT, withdraw(&self.state, &self.network)).await;
+            match withdrawn {
+                Ok(Ok(())) => {
+                    tracing::info!(event = "descriptor_withdrawn", peer = %self.network.peer_id())
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(event = "descriptor_withdraw_failed", error = %e)
+                }
+                Err(_) => tracing::warn!(
+                    event = "descriptor_withdraw_failed",
+                    error = "timed out",
+                    timeout = ?WITHDRAW_TIMEOUT
+                ),
+            }
+        }
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        self.cancel.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.net_task).await;
         self.state.data.flush()?;
         tracing::info!(event = "node_stopped", peer = %self.network.peer_id());
         Ok(())
@@ -336,19 +407,43 @@ pub fn advertised(listen: &[Multiaddr]) -> Vec<String> {
         .collect()
 }
 
+/// Sign our withdrawal and put it over our descriptor; stop providing roles.
+async fn withdraw(state: &NodeState, network: &Network) -> Result<(), NetworkError> {
+    let identity = state.data.identity();
+    let seq = state.take_seq(unix_now_millis());
+    // No descriptor we signed outlives this, so neither need the withdrawal.
+    let expires_at = unix_now() + state.config.descriptor_ttl_secs;
+    let signed = Withdrawal::new(identity, seq, expires_at)
+        .sign(identity)
+        .map_err(|e| NetworkError::Query(format!("signing the withdrawal: {e}")))?;
+    network.withdraw(signed).await
+}
+
+/// When a descriptor signed at `now` expires: after the configured TTL, and
+/// never after the onion key it carries (`key_not_after`).
+pub fn descriptor_expiry(now: u64, ttl_secs: u64, key_not_after: u64) -> u64 {
+    now.saturating_add(ttl_secs).min(key_not_after)
+}
+
 async fn publish_once(state: &NodeState, network: &Network, addresses: &[String]) -> bool {
     let identity = state.data.identity();
-    let (onion_key, epoch) = {
+    let (onion_key, epoch, key_not_after) = {
         let keys = state.onion.read().unwrap_or_else(|p| p.into_inner());
-        (keys.current.public(), keys.current.epoch())
+        (
+            keys.current.public(),
+            keys.current.epoch(),
+            keys.current.not_after(),
+        )
     };
-    let now = unix_now();
+    let now_millis = unix_now_millis();
+    let now = now_millis / 1000;
     let descriptor = Descriptor {
         peer_id: identity.peer_id_bytes(),
         identity_key: identity.public_key(),
+        seq: state.take_seq(now_millis),
         onion_key,
         epoch,
-        expires_at: now + 2 * state.config.epoch_secs,
+        expires_at: descriptor_expiry(now, state.config.descriptor_ttl_secs, key_not_after),
         roles: state.roles(),
         free_slots: state.free_slots(),
         capacity: Capacity {
@@ -387,6 +482,13 @@ mod tests {
 
     fn addrs(list: &[&str]) -> Vec<Multiaddr> {
         list.iter().map(|a| a.parse().expect("addr")).collect()
+    }
+
+    #[test]
+    fn descriptors_expire_after_the_ttl_or_with_their_onion_key() {
+        assert_eq!(descriptor_expiry(1_000, 600, 10_000), 1_600);
+        assert_eq!(descriptor_expiry(1_000, 600, 1_200), 1_200);
+        assert_eq!(descriptor_expiry(u64::MAX - 1, 600, u64::MAX), u64::MAX);
     }
 
     #[test]

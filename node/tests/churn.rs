@@ -440,6 +440,7 @@ fn dead_volunteer() -> mixnn_node::discovery::Volunteer {
             memory_bytes: 1 << 34,
         },
         addresses: vec!["/memory/987654321".into(), "/ip4/127.0.0.1/tcp/1".into()],
+        seq: 1,
     };
     let signed = descriptor.sign(&id).expect("sign");
     let descriptor = signed.verify(now).expect("a valid descriptor");

@@ -19,6 +19,7 @@ fn descriptor_for(id: &Identity, expires_at: u64) -> Descriptor {
     Descriptor {
         peer_id: id.peer_id_bytes(),
         identity_key: id.public_key(),
+        seq: 1,
         onion_key: [5; 32],
         epoch: 1,
         expires_at,
@@ -116,7 +117,9 @@ async fn twenty_nodes_are_found_and_forgeries_are_not() {
         f.put_raw_record_for_tests(kad::Record::new(descriptor_key(&peer_of(id)), value))
             .await
             .ok();
-        f.provide(Role::LayerHost).await.ok();
+        f.provide(Role::LayerHost)
+            .await
+            .expect("the forger announces the role");
         forgers.push(f);
     }
 
@@ -128,7 +131,7 @@ async fn twenty_nodes_are_found_and_forgeries_are_not() {
     )
     .await
     .expect("client joins");
-    let (found, _stats) = discover_at_least(&client, 20, Duration::from_secs(30)).await;
+    let (found, stats) = discover_at_least(&client, 20, Duration::from_secs(30)).await;
     let found_ids: HashSet<PeerId> = found.iter().map(|v| v.peer_id).collect();
     for (i, n) in nodes.iter().enumerate() {
         assert!(
@@ -167,7 +170,18 @@ async fn twenty_nodes_are_found_and_forgeries_are_not() {
         refused >= 3,
         "forged records were not refused on store (refused {refused})"
     );
-    assert!(client.metrics().records_refused_total() == 0 || found.len() == 20);
+    // The client saw the forgers announce the role, and kept none of their
+    // descriptors: whatever forged copy reached it was refused on read.
+    assert_eq!(
+        stats.providers_found, 23,
+        "20 volunteers and 3 forgers provide a role: {stats:?}"
+    );
+    assert_eq!(stats.descriptors_verified, 20, "{stats:?}");
+    assert_eq!(
+        stats.descriptors_missing, 3,
+        "each forger's descriptor must be refused: {stats:?}"
+    );
+    assert_eq!(stats.descriptors_withdrawn, 0, "{stats:?}");
 
     for n in nodes {
         n.shutdown().await.expect("shutdown");

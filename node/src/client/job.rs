@@ -1007,7 +1007,8 @@ impl<'a> Driver<'a> {
                 .map(|c| c.peer)
                 .filter(|p| !alive.contains(p))
                 .collect();
-            let answered = answering(self.network, &unknown, self.job.opts.probe_timeout).await;
+            let answered =
+                super::probe::reachable(self.network, &unknown, self.job.opts.probe_timeout).await;
             let dead: Vec<PeerId> = unknown
                 .into_iter()
                 .filter(|p| !answered.contains(p))
@@ -1550,18 +1551,6 @@ fn remaining(deadline: Option<tokio::time::Instant>, fallback: Duration) -> Dura
     deadline.map_or(fallback, |d| {
         d.saturating_duration_since(tokio::time::Instant::now())
     })
-}
-
-/// The peers among `peers` that accept a connection within `timeout`.
-async fn answering(network: &Network, peers: &[PeerId], timeout: Duration) -> HashSet<PeerId> {
-    let probes = peers
-        .iter()
-        .map(|p| async move { network.connect(*p, timeout).await.is_ok().then_some(*p) });
-    futures::future::join_all(probes)
-        .await
-        .into_iter()
-        .flatten()
-        .collect()
 }
 
 /// Run the test split through the slots named in the model map.

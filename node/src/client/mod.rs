@@ -6,6 +6,7 @@ pub mod job;
 pub mod machine;
 pub mod model_map;
 pub mod plan;
+pub mod probe;
 pub mod ring;
 pub mod route;
 

@@ -41,9 +41,14 @@ pub struct NodeArgs {
     /// Onion key rotation period in seconds.
     #[arg(long, env = "MIXNN_EPOCH_SECS", hide_short_help = true)]
     epoch_secs: Option<u64>,
-    /// How often to publish the descriptor again, in seconds.
+    /// How often to publish the descriptor again, in seconds [default: 180].
     #[arg(long, env = "MIXNN_REPUBLISH_SECS", hide_short_help = true)]
     republish_secs: Option<u64>,
+    /// How long a published descriptor stays valid, in seconds; must be
+    /// longer than --republish-secs [default: 600]. A node that stops
+    /// without withdrawing drops out of discovery after this.
+    #[arg(long, env = "MIXNN_DESCRIPTOR_TTL_SECS", hide_short_help = true)]
+    descriptor_ttl_secs: Option<u64>,
 }
 
 impl NodeArgs {
@@ -92,6 +97,9 @@ impl NodeArgs {
         if let Some(v) = self.republish_secs.or(file.republish_secs) {
             c.republish_secs = v;
         }
+        if let Some(v) = self.descriptor_ttl_secs.or(file.descriptor_ttl_secs) {
+            c.descriptor_ttl_secs = v;
+        }
         if let Some(v) = file.max_circuits {
             c.max_circuits = v;
         }
@@ -106,16 +114,18 @@ impl NodeArgs {
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
     let config = args.resolve()?;
     super::runtime()?.block_on(async move {
-        let cancel = CancellationToken::new();
-        mixnn_node::runtime::cancel_on_signal(cancel.clone());
-        let node = RunningNode::start(config, cancel.clone()).await?;
+        // The signal asks for a stop; the node's own token stays live until
+        // its shutdown has withdrawn its descriptor.
+        let stop = CancellationToken::new();
+        mixnn_node::runtime::cancel_on_signal(stop.clone());
+        let node = RunningNode::start(config, CancellationToken::new()).await?;
         for a in node.full_addrs() {
             println!("{a}");
         }
         if let Some(m) = node.metrics_addr() {
             eprintln!("metrics on http://{m}/metrics");
         }
-        cancel.cancelled().await;
+        stop.cancelled().await;
         node.shutdown().await?;
         Ok(())
     })

@@ -13,7 +13,9 @@ pub struct PeersArgs {
     /// Bootstrap peers, each ending in /p2p/<peer id>.
     #[arg(long, env = "MIXNN_BOOTSTRAP", value_delimiter = ',', required = true)]
     bootstrap: Vec<String>,
-    /// Keep looking until at least this many volunteers are found (or --timeout).
+    /// Keep looking until at least this many volunteers are found, the
+    /// network shows no more, or --timeout passes. Withdrawn and expired
+    /// volunteers are never listed.
     #[arg(long, default_value_t = 1)]
     min: usize,
     /// Give up after this many seconds.
@@ -33,10 +35,16 @@ pub fn run(args: PeersArgs) -> anyhow::Result<()> {
             discover_at_least(&network, args.min, Duration::from_secs(args.timeout)).await;
         cancel.cancel();
         let rows: Vec<VolunteerSummary> = found.iter().map(VolunteerSummary::from).collect();
+        let short = rows.len() < args.min;
         if args.json {
             println!(
                 "{}",
-                serde_json::json!({ "volunteers": rows, "count": rows.len(), "stats": stats })
+                serde_json::json!({
+                    "volunteers": rows,
+                    "count": rows.len(),
+                    "wanted": args.min,
+                    "stats": stats,
+                })
             );
         } else {
             println!(
@@ -54,9 +62,18 @@ pub fn run(args: PeersArgs) -> anyhow::Result<()> {
                 );
             }
             eprintln!(
-                "{} volunteers ({} providers found)",
+                "{} volunteers ({} providers found, {} withdrawn, {} without a valid descriptor)",
                 rows.len(),
-                stats.providers_found
+                stats.providers_found,
+                stats.descriptors_withdrawn,
+                stats.descriptors_missing
+            );
+        }
+        if short {
+            eprintln!(
+                "needs {} volunteers, found {} (the network has too few)",
+                args.min,
+                rows.len()
             );
         }
         Ok(())

@@ -22,13 +22,20 @@ use libp2p::{
     Swarm, Transport,
 };
 use mixnn_crypto::descriptor::MAX_DESCRIPTOR_BYTES;
-use mixnn_crypto::{Descriptor, SignedDescriptor};
+use mixnn_crypto::{Descriptor, PeerRecord, SignedDescriptor};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-use records::{check_descriptor_record, check_provider_record, descriptor_key, unix_now, Role};
+use records::{
+    admit_descriptor_record, check_descriptor_record, check_provider_record, descriptor_key,
+    newest, unix_now, Role,
+};
+
+/// A descriptor lookup stops once it holds this many valid copies (or the
+/// query ends), and returns the newest of them.
+const DESCRIPTOR_COPIES: usize = 3;
 
 /// Kademlia runs under our own protocol name, apart from any public DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/mixnn/kad/1.0.0");
@@ -63,6 +70,13 @@ pub struct NetworkConfig {
     pub bootstrap_interval: Duration,
     /// Largest record value the local store takes.
     pub max_record_bytes: usize,
+    /// How long the DHT keeps a descriptor record; a descriptor's own
+    /// expiry bounds it too. Provider records live one `republish`
+    /// longer, but nothing depends on them: clients check descriptors.
+    pub record_ttl: Duration,
+    /// How often records are replicated and provider records announced
+    /// again (the node's publisher republishes its descriptor itself).
+    pub republish: Duration,
 }
 
 impl Default for NetworkConfig {
@@ -79,6 +93,8 @@ impl Default for NetworkConfig {
             max_queries: 64,
             bootstrap_interval: Duration::from_secs(60),
             max_record_bytes: MAX_DESCRIPTOR_BYTES,
+            record_ttl: Duration::from_secs(600),
+            republish: Duration::from_secs(180),
         }
     }
 }
@@ -101,6 +117,8 @@ pub enum NetworkError {
     Query(String),
     #[error("no descriptor found for {0}")]
     NoDescriptor(PeerId),
+    #[error("{0} has withdrawn its descriptor (it left the network)")]
+    Withdrawn(PeerId),
     #[error("could not connect to {peer}: {reason}")]
     Connect { peer: PeerId, reason: String },
     #[error("timed out after {0:?} waiting for {1}")]
@@ -145,6 +163,8 @@ enum Command {
         oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>,
     ),
     GetDescriptor(PeerId, oneshot::Sender<Result<Descriptor, NetworkError>>),
+    /// Stop providing every role here and put our signed withdrawal.
+    Withdraw(SignedDescriptor, oneshot::Sender<Result<(), NetworkError>>),
     AddAddress(PeerId, Multiaddr),
     Connect(PeerId, oneshot::Sender<Result<(), NetworkError>>),
     /// Store a record locally without checks (tests that play a forger).
@@ -206,11 +226,13 @@ fn build_swarm(key: &Keypair, cfg: &NetworkConfig) -> Result<Swarm<Behaviour>, N
         .disjoint_query_paths(true)
         .set_record_filtering(StoreInserts::FilterBoth)
         .set_max_packet_size(64 * 1024)
-        .set_record_ttl(Some(Duration::from_secs(2 * 3600)))
-        .set_publication_interval(Some(Duration::from_secs(600)))
-        .set_replication_interval(Some(Duration::from_secs(300)))
-        .set_provider_record_ttl(Some(Duration::from_secs(2 * 3600)))
-        .set_provider_publication_interval(Some(Duration::from_secs(600)))
+        .set_record_ttl(Some(cfg.record_ttl))
+        // The publisher signs a fresh descriptor every `republish`; putting
+        // the old bytes again would add nothing.
+        .set_publication_interval(None)
+        .set_replication_interval(Some(cfg.republish))
+        .set_provider_record_ttl(Some(cfg.record_ttl + cfg.republish))
+        .set_provider_publication_interval(Some(cfg.republish))
         .set_periodic_bootstrap_interval(Some(cfg.bootstrap_interval));
     let store = MemoryStore::with_config(
         peer_id,
@@ -442,8 +464,17 @@ impl Network {
     }
 
     /// Fetch and verify `peer`'s descriptor; its addresses become dialable.
+    /// Of the copies found the newest stands: [`NetworkError::Withdrawn`]
+    /// when that is the peer's withdrawal.
     pub async fn get_descriptor(&self, peer: PeerId) -> Result<Descriptor, NetworkError> {
         self.ask(|r| Command::GetDescriptor(peer, r)).await?
+    }
+
+    /// Leave: stop providing every role from this node and put `withdrawal`
+    /// (our signed withdrawal) under our descriptor key, on every one of the
+    /// closest peers that answers. Callers bound the wait.
+    pub async fn withdraw(&self, withdrawal: SignedDescriptor) -> Result<(), NetworkError> {
+        self.ask(|r| Command::Withdraw(withdrawal, r)).await?
     }
 
     /// Make sure a connection to `peer` is open (dialing its known addresses).
@@ -481,28 +512,30 @@ impl Network {
     }
 }
 
+/// A provider lookup in flight: found so far, the limit, the reply.
+type ProviderLookup = (
+    HashSet<PeerId>,
+    Option<usize>,
+    oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>,
+);
+
+/// A descriptor lookup in flight.
+struct DescriptorLookup {
+    peer: PeerId,
+    /// The newest valid record so far.
+    best: Option<PeerRecord>,
+    copies: usize,
+    reply: oneshot::Sender<Result<Descriptor, NetworkError>>,
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     events: tokio::sync::broadcast::Sender<NetworkEvent>,
     rx: mpsc::Receiver<Command>,
     metrics: Metrics,
     max_queries: usize,
-    providers: HashMap<
-        QueryId,
-        (
-            HashSet<PeerId>,
-            Option<usize>,
-            oneshot::Sender<Result<HashSet<PeerId>, NetworkError>>,
-        ),
-    >,
-    descriptors: HashMap<
-        QueryId,
-        (
-            PeerId,
-            Option<Descriptor>,
-            oneshot::Sender<Result<Descriptor, NetworkError>>,
-        ),
-    >,
+    providers: HashMap<QueryId, ProviderLookup>,
+    descriptors: HashMap<QueryId, DescriptorLookup>,
     puts: HashMap<QueryId, oneshot::Sender<Result<(), NetworkError>>>,
     dials: HashMap<PeerId, Vec<oneshot::Sender<Result<(), NetworkError>>>>,
 }
@@ -615,7 +648,33 @@ impl EventLoop {
                     return;
                 }
                 let id = kad.get_record(descriptor_key(&peer));
-                self.descriptors.insert(id, (peer, None, reply));
+                self.descriptors.insert(
+                    id,
+                    DescriptorLookup {
+                        peer,
+                        best: None,
+                        copies: 0,
+                        reply,
+                    },
+                );
+            }
+            Command::Withdraw(withdrawal, reply) => {
+                for role in Role::ALL {
+                    kad.stop_providing(&role.key());
+                }
+                let key = descriptor_key(self.swarm.local_peer_id());
+                let mut record = kad::Record::new(key, withdrawal.to_bytes());
+                record.publisher = Some(*self.swarm.local_peer_id());
+                let kad = &mut self.swarm.behaviour_mut().kad;
+                // Every close peer should hear it, not just the first.
+                match kad.put_record(record, kad::Quorum::All) {
+                    Ok(id) => {
+                        self.puts.insert(id, reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(NetworkError::Query(e.to_string())));
+                    }
+                }
             }
         }
     }
@@ -627,12 +686,10 @@ impl EventLoop {
                 peer_id,
                 info,
                 ..
-            })) => {
-                if info.protocols.contains(&KAD_PROTOCOL) {
-                    for addr in info.listen_addrs {
-                        if is_dialable(&addr) {
-                            self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
-                        }
+            })) if info.protocols.contains(&KAD_PROTOCOL) => {
+                for addr in info.listen_addrs {
+                    if is_dialable(&addr) {
+                        self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                     }
                 }
             }
@@ -652,14 +709,12 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established,
+                num_established: 0,
                 ..
             } => {
-                if num_established == 0 {
-                    let _ = self.events.send(NetworkEvent::PeerDisconnected(peer_id));
-                    self.metrics.peers_connected.dec();
-                    tracing::debug!(event = "peer_disconnected", peer = %peer_id);
-                }
+                let _ = self.events.send(NetworkEvent::PeerDisconnected(peer_id));
+                self.metrics.peers_connected.dec();
+                tracing::debug!(event = "peer_disconnected", peer = %peer_id);
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(event = "listening", %address);
@@ -723,19 +778,17 @@ impl EventLoop {
                         }
                     }
                     QueryResult::GetRecord(res) => {
-                        let Some(entry) = self.descriptors.get_mut(&id) else {
+                        let Some(lookup) = self.descriptors.get_mut(&id) else {
                             return;
                         };
                         if let Ok(kad::GetRecordOk::FoundRecord(peer_record)) = &res {
                             match check_descriptor_record(&peer_record.record, unix_now()) {
-                                Ok(d) if d.peer_id == entry.0.to_bytes() => {
-                                    let newer = entry
-                                        .1
-                                        .as_ref()
-                                        .is_none_or(|old| d.expires_at > old.expires_at);
-                                    if newer {
-                                        entry.1 = Some(d);
-                                    }
+                                Ok(r) if r.peer_id() == lookup.peer.to_bytes() => {
+                                    lookup.copies += 1;
+                                    lookup.best = Some(match lookup.best.take() {
+                                        Some(best) => newest(best, r),
+                                        None => r,
+                                    });
                                 }
                                 Ok(_) => self.metrics.refuse_record("wrong_key"),
                                 Err(e) => {
@@ -751,17 +804,20 @@ impl EventLoop {
                                     });
                                 }
                             }
-                            // One good copy is enough.
-                            if entry.1.is_some() {
+                            // A few good copies are enough: a stale one
+                            // (a peer that missed a withdrawal) loses to
+                            // the newest among them.
+                            if lookup.copies >= DESCRIPTOR_COPIES {
                                 if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
                                     q.finish();
                                 }
                             }
                         }
                         if step.last {
-                            if let Some((peer, found, reply)) = self.descriptors.remove(&id) {
-                                let r = match found {
-                                    Some(d) => {
+                            if let Some(lookup) = self.descriptors.remove(&id) {
+                                let peer = lookup.peer;
+                                let r = match lookup.best {
+                                    Some(PeerRecord::Live(d)) => {
                                         for a in &d.addresses {
                                             if let Ok(addr) = a.parse::<Multiaddr>() {
                                                 self.swarm.add_peer_address(peer, addr);
@@ -769,18 +825,31 @@ impl EventLoop {
                                         }
                                         Ok(d)
                                     }
+                                    Some(PeerRecord::Withdrawn(_)) => {
+                                        Err(NetworkError::Withdrawn(peer))
+                                    }
                                     None => Err(NetworkError::NoDescriptor(peer)),
                                 };
-                                let _ = reply.send(r);
+                                let _ = lookup.reply.send(r);
                             }
                         }
                     }
                     QueryResult::PutRecord(res) => {
                         if let Some(reply) = self.puts.remove(&id) {
-                            let _ = reply.send(
-                                res.map(|_| ())
-                                    .map_err(|e| NetworkError::Query(e.to_string())),
-                            );
+                            let r = match res {
+                                Ok(_) => Ok(()),
+                                // `Quorum::All` asks for the replication
+                                // factor (20); a smaller network cannot
+                                // give that, and every peer that took the
+                                // record still has it.
+                                Err(kad::PutRecordError::QuorumFailed { success, .. })
+                                    if !success.is_empty() =>
+                                {
+                                    Ok(())
+                                }
+                                Err(e) => Err(NetworkError::Query(e.to_string())),
+                            };
+                            let _ = reply.send(r);
                         }
                     }
                     QueryResult::StartProviding(res) => {
@@ -811,30 +880,43 @@ impl EventLoop {
         match request {
             kad::InboundRequest::PutRecord {
                 source,
-                record: Some(record),
+                record: Some(mut record),
                 ..
-            } => match check_descriptor_record(&record, unix_now()) {
-                Ok(_) => {
-                    let store = self.swarm.behaviour_mut().kad.store_mut();
-                    match kad::store::RecordStore::put(store, record) {
-                        Ok(()) => {
-                            self.metrics.records_stored.inc();
-                        }
-                        Err(e) => {
-                            tracing::debug!(event = "record_refused", on = "store", reason = %e);
-                            self.metrics.refuse_record("store_full");
+            } => {
+                let now = unix_now();
+                let store = self.swarm.behaviour_mut().kad.store_mut();
+                let held = kad::store::RecordStore::get(store, &record.key).map(|r| r.into_owned());
+                match admit_descriptor_record(&record, held.as_ref(), now) {
+                    Ok(r) => {
+                        // Never keep a record past its own expiry.
+                        let until = std::time::Instant::now()
+                            + Duration::from_secs(r.expires_at().saturating_sub(now));
+                        record.expires = Some(record.expires.map_or(until, |e| e.min(until)));
+                        match kad::store::RecordStore::put(store, record) {
+                            Ok(()) => {
+                                self.metrics.records_stored.inc();
+                            }
+                            Err(e) => {
+                                tracing::debug!(event = "record_refused", on = "store", reason = %e);
+                                self.metrics.refuse_record("store_full");
+                            }
                         }
                     }
+                    Err(e) => {
+                        if matches!(e, records::RecordError::Stale { .. }) {
+                            // Also what replication of a superseded copy looks like.
+                            tracing::debug!(event = "record_refused", on = "store", from = %source, reason = e.label());
+                        } else {
+                            tracing::info!(event = "record_refused", on = "store", from = %source, reason = e.label());
+                        }
+                        self.metrics.refuse_record(e.label());
+                        let _ = self.events.send(NetworkEvent::RecordRefused {
+                            from: Some(source),
+                            reason: e.label(),
+                        });
+                    }
                 }
-                Err(e) => {
-                    tracing::info!(event = "record_refused", on = "store", from = %source, reason = e.label());
-                    self.metrics.refuse_record(e.label());
-                    let _ = self.events.send(NetworkEvent::RecordRefused {
-                        from: Some(source),
-                        reason: e.label(),
-                    });
-                }
-            },
+            }
             kad::InboundRequest::AddProvider {
                 record: Some(provider),
             } => match check_provider_record(&provider) {

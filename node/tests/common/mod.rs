@@ -91,6 +91,12 @@ pub async fn testnet(
                 .expect("node starts"),
         );
     }
+    for n in &nodes {
+        assert!(
+            n.wait_published(std::time::Duration::from_secs(30)).await,
+            "a volunteer did not publish"
+        );
+    }
     let network = mixnn_node::discovery::join_as_client(
         addr,
         TransportKind::Memory,
