@@ -7,9 +7,12 @@
 #      chance, params_digest present
 #   4. an inference job with the model map it wrote: accuracy above chance
 #   5. restart one node container: same peer id, same free slots, listed again
-#   6. stop a layer host during a second training job: the job fails within a
-#      bounded time with an error naming that hop's peer id
-#   7. tear everything down; no container, network or volume of it is left
+#   6. stop a layer host during a second training job: the job fails over to
+#      another volunteer and ends with the digest of local training
+#   7. the same with --max-failovers 0: the job fails within a bounded time
+#      with an error naming that hop's peer id
+#   8. stop one node (SIGTERM): three jobs right after it all succeed
+#   9. tear everything down; no container, network or volume of it is left
 #
 #   testnet/smoke.sh [--no-build | --no-cargo] [--keep]
 #
@@ -40,7 +43,9 @@ TRAIN_TIMEOUT=${SMOKE_TRAIN_TIMEOUT:-600}      # first training job
 INFER_TIMEOUT=${SMOKE_INFER_TIMEOUT:-300}
 FAIL_BOUND=${SMOKE_FAIL_BOUND:-90}             # hop dies -> job must have failed by then
 FIND_HOST_TIMEOUT=${SMOKE_FIND_HOST_TIMEOUT:-90}
-LONG_EPOCHS=${SMOKE_LONG_EPOCHS:-1000}         # second job: long enough to be cut
+LONG_EPOCHS=${SMOKE_LONG_EPOCHS:-1000}         # a job long enough to be cut
+FAILOVER_EPOCHS=${SMOKE_FAILOVER_EPOCHS:-40}   # a job cut, failed over and finished
+FAILOVER_TIMEOUT=${SMOKE_FAILOVER_TIMEOUT:-900}
 NODES=$MIXNN_NODES
 
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/mixnn-smoke.XXXXXX")
@@ -250,52 +255,97 @@ else
     fi
 fi
 
-# ---------------------------------------------------------------- 6. hop failure
-step "stop a layer host during a second training job"
-peers_table "$NODES" 30 >"$WORK/peers3"
-log "starting a long training job ($LONG_EPOCHS epochs) in the background"
-client_run $((FIND_HOST_TIMEOUT + FAIL_BOUND + 120)) "$WORK/job2.out" "$WORK/job2.err" \
-    train --bootstrap "$MIXNN_BOOTSTRAP_ADDR" --arch mlp:784-64-10 --data "$MIXNN_CLIENT_DATA" \
-    --epochs "$LONG_EPOCHS" --batch 64 --seed 8 --mixes 1 --model-map /work/model-2.json --json &
-JOB_PID=$!
-job_start=$(date +%s)
-since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
-victim=""
-how=""
-deadline=$((job_start + FIND_HOST_TIMEOUT))
-while [ -z "$victim" ] && [ "$(date +%s)" -lt "$deadline" ] && kill -0 "$JOB_PID" 2>/dev/null; do
-    sleep 2
-    # (a) a node whose advertised free slots dropped since the job started
-    peers_table "$NODES" 8 >"$WORK/peers4" 2>/dev/null
-    while read -r p s; do
-        old=$(awk -v p="$p" '$1 == p { print $2 }' "$WORK/peers3")
-        if [ -n "$old" ] && [ -n "$s" ] && [ "$s" -lt "$old" ] && [ -n "${CONTAINER_OF[$p]:-}" ]; then
-            victim=${CONTAINER_OF[$p]}; how="free slots $old -> $s"; break
-        fi
-    done <"$WORK/peers4"
-    # (b) a node that logged a slot assignment since the job started
-    if [ -z "$victim" ]; then
-        for c in $(service_containers node); do
-            if docker logs --since "$since" "$c" 2>&1 | grep -Eiq 'slot_(assigned|created|taken|claimed|opened)|slot (assigned|created|taken)'; then
-                victim=$c; how="logged a slot assignment"; break
+# Wait until a layer host of the job JOB_PID (started after the peers list in
+# $1 was taken) can be told apart; sets VICTIM and HOW, or leaves VICTIM empty.
+find_layer_host() {
+    local before=$1 since=$2 deadline=$(($(date +%s) + FIND_HOST_TIMEOUT))
+    VICTIM=""
+    HOW=""
+    while [ -z "$VICTIM" ] && [ "$(date +%s)" -lt "$deadline" ] && kill -0 "$JOB_PID" 2>/dev/null; do
+        sleep 2
+        # (a) a node whose advertised free slots dropped since the job started
+        peers_table "$NODES" 8 >"$WORK/peers4" 2>/dev/null
+        while read -r p s; do
+            old=$(awk -v p="$p" '$1 == p { print $2 }' "$before")
+            if [ -n "$old" ] && [ -n "$s" ] && [ "$s" -lt "$old" ] && [ -n "${CONTAINER_OF[$p]:-}" ]; then
+                VICTIM=${CONTAINER_OF[$p]}; HOW="free slots $old -> $s"; break
             fi
-        done
+        done <"$WORK/peers4"
+        # (b) a node that logged a slot assignment since the job started
+        if [ -z "$VICTIM" ]; then
+            for c in $(service_containers node); do
+                if docker logs --since "$since" "$c" 2>&1 | grep -Eiq 'slot_(assigned|created|taken|claimed|opened)|slot (assigned|created|taken)'; then
+                    VICTIM=$c; HOW="logged a slot assignment"; break
+                fi
+            done
+        fi
+    done
+}
+
+# ---------------------------------------------------------------- 6. failover
+step "stop a layer host during a training job: it fails over and finishes"
+FO_ARGS=(--arch mlp:784-64-10 --data "$MIXNN_CLIENT_DATA" --epochs "$FAILOVER_EPOCHS" --batch 64 --seed 8)
+client_run 600 "$WORK/local2.out" "$WORK/local2.err" train --local "${FO_ARGS[@]}" --json
+FO_LOCAL=$(tail -n 1 "$WORK/local2.out" | json_get params_digest 2>/dev/null)
+peers_table "$NODES" 30 >"$WORK/peers3"
+client_run "$FAILOVER_TIMEOUT" "$WORK/job2.out" "$WORK/job2.err" \
+    train --bootstrap "$MIXNN_BOOTSTRAP_ADDR" "${FO_ARGS[@]}" --mixes 1 \
+    --checkpoint-every 50 --model-map /work/model-2.json --json &
+JOB_PID=$!
+find_layer_host "$WORK/peers3" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+if [ -z "$VICTIM" ]; then
+    fail "failover: no layer host of the running job identified within ${FIND_HOST_TIMEOUT} s"
+    kill "$JOB_PID" 2>/dev/null
+    wait "$JOB_PID" 2>/dev/null
+else
+    vpeer=${PEER_OF[$VICTIM]}
+    log "layer host: $(container_name "$VICTIM") $vpeer ($HOW); stopping it"
+    t_stop=$(date +%s)
+    docker stop -t 10 "$VICTIM" >/dev/null
+    wait "$JOB_PID"; rc=$?
+    json=$(tail -n 1 "$WORK/job2.out")
+    digest=$(printf '%s' "$json" | json_get params_digest 2>/dev/null)
+    failovers=$(printf '%s' "$json" | json_get failovers 2>/dev/null)
+    log "job exited $rc, $(($(date +%s) - t_stop)) s after the stop: failovers ${failovers:-?}"
+    if [ "$rc" != 0 ]; then
+        show_err "$WORK/job2.err" job
+        fail "failover: the job failed after layer host $vpeer stopped (exit $rc)"
+    elif [ -z "$failovers" ] || [ "$failovers" = 0 ]; then
+        fail "failover: the job finished without a failover (was $vpeer really one of its hosts?)"
+    elif [ -z "$FO_LOCAL" ] || [ "$digest" != "$FO_LOCAL" ]; then
+        fail "failover: params_digest ${digest:-none} differs from local training's ${FO_LOCAL:-none}"
+    else
+        pass "failover: $failovers failover(s) after $vpeer stopped; params_digest equals local training"
     fi
-done
-if [ -z "$victim" ]; then
+    docker start "$VICTIM" >/dev/null 2>&1 || true
+fi
+JOB_PID=""
+
+# ---------------------------------------------------------------- 7. hop failure, no failover
+step "stop a layer host during a job run with --max-failovers 0"
+sleep 5
+peers_table "$NODES" 30 >"$WORK/peers5"
+client_run $((FIND_HOST_TIMEOUT + FAIL_BOUND + 120)) "$WORK/job3.out" "$WORK/job3.err" \
+    train --bootstrap "$MIXNN_BOOTSTRAP_ADDR" --arch mlp:784-64-10 --data "$MIXNN_CLIENT_DATA" \
+    --epochs "$LONG_EPOCHS" --batch 64 --seed 9 --mixes 1 --max-failovers 0 \
+    --model-map /work/model-3.json --json &
+JOB_PID=$!
+find_layer_host "$WORK/peers5" "$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+if [ -z "$VICTIM" ]; then
     if kill -0 "$JOB_PID" 2>/dev/null; then
         fail "hop failure: no layer host of the running job identified within ${FIND_HOST_TIMEOUT} s"
+        kill "$JOB_PID" 2>/dev/null
     else
         wait "$JOB_PID"; rc=$?
-        show_err "$WORK/job2.err" job
-        fail "hop failure: the second job ended (exit $rc) before a layer host could be stopped"
+        show_err "$WORK/job3.err" job
+        fail "hop failure: the job ended (exit $rc) before a layer host could be stopped"
     fi
 else
-    vpeer=${PEER_OF[$victim]}
-    vname=$(container_name "$victim")
-    log "layer host: $vname $vpeer ($how); stopping it"
+    vpeer=${PEER_OF[$VICTIM]}
+    vname=$(container_name "$VICTIM")
+    log "layer host: $vname $vpeer ($HOW); stopping it"
     t_stop=$(date +%s)
-    docker stop -t 10 "$victim" >/dev/null
+    docker stop -t 10 "$VICTIM" >/dev/null
     while kill -0 "$JOB_PID" 2>/dev/null && [ $(($(date +%s) - t_stop)) -lt "$FAIL_BOUND" ]; do sleep 1; done
     if kill -0 "$JOB_PID" 2>/dev/null; then
         fail "hop failure: the job still runs ${FAIL_BOUND} s after $vname stopped"
@@ -304,7 +354,7 @@ else
     else
         wait "$JOB_PID"; rc=$?
         took=$(($(date +%s) - t_stop))
-        errline=$(grep -E '^error: ' "$WORK/job2.err" | tail -n 1)
+        errline=$(grep -E '^error: ' "$WORK/job3.err" | tail -n 1)
         log "job exited $rc, $took s after the stop: ${errline:-<no error line>}"
         if [ "$rc" = 0 ]; then
             fail "hop failure: the job succeeded although layer host $vpeer was stopped"
@@ -312,11 +362,33 @@ else
             fail "hop failure: exit $rc but no 'error: ...' line on stderr"
         elif ! grep -qF "$vpeer" <<<"$errline"; then
             fail "hop failure: the error does not name the stopped hop $vpeer: $errline"
+        elif ! grep -q -- '--resume' "$WORK/job3.err"; then
+            fail "hop failure: no --resume command printed"
         else
-            pass "hop failure: job failed in ${took} s (bound ${FAIL_BOUND} s) naming $vpeer"
+            pass "hop failure: job failed in ${took} s (bound ${FAIL_BOUND} s) naming $vpeer, with the --resume command"
         fi
     fi
-    JOB_PID=""
-    docker start "$victim" >/dev/null 2>&1 || true
+    docker start "$VICTIM" >/dev/null 2>&1 || true
 fi
+JOB_PID=""
+
+# ---------------------------------------------------------------- 8. churn in discovery
+step "stop one node with SIGTERM; three jobs right after it"
+sleep 5
+c=$(service_containers node | tail -n 1)
+gone=${PEER_OF[$c]}
+docker stop -t 20 "$c" >/dev/null
+ok=0
+for i in 1 2 3; do
+    client_run 300 "$WORK/short$i.out" "$WORK/short$i.err" \
+        train --bootstrap "$MIXNN_BOOTSTRAP_ADDR" --arch mlp:784-64-10 --data "$MIXNN_CLIENT_DATA" \
+        --epochs 1 --limit 512 --batch 64 --seed 7 --mixes 1 --model-map "/work/short-$i.json" --json
+    if [ $? = 0 ]; then ok=$((ok + 1)); else show_err "$WORK/short$i.err" "job $i"; fi
+done
+if [ "$ok" = 3 ]; then
+    pass "after $gone stopped, 3 jobs in a row succeeded"
+else
+    fail "after $gone stopped, $ok of 3 jobs succeeded"
+fi
+docker start "$c" >/dev/null 2>&1 || true
 exit 0

@@ -858,22 +858,10 @@ impl<'a> Driver<'a> {
                     })
                 }
                 Action::Evaluate => self.evaluate().await.map(|_| Some(Event::Evaluated)),
-                Action::Finish => {
-                    return match self.finish(started, start, &m).await {
-                        Ok(r) => Ok(r),
-                        Err(Fault::Fatal(e)) => Err(e),
-                        Err(Fault::Hop { blamed, reason }) => Err(JobError::Hop {
-                            during: "the final reports".into(),
-                            peer: blamed.first().copied(),
-                            detail: reason,
-                        }),
-                        Err(Fault::TimedOut) => Err(JobError::Hop {
-                            during: "the final reports".into(),
-                            peer: None,
-                            detail: "no reply in time".into(),
-                        }),
-                    };
-                }
+                Action::Finish => match self.finish(started, start, &m).await {
+                    Ok(r) => return Ok(r),
+                    Err(f) => Err(f),
+                },
                 Action::Stop { step } => {
                     self.teardown().await;
                     return Err(JobError::Interrupted { step });
@@ -902,6 +890,7 @@ impl<'a> Driver<'a> {
                     // checkpoint.
                     self.rings = None;
                     self.labels.clear();
+                    let before = m.failovers().len();
                     m.on(
                         Event::Failed {
                             blamed,
@@ -909,10 +898,8 @@ impl<'a> Driver<'a> {
                         },
                         Instant::now(),
                     );
-                    if let Some(f) = m.failovers().last() {
-                        if m.failovers().len() as u32 <= self.job.opts.max_failovers
-                            && f.reason == reason
-                        {
+                    if m.failovers().len() > before {
+                        if let Some(f) = m.failovers().last() {
                             on_event(JobEvent::Failover {
                                 number: m.failovers().len() as u32,
                                 reason,

@@ -144,6 +144,7 @@ enum Phase {
     Checkpointing(u64),
     Probing,
     Evaluating,
+    Finishing,
     Done,
 }
 
@@ -247,9 +248,8 @@ impl TrainMachine {
                     self.run_clock = Some((now, self.acked));
                 }
             }
-            Action::Finish | Action::Stop { .. } | Action::Abort { .. } => {
-                self.phase = Phase::Done;
-            }
+            Action::Finish => self.phase = Phase::Finishing,
+            Action::Stop { .. } | Action::Abort { .. } => self.phase = Phase::Done,
         }
         Some(a)
     }
@@ -278,6 +278,10 @@ impl TrainMachine {
         match event {
             Event::Interrupt => {
                 self.stopping = true;
+                if matches!(self.phase, Phase::Finishing | Phase::Evaluating) {
+                    // Almost done: let the job end normally.
+                    return;
+                }
                 // While setting up, stop right here.
                 if matches!(self.phase, Phase::SettingUp | Phase::Probing | Phase::Done) {
                     self.finish_stop();
@@ -472,6 +476,7 @@ impl TrainMachine {
         &self.bans
     }
 
+    /// Whether the job has ended (finished, stopped or given up).
     pub fn is_done(&self) -> bool {
         self.phase == Phase::Done && self.queue.is_empty()
     }
@@ -578,6 +583,8 @@ mod tests {
             (Action::SendForward { step: 5 }, 4, 0),
             (Action::Checkpoint { step: 8 }, 4, 4),
             (Action::AwaitOutput { step: 2 }, 0, 1),
+            (Action::Evaluate, 10, 0),
+            (Action::Finish, 10, 0),
         ];
         for (at, restored, replayed) in cases {
             let mut m = TrainMachine::new(schedule(10, 4, 5), 0, true);
