@@ -123,3 +123,58 @@ async fn keep_ends_training_equals_local_training() {
         .expect("inference");
     assert_eq!(inferred.test_accuracy, local.test_accuracy);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_from_given_parameters_restores_them_into_fresh_slots() {
+    let net = common::testnet(5, 4, None).await;
+    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let cfg = config("mlp:784-32-10", OptimizerSpec::Sgd { lr: 0.1 });
+    let local = train_local(&cfg, &data, &mut |_| {}).expect("local");
+    // The seeded parameters, given explicitly: they reach the slots as a
+    // restore of step 0, and the job ends where the seeded one does.
+    let init: Vec<Vec<u8>> = cfg
+        .arch
+        .stages()
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            mixnn_model::Slot::new(
+                s,
+                mixnn_model::InitSpec {
+                    seed: cfg.seed,
+                    stage_index: i as u32,
+                },
+                cfg.optimizer,
+            )
+            .expect("slot")
+            .to_bytes()
+        })
+        .collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let train = data.train.clone().limit(640);
+    let path = dir.path().join("m.json");
+    let opts = JobOptions::default();
+    let report = mixnn_node::client::train_network_from(
+        &net.client,
+        &net.volunteers,
+        common::job(&cfg, &train, &data.test, &opts, &path),
+        Some(init.clone()),
+        &mut |_| {},
+    )
+    .await
+    .expect("training from given parameters");
+    assert_eq!(report.params_digest, local.params_digest_hex);
+    // Parameters of another model are refused before anything starts.
+    let mut wrong = init;
+    wrong.swap(0, 1);
+    let err = mixnn_node::client::train_network_from(
+        &net.client,
+        &net.volunteers,
+        common::job(&cfg, &train, &data.test, &opts, &dir.path().join("w.json")),
+        Some(wrong),
+        &mut |_| {},
+    )
+    .await
+    .expect_err("wrong stages");
+    assert!(err.to_string().contains("initial state"), "{err}");
+}

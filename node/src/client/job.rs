@@ -434,28 +434,67 @@ pub async fn train_network(
     job: TrainJob<'_>,
     on_event: &mut (dyn FnMut(JobEvent) + Send),
 ) -> Result<NetworkReport, JobError> {
+    train_network_from(client, volunteers, job, None, on_event).await
+}
+
+/// [`train_network`] starting from given parameters instead of the seeded
+/// initialisation: `init[i]` is stage `i`'s state ([`Slot::to_bytes`], no
+/// steps applied), for example weights read from a file.
+pub async fn train_network_from(
+    client: &Client,
+    volunteers: &[Volunteer],
+    job: TrainJob<'_>,
+    init: Option<Vec<Vec<u8>>>,
+    on_event: &mut (dyn FnMut(JobEvent) + Send),
+) -> Result<NetworkReport, JobError> {
     let cfg = job.cfg;
     cfg.validate()?;
     check_data(cfg, job.train)?;
     let remote = remote_range(cfg, job.opts.keep_ends)?;
     let stages = cfg.arch.stages();
-    // The checkpoint of step 0 is the seeded initialisation; the owner
-    // computes it once, so any stage can be restored from the start.
-    let states = stages
-        .iter()
-        .enumerate()
-        .map(|(i, s)| {
-            Slot::new(
-                s,
-                InitSpec {
-                    seed: cfg.seed,
-                    stage_index: i as u32,
-                },
-                cfg.optimizer,
-            )
-            .map(|slot| slot.to_bytes())
-        })
-        .collect::<Result<Vec<_>, _>>()?;
+    // The checkpoint of step 0 is the seeded initialisation (or the given
+    // parameters); the owner keeps it, so any stage can be restored from
+    // the start.
+    let given = init.is_some();
+    let states = match init {
+        Some(states) => {
+            if states.len() != stages.len() {
+                return Err(JobError::Invalid(format!(
+                    "{} initial stages for a {}-stage model",
+                    states.len(),
+                    stages.len()
+                )));
+            }
+            for (i, (bytes, spec)) in states.iter().zip(&stages).enumerate() {
+                let slot = Slot::from_bytes(bytes)?;
+                if slot.spec() != spec
+                    || *slot.optimizer() != cfg.optimizer
+                    || slot.steps_applied() != 0
+                {
+                    return Err(JobError::Invalid(format!(
+                        "the initial state of stage {i} is not a fresh {} stage with this optimizer",
+                        cfg.arch
+                    )));
+                }
+            }
+            states
+        }
+        None => stages
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                Slot::new(
+                    s,
+                    InitSpec {
+                        seed: cfg.seed,
+                        stage_index: i as u32,
+                    },
+                    cfg.optimizer,
+                )
+                .map(|slot| slot.to_bytes())
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
     let ckpt = Checkpoint {
         step: 0,
         stages: states,
@@ -485,8 +524,9 @@ pub async fn train_network(
     ckpt.save(&checkpoint::path_for(job.map_path))?;
     map.save(job.map_path)?;
     let placement = vec![None; remote.len()];
+    // Given parameters reach the new slots as a restore of step 0.
     Driver::new(client, volunteers, job, owner, map, ckpt, remote, placement)?
-        .run(true, on_event)
+        .run(!given, on_event)
         .await
 }
 
@@ -1540,6 +1580,203 @@ fn remaining(deadline: Option<tokio::time::Instant>, fallback: Duration) -> Dura
     })
 }
 
+/// An inference ring through the slots of a model map, with the stages
+/// the client keeps: send batches of inputs, get logits back.
+pub struct Inference {
+    ring: Ring,
+    first: Option<Slot>,
+    last: Option<Slot>,
+    timeout: Duration,
+    features: usize,
+    step: u64,
+}
+
+impl Inference {
+    /// Set up a forward ring through the hosts the map names (with fresh
+    /// descriptors: onion keys rotate) and mixes chosen among `volunteers`.
+    pub async fn open(
+        client: &Client,
+        volunteers: &[Volunteer],
+        map: &ModelMap,
+        opts: &JobOptions,
+    ) -> Result<Self, JobError> {
+        let (network, listener) = (client.network(), client.listener());
+        let owner = map.owner()?;
+        let arch = mixnn_model::Arch::parse(&map.arch)
+            .map_err(|e| JobError::Invalid(format!("model map arch: {e}")))?;
+        let stages = arch.stages();
+        let mut first = None;
+        let mut last = None;
+        let mut remote = Vec::new();
+        for entry in &map.stages {
+            match entry {
+                StageEntry::Local { index, state, .. } => {
+                    let bytes = hex::decode(state)
+                        .map_err(|_| JobError::Invalid("local stage state is not hex".into()))?;
+                    let slot = Slot::from_bytes(&bytes)?;
+                    if *index == 0 {
+                        first = Some(slot);
+                    } else {
+                        last = Some(slot);
+                    }
+                }
+                StageEntry::Remote {
+                    index,
+                    slot_id,
+                    host,
+                    ..
+                } => {
+                    let peer: PeerId = host
+                        .parse()
+                        .map_err(|_| JobError::Invalid(format!("model map: bad peer id {host}")))?;
+                    let id: [u8; 16] = hex::decode(slot_id)
+                        .ok()
+                        .and_then(|b| b.try_into().ok())
+                        .ok_or_else(|| {
+                            JobError::Invalid(format!("model map: bad slot id {slot_id}"))
+                        })?;
+                    if *index >= stages.len() {
+                        return Err(JobError::Invalid(format!(
+                            "model map: stage {index} of a {}-stage model",
+                            stages.len()
+                        )));
+                    }
+                    remote.push((*index, peer, id));
+                }
+            }
+        }
+        let mut hosts = Vec::new();
+        for (index, peer, slot_id) in &remote {
+            let c = match volunteers.iter().find(|v| v.peer_id == *peer) {
+                Some(v) => Candidate::from(v),
+                None => {
+                    let d = network
+                        .get_descriptor(*peer)
+                        .await
+                        .map_err(|e| JobError::Hop {
+                            during: "looking up the model's hosts".into(),
+                            peer: Some(*peer),
+                            detail: format!(
+                                "the host of stage {index} ({peer}) cannot be found: {e}"
+                            ),
+                        })?;
+                    Candidate::from(&Volunteer {
+                        peer_id: *peer,
+                        descriptor: d,
+                    })
+                }
+            };
+            hosts.push(StageHost {
+                stage: *index,
+                host: c,
+                slot_id: *slot_id,
+            });
+        }
+        let used: HashSet<PeerId> = hosts.iter().map(|h| h.host.peer).collect();
+        if used.len() != hosts.len() {
+            return Err(JobError::Invalid(
+                "the model map names one host twice".into(),
+            ));
+        }
+        let candidates: Vec<Candidate> = volunteers.iter().map(Candidate::from).collect();
+        let mut rng = rng()?;
+        let host_candidates: Vec<Candidate> = hosts.iter().map(|h| h.host.clone()).collect();
+        let mixes = choose_mixes(&candidates, &host_candidates, opts.mixes, &mut rng)?;
+        let max_batch = EVAL_BATCH as u32;
+        let layout = Layout {
+            stages: &stages,
+            seed: map.seed,
+            optimizer: map.optimizer,
+            max_batch,
+        };
+        let planned = plan::inference_ring(&layout, &hosts, &mixes, &owner, &mut rng)?;
+        let (limits, max_message) = limits(&stages, max_batch);
+        let ring = Ring::open(
+            network,
+            listener,
+            planned.hops,
+            planned.keys,
+            limits,
+            max_message,
+            opts.setup_timeout,
+        )
+        .await
+        .map_err(|e| JobError::Hop {
+            during: "setting up the inference ring".into(),
+            peer: None,
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            ring,
+            first,
+            last,
+            timeout: opts.step_timeout,
+            features: arch.input_dim(),
+            step: u64::MAX / 2,
+        })
+    }
+
+    /// Features per example the model takes.
+    pub fn input_dim(&self) -> usize {
+        self.features
+    }
+
+    /// The logits of `x` (`[rows, input_dim]`, at most [`EVAL_BATCH`] rows).
+    pub async fn logits(
+        &mut self,
+        network: &Network,
+        x: HostTensor,
+    ) -> Result<HostTensor, JobError> {
+        if x.shape.len() != 2 || x.shape[1] != self.features || x.shape[0] > EVAL_BATCH {
+            return Err(JobError::Invalid(format!(
+                "inputs of shape {:?} where [1..={EVAL_BATCH}, {}] is expected",
+                x.shape, self.features
+            )));
+        }
+        let x = match &self.first {
+            Some(s) => s.infer(&x)?,
+            None => x,
+        };
+        self.step += 1;
+        let step = self.step;
+        let during = format!("inference batch {}", step - u64::MAX / 2);
+        let y = match exchange(
+            network,
+            &mut self.ring,
+            &JobMsg::Infer { step, tensor: x },
+            &during,
+            self.timeout,
+        )
+        .await?
+        {
+            JobMsg::Infer { step: s, tensor } if s == step => tensor,
+            other => return Err(unexpected(&during, &other)),
+        };
+        Ok(match &self.last {
+            Some(s) => s.infer(&y)?,
+            None => y,
+        })
+    }
+
+    /// Accuracy over `test`, as the local trainer evaluates.
+    pub async fn accuracy(&mut self, network: &Network, test: &Split) -> Result<f32, JobError> {
+        let (acc, _) = evaluate(
+            network,
+            &mut self.ring,
+            test,
+            self.first.as_ref(),
+            self.last.as_ref(),
+            self.timeout,
+        )
+        .await?;
+        Ok(acc)
+    }
+
+    pub async fn close(self) {
+        self.ring.teardown().await;
+    }
+}
+
 /// Run the test split through the slots named in the model map.
 pub async fn infer_network(
     client: &Client,
@@ -1549,8 +1786,6 @@ pub async fn infer_network(
     opts: &JobOptions,
 ) -> Result<InferReport, JobError> {
     let started = Instant::now();
-    let (network, listener) = (client.network(), client.listener());
-    let owner = map.owner()?;
     let arch = mixnn_model::Arch::parse(&map.arch)
         .map_err(|e| JobError::Invalid(format!("model map arch: {e}")))?;
     if test.features != arch.input_dim() {
@@ -1561,120 +1796,12 @@ pub async fn infer_network(
             arch.input_dim()
         )));
     }
-    let stages = arch.stages();
-    let mut first = None;
-    let mut last = None;
-    let mut remote = Vec::new();
-    for entry in &map.stages {
-        match entry {
-            StageEntry::Local { index, state, .. } => {
-                let bytes = hex::decode(state)
-                    .map_err(|_| JobError::Invalid("local stage state is not hex".into()))?;
-                let slot = Slot::from_bytes(&bytes)?;
-                if *index == 0 {
-                    first = Some(slot);
-                } else {
-                    last = Some(slot);
-                }
-            }
-            StageEntry::Remote {
-                index,
-                slot_id,
-                host,
-                ..
-            } => {
-                let peer: PeerId = host
-                    .parse()
-                    .map_err(|_| JobError::Invalid(format!("model map: bad peer id {host}")))?;
-                let id: [u8; 16] = hex::decode(slot_id)
-                    .ok()
-                    .and_then(|b| b.try_into().ok())
-                    .ok_or_else(|| {
-                        JobError::Invalid(format!("model map: bad slot id {slot_id}"))
-                    })?;
-                if *index >= stages.len() {
-                    return Err(JobError::Invalid(format!(
-                        "model map: stage {index} of a {}-stage model",
-                        stages.len()
-                    )));
-                }
-                remote.push((*index, peer, id));
-            }
-        }
-    }
-    // Fresh descriptors for the hosts (their onion keys rotate).
-    let mut hosts = Vec::new();
-    for (index, peer, slot_id) in &remote {
-        let c = match volunteers.iter().find(|v| v.peer_id == *peer) {
-            Some(v) => Candidate::from(v),
-            None => {
-                let d = network
-                    .get_descriptor(*peer)
-                    .await
-                    .map_err(|e| JobError::Hop {
-                        during: "looking up the model's hosts".into(),
-                        peer: Some(*peer),
-                        detail: format!("the host of stage {index} ({peer}) cannot be found: {e}"),
-                    })?;
-                Candidate::from(&Volunteer {
-                    peer_id: *peer,
-                    descriptor: d,
-                })
-            }
-        };
-        hosts.push(StageHost {
-            stage: *index,
-            host: c,
-            slot_id: *slot_id,
-        });
-    }
-    let used: HashSet<PeerId> = hosts.iter().map(|h| h.host.peer).collect();
-    if used.len() != hosts.len() {
-        return Err(JobError::Invalid(
-            "the model map names one host twice".into(),
-        ));
-    }
-    let candidates: Vec<Candidate> = volunteers.iter().map(Candidate::from).collect();
-    let mut rng = rng()?;
-    let host_candidates: Vec<Candidate> = hosts.iter().map(|h| h.host.clone()).collect();
-    let mixes = choose_mixes(&candidates, &host_candidates, opts.mixes, &mut rng)?;
-    let max_batch = EVAL_BATCH as u32;
-    let layout = Layout {
-        stages: &stages,
-        seed: map.seed,
-        optimizer: map.optimizer,
-        max_batch,
-    };
-    let ring = plan::inference_ring(&layout, &hosts, &mixes, &owner, &mut rng)?;
-    let (limits, max_message) = limits(&stages, max_batch);
-    let mut ring = Ring::open(
-        network,
-        listener,
-        ring.hops,
-        ring.keys,
-        limits,
-        max_message,
-        opts.setup_timeout,
-    )
-    .await
-    .map_err(|e| JobError::Hop {
-        during: "setting up the inference ring".into(),
-        peer: None,
-        detail: e.to_string(),
-    })?;
-    let (acc, examples) = evaluate(
-        network,
-        &mut ring,
-        test,
-        first.as_ref(),
-        last.as_ref(),
-        opts.step_timeout,
-    )
-    .await?;
-    ring.teardown().await;
+    let mut inference = Inference::open(client, volunteers, map, opts).await?;
+    let acc = inference.accuracy(client.network(), test).await?;
+    inference.close().await;
     Ok(InferReport {
         test_accuracy: acc,
-        examples,
+        examples: test.len(),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

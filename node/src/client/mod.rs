@@ -11,8 +11,8 @@ pub mod ring;
 pub mod route;
 
 pub use job::{
-    infer_network, resume_config, resume_network, train_network, InferReport, JobError, JobEvent,
-    JobOptions, NetworkReport, TrainJob,
+    infer_network, resume_config, resume_network, train_network, train_network_from, InferReport,
+    Inference, JobError, JobEvent, JobOptions, NetworkReport, TrainJob,
 };
 pub use model_map::ModelMap;
 
