@@ -91,7 +91,7 @@ pub struct JobOptions {
     /// Longest wait for a ring to be set up.
     pub setup_timeout: Duration,
     /// A checkpoint to the owner every this many steps; `None` chooses the
-    /// interval so checkpoints cost about 5% of the training time.
+    /// interval so checkpoints cost at most about 5% of the training time.
     pub checkpoint_every: Option<u64>,
     /// New runs after failed hops before the job gives up.
     pub max_failovers: u32,
@@ -248,8 +248,10 @@ pub async fn unresponsive(network: &Network, hops: &[RingHop], timeout: Duration
         .collect()
 }
 
+/// A ring error as a job error; when the error names no hop (a stall, a
+/// stream that broke), the hops that do not answer a probe are blamed.
 async fn with_probe(network: &Network, during: &str, ring: &Ring, e: RingError) -> JobError {
-    if matches!(e, RingError::Timeout(_)) {
+    if e.blamed_hop().is_none() {
         let dead = unresponsive(network, &ring.hops, Duration::from_secs(3)).await;
         if !dead.is_empty() {
             return JobError::Hop {

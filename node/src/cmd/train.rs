@@ -79,7 +79,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub force: bool,
     /// Every stage's state goes to the owner every K steps (default: chosen so checkpoints
-    /// cost about 5% of the training time).
+    /// cost at most about 5% of the training time).
     #[arg(long, value_name = "K")]
     pub checkpoint_every: Option<u64>,
     /// New runs from the last checkpoint after failed hops, before the job gives up
