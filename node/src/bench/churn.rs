@@ -211,11 +211,7 @@ pub async fn run_churn(
     let churn = run_summary(&churned, local_seconds, &local.params_digest_hex);
     let mut rec = churn.recovery_seconds.clone();
     rec.sort_by(f64::total_cmp);
-    let median = if rec.is_empty() {
-        0.0
-    } else {
-        rec[rec.len() / 2]
-    };
+    let median = median(&rec);
     Ok(ChurnReport {
         arch: tc.arch.to_string(),
         data: cfg.data_name.clone(),
@@ -232,6 +228,15 @@ pub async fn run_churn(
         kills,
         environment: cfg.environment.clone(),
     })
+}
+
+/// The median of sorted values (0 for none).
+fn median(sorted: &[f64]) -> f64 {
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
 }
 
 /// The report as a Markdown table.
@@ -256,7 +261,7 @@ pub fn table(r: &ChurnReport) -> String {
         } else {
             let mut v = run.recovery_seconds.clone();
             v.sort_by(f64::total_cmp);
-            format!("{:.2} / {:.2}", v[v.len() / 2], v[v.len() - 1])
+            format!("{:.2} / {:.2}", median(&v), v[v.len() - 1])
         };
         let _ = writeln!(
             s,
