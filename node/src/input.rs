@@ -456,6 +456,14 @@ mod tests {
         PathBuf::from("x.npy")
     }
 
+    fn replaced(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("found");
+        [&bytes[..at], to, &bytes[at + from.len()..]].concat()
+    }
+
     #[test]
     fn npy_round_trips_and_checks_shape_and_dtype() {
         let data: Vec<f32> = (0..2 * 784).map(|i| (i % 255) as f32 / 255.0).collect();
@@ -468,13 +476,11 @@ mod tests {
             .to_string();
         assert!(msg.contains("784 features"), "{msg}");
         assert!(npy_features(&p(), &npy_bytes(&[1568], &data), 784).is_err());
-        let f8 = String::from_utf8_lossy(&bytes).replace("<f4", "<f8");
-        let msg = npy_features(&p(), f8.as_bytes(), 784)
-            .expect_err("dtype")
-            .to_string();
+        let f8 = replaced(&bytes, b"<f4", b"<f8");
+        let msg = npy_features(&p(), &f8, 784).expect_err("dtype").to_string();
         assert!(msg.contains("'<f4'"), "{msg}");
-        let fortran = String::from_utf8_lossy(&bytes).replace("False", "True ");
-        assert!(npy_features(&p(), fortran.as_bytes(), 784)
+        let fortran = replaced(&bytes, b"False", b"True ");
+        assert!(npy_features(&p(), &fortran, 784)
             .expect_err("order")
             .to_string()
             .contains("Fortran"));
