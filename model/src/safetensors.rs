@@ -285,7 +285,7 @@ impl ModelParams {
             header.insert(n.bias.clone(), entry(vec![n.weight_shape[0]], p.bias.len()));
         }
         let mut json = Value::Object(header).to_string().into_bytes();
-        while json.len() % 8 != 0 {
+        while !json.len().is_multiple_of(8) {
             json.push(b' ');
         }
         let mut out = Vec::with_capacity(8 + json.len() + offset as usize);
@@ -314,7 +314,7 @@ impl ModelParams {
                     ))
                 })?;
         let header_len = u64::from_le_bytes(len_bytes);
-        if header_len > MAX_HEADER_BYTES || header_len < 2 {
+        if !(2..=MAX_HEADER_BYTES).contains(&header_len) {
             return Err(SafetensorsError::HeaderLength { len: header_len });
         }
         let header_end = 8 + header_len as usize;
@@ -589,7 +589,7 @@ impl<'de> Deserialize<'de> for Entries {
                     if out.iter().any(|(seen, _)| *seen == k) {
                         return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
                     }
-                    if out.len() >= 4 * crate::spec::MAX_STAGES + 1 {
+                    if out.len() > 4 * crate::spec::MAX_STAGES {
                         return Err(serde::de::Error::custom("too many entries"));
                     }
                     out.push((k, v));

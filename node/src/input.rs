@@ -242,7 +242,7 @@ pub fn npy_features(path: &Path, bytes: &[u8], features: usize) -> Result<Vec<f3
     }
     let row = match header.shape[..] {
         [_, f] => f,
-        [_, h, w] => h.checked_mul(w).unwrap_or(usize::MAX),
+        [_, h, w] => h.saturating_mul(w),
         _ => {
             return Err(bad(format!(
                 "shape {:?}; expected [N, {features}] or [N, h, w]",

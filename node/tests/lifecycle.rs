@@ -190,7 +190,7 @@ fn bad_files_give_clear_errors() {
     let bytes = std::fs::read(&png).expect("png");
     let cut = dir.path().join("cut.png");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).expect("write");
-    let msg = input::load(&[cut.clone()], 784)
+    let msg = input::load(std::slice::from_ref(&cut), 784)
         .expect_err("cut")
         .to_string();
     assert!(msg.contains("cut.png: image:"), "{msg}");
