@@ -236,6 +236,37 @@ pub fn load_mnist(dir: &Path) -> Result<Dataset, DataError> {
     Ok(Dataset { train, test })
 }
 
+/// Reads one IDX image file (`*-images-idx3-ubyte`, raw or gzipped, 28x28
+/// images), pixels scaled to `[0, 1]` as [`load_mnist`] does: 784 values
+/// per image, images in file order.
+pub fn load_idx_images(path: &Path) -> Result<Vec<f32>, DataError> {
+    let io = |source| DataError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut magic = [0u8; 2];
+    let gzipped = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
+    let file = std::fs::File::open(path).map_err(io)?;
+    let reader: Box<dyn Read> = if gzipped {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
+    } else {
+        Box::new(file)
+    };
+    let mut bytes = Vec::new();
+    reader
+        .take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(DataError::TooLarge {
+            path: path.to_path_buf(),
+            limit: MAX_FILE_BYTES,
+        });
+    }
+    parse_images(path, &bytes)
+}
+
 fn load_split(dir: &Path, prefix: &str) -> Result<Split, DataError> {
     let (images_path, images_bytes) = read_file(dir, &format!("{prefix}-images-idx3-ubyte"))?;
     let (labels_path, labels_bytes) = read_file(dir, &format!("{prefix}-labels-idx1-ubyte"))?;

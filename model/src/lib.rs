@@ -9,6 +9,8 @@
 //! - [`digest`]: parameter digests (per stage and per model).
 //! - [`data`]: MNIST IDX loader, synthetic dataset, deterministic batching.
 //! - [`train`]: the whole-model reference trainer.
+//! - [`safetensors`]: a model's parameters as a safetensors file in PyTorch's
+//!   `nn.Sequential` layout.
 //! - [`worker`]: [`SlotWorker`], a slot on its own thread that keeps dfdx's
 //!   tape from forward to backward instead of recomputing.
 //!
@@ -21,6 +23,7 @@ pub mod digest;
 mod error;
 pub mod loss;
 pub mod optim;
+pub mod safetensors;
 pub mod slot;
 pub mod spec;
 mod stage;
@@ -33,10 +36,13 @@ pub use digest::{model_digest, to_hex};
 pub use error::ModelError;
 pub use loss::{accuracy, softmax_cross_entropy};
 pub use optim::{OptimizerSpec, OptimizerState};
+pub use safetensors::{ModelParams, SafetensorsError, StageParams};
 pub use slot::{max_state_bytes, InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
 pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
 pub use tensor::{CodecError, DecodeLimits, HostTensor};
-pub use train::{train_local, LocalModel, StepInfo, TrainConfig, TrainReport, EVAL_BATCH};
+pub use train::{
+    train_local, train_local_model, LocalModel, StepInfo, TrainConfig, TrainReport, EVAL_BATCH,
+};
 pub use worker::{skip_zero_inputs, InputGrad, SlotWorker};
 
 /// Result type of the model crate.

@@ -64,6 +64,25 @@ impl Slot {
         Ok(Slot::from_core(core))
     }
 
+    /// A slot holding the given parameters (weight `[outputs, inputs]`
+    /// row-major, then bias) with no steps applied and a zero optimizer
+    /// state: the starting point of a job from given weights.
+    pub fn from_params(
+        stage: &StageSpec,
+        weight: Vec<f32>,
+        bias: Vec<f32>,
+        opt: OptimizerSpec,
+    ) -> Result<Slot, ModelError> {
+        let state = OptimizerState::new(&opt, &[weight.len(), bias.len()]);
+        let core = StageCore::from_parts(stage.clone(), weight, bias, opt, state, 0)?;
+        Ok(Slot::from_core(core))
+    }
+
+    /// The stage this slot runs, taken out (for [`crate::LocalModel`]).
+    pub(crate) fn into_core(self) -> StageCore {
+        self.core
+    }
+
     fn from_core(core: StageCore) -> Slot {
         Slot::from_parts(core, BTreeMap::new(), DEFAULT_MAX_IN_FLIGHT)
     }

@@ -10,6 +10,7 @@ use crate::data::{Dataset, Split};
 use crate::digest::{model_digest, to_hex};
 use crate::loss::{correct, softmax_cross_entropy};
 use crate::optim::OptimizerSpec;
+use crate::slot::{core_to_bytes, Slot};
 use crate::spec::Arch;
 use crate::stage::{backprop, check_batch, StageCore};
 use crate::tensor::HostTensor;
@@ -37,6 +38,60 @@ impl LocalModel {
             stages,
             steps: 0,
         })
+    }
+
+    /// A model from its stages' states ([`Slot::to_bytes`], in stage
+    /// order), for example given weights read from a file or an owner's
+    /// checkpoint. Every stage must fit `arch` and have applied the same
+    /// number of steps.
+    pub fn from_states(arch: &Arch, states: &[Vec<u8>]) -> Result<LocalModel, ModelError> {
+        let specs = arch.stages();
+        if states.len() != specs.len() {
+            return Err(ModelError::Config(format!(
+                "{} stage states for {arch}, which has {} stages",
+                states.len(),
+                specs.len()
+            )));
+        }
+        let mut stages = Vec::with_capacity(specs.len());
+        let mut steps = None;
+        for (i, (bytes, spec)) in states.iter().zip(&specs).enumerate() {
+            let slot = Slot::from_bytes(bytes)?;
+            if slot.spec() != spec {
+                return Err(ModelError::Config(format!(
+                    "stage {i} state is {:?}, {arch} needs {:?}",
+                    slot.spec().layers,
+                    spec.layers
+                )));
+            }
+            match steps {
+                None => steps = Some(slot.steps_applied()),
+                Some(s) if s != slot.steps_applied() => {
+                    return Err(ModelError::Config(format!(
+                        "stage {i} has applied {} steps, stage 0 {s}",
+                        slot.steps_applied()
+                    )))
+                }
+                Some(_) => {}
+            }
+            stages.push(slot.into_core());
+        }
+        Ok(LocalModel {
+            arch: arch.clone(),
+            stages,
+            steps: steps.unwrap_or(0),
+        })
+    }
+
+    /// Each stage's state, in the format of [`Slot::to_bytes`].
+    pub fn stage_states(&self) -> Vec<Vec<u8>> {
+        self.stages.iter().map(core_to_bytes).collect()
+    }
+
+    /// Each stage's `(weight, bias)`; the weight is `[outputs, inputs]`
+    /// row-major.
+    pub fn stage_params(&self) -> Vec<(&[f32], &[f32])> {
+        self.stages.iter().map(|s| (s.weight(), s.bias())).collect()
     }
 
     pub fn arch(&self) -> &Arch {
@@ -181,6 +236,19 @@ pub fn train_local(
     data: &Dataset,
     on_step: &mut dyn FnMut(StepInfo),
 ) -> Result<TrainReport, ModelError> {
+    train_local_model(cfg, data, None, on_step).map(|(report, _)| report)
+}
+
+/// [`train_local`] that also returns the trained model, starting from the
+/// seeded initialisation or, with `init`, from given stage states
+/// ([`Slot::to_bytes`], no steps applied, `cfg.optimizer`), as
+/// `mixnn_node::client::train_network_from` does through the network.
+pub fn train_local_model(
+    cfg: &TrainConfig,
+    data: &Dataset,
+    init: Option<&[Vec<u8>]>,
+    on_step: &mut dyn FnMut(StepInfo),
+) -> Result<(TrainReport, LocalModel), ModelError> {
     cfg.validate()?;
     if data.train.features != cfg.arch.input_dim() {
         return Err(ModelError::Config(format!(
@@ -202,7 +270,22 @@ pub fn train_local(
     if train.is_empty() {
         return Err(ModelError::Config("no training examples".into()));
     }
-    let mut model = LocalModel::new(&cfg.arch, cfg.seed, cfg.optimizer)?;
+    let mut model = match init {
+        None => LocalModel::new(&cfg.arch, cfg.seed, cfg.optimizer)?,
+        Some(states) => {
+            let model = LocalModel::from_states(&cfg.arch, states)?;
+            for (i, bytes) in states.iter().enumerate() {
+                let slot = Slot::from_bytes(bytes)?;
+                if *slot.optimizer() != cfg.optimizer || slot.steps_applied() != 0 {
+                    return Err(ModelError::Config(format!(
+                        "the initial state of stage {i} is not a fresh {} stage with this optimizer",
+                        cfg.arch
+                    )));
+                }
+            }
+            model
+        }
+    };
     let examples_total = u64::from(cfg.epochs) * train.len() as u64;
     let mut losses = Vec::with_capacity(cfg.epochs as usize * train.num_batches(cfg.batch));
     let mut examples_done = 0u64;
@@ -221,12 +304,13 @@ pub fn train_local(
         }
     }
     let test_accuracy = model.evaluate(&data.test, EVAL_BATCH);
-    Ok(TrainReport {
+    let report = TrainReport {
         steps: model.steps(),
         final_loss: losses.last().copied().unwrap_or(f32::NAN),
         losses,
         test_accuracy,
         seconds: started.elapsed().as_secs_f64(),
         params_digest_hex: to_hex(&model.params_digest()),
-    })
+    };
+    Ok((report, model))
 }

@@ -13,7 +13,8 @@ use clap::{Parser, Subcommand};
     long_about = "MixNN splits a model into layers held by different volunteers. Activations and \
 gradients travel through onion-encrypted mix circuits, so no volunteer holds the whole model, \
 learns its structure, or knows who holds the layers that are not next to its own.\n\n\
-Volunteers run `mixnn node`; clients run `mixnn train` and `mixnn infer`; \
+Volunteers run `mixnn node`; clients run `mixnn train`, `mixnn infer`, `mixnn export` and \
+`mixnn predict`; \
 `mixnn train --local` trains the same model in this process for comparison."
 )]
 struct Cli {
@@ -31,6 +32,10 @@ enum Command {
     Train(cmd::train::TrainArgs),
     /// Run a test set through a trained model's slots, via fresh mix circuits.
     Infer(cmd::network::InferArgs),
+    /// Write a trained model (the owner's checkpoint) to a safetensors file in PyTorch's layout.
+    Export(cmd::export::ExportArgs),
+    /// Classify your own inputs (PNG, JPEG, .npy, IDX) with a model file or through the network.
+    Predict(cmd::predict::PredictArgs),
     /// Start a whole network in this process, train through it and locally, compare.
     Demo(cmd::demo::DemoArgs),
     /// Benchmarks: `mixnn bench paper` reproduces the MixNN paper's experiment.
@@ -50,6 +55,8 @@ fn main() -> std::process::ExitCode {
         Command::Peers(a) => cmd::peers::run(a),
         Command::Train(a) => cmd::train::run(a),
         Command::Infer(a) => cmd::network::infer(a),
+        Command::Export(a) => cmd::export::run(a),
+        Command::Predict(a) => cmd::predict::run(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };

@@ -1,8 +1,10 @@
 pub mod bench;
 pub mod demo;
+pub mod export;
 pub mod network;
 pub mod node;
 pub mod peers;
+pub mod predict;
 pub mod train;
 
 /// A multi-threaded tokio runtime for one command.

@@ -8,7 +8,7 @@ use clap::Args;
 use libp2p::Multiaddr;
 use mixnn_model::{Dataset, TrainConfig};
 use mixnn_node::client::{
-    infer_network, resume_config, resume_network, train_network, Client, JobError, JobOptions,
+    infer_network, resume_config, resume_network, train_network_from, Client, JobError, JobOptions,
     ModelMap, NetworkReport, TrainJob,
 };
 use mixnn_node::config::parse_addrs;
@@ -23,7 +23,7 @@ pub fn volunteers_needed(stages: usize, mixes: usize) -> usize {
     stages + (stages + 1) * mixes
 }
 
-fn bootstrap_addrs(values: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
+pub fn bootstrap_addrs(values: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
     anyhow::ensure!(
         !values.is_empty(),
         "a network job needs --bootstrap <multiaddr> (mixnn-bootstrap prints it), or --local to train in this process"
@@ -154,7 +154,14 @@ fn report_training(
     Ok(())
 }
 
-pub fn train(args: &TrainArgs, cfg: TrainConfig, data: Dataset) -> anyhow::Result<()> {
+/// Train through the network from the seeded initialisation or, with
+/// `init`, from given stage states (`--init`).
+pub fn train(
+    args: &TrainArgs,
+    cfg: TrainConfig,
+    data: Dataset,
+    init: Option<Vec<Vec<u8>>>,
+) -> anyhow::Result<()> {
     let bootstrap = bootstrap_addrs(&args.bootstrap)?;
     if args.model_map.exists() && !args.force {
         anyhow::bail!(
@@ -204,7 +211,7 @@ pub fn train(args: &TrainArgs, cfg: TrainConfig, data: Dataset) -> anyhow::Resul
             map_path: &args.model_map,
             stop: stop_on_ctrl_c(),
         };
-        let report = train_network(&client, &volunteers, job, &mut events).await;
+        let report = train_network_from(&client, &volunteers, job, init, &mut events).await;
         bar.finish_and_clear();
         report_training(args, &cfg, report)
     })

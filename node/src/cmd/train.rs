@@ -6,7 +6,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use mixnn_model::{train_local, Arch, OptimizerSpec, StepInfo, TrainConfig};
+use mixnn_model::{
+    to_hex, train_local_model, Arch, ModelParams, OptimizerSpec, StepInfo, TrainConfig,
+};
 use mixnn_node::client::JobEvent;
 
 #[derive(Args, Debug, Clone)]
@@ -92,6 +94,14 @@ pub struct TrainArgs {
     /// A hop that has not answered within this many seconds has failed (the job fails over).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
     pub step_timeout: u64,
+    /// Start from the weights in this safetensors file (`mixnn export`, `--save`) instead of
+    /// the seeded initialisation; the optimizer state starts at zero.
+    #[arg(long, value_name = "FILE")]
+    pub init: Option<PathBuf>,
+    /// With --local: write the trained model to this safetensors file (for a network job,
+    /// use `mixnn export`).
+    #[arg(long, value_name = "FILE", requires = "local")]
+    pub save: Option<PathBuf>,
     /// Print one JSON object on stdout's last line.
     #[arg(long)]
     pub json: bool,
@@ -144,20 +154,43 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
             !args.local,
             "--resume carries on a network job; drop --local"
         );
+        anyhow::ensure!(
+            args.init.is_none(),
+            "--resume carries on from the job's checkpoint; drop --init"
+        );
         return super::network::resume(&args);
     }
     let cfg = args.model.config()?;
+    let init = match &args.init {
+        Some(path) => {
+            let params = ModelParams::load(path, Some(&cfg.arch))
+                .with_context(|| format!("--init {}", path.display()))?;
+            eprintln!(
+                "starting from the weights in {} (params digest {})",
+                path.display(),
+                to_hex(&params.digest())
+            );
+            Some(params.slot_states(cfg.optimizer)?)
+        }
+        None => None,
+    };
     let data = mixnn_node::dataset::load(&args.model.data)?;
     if !args.local {
-        return super::network::train(&args, cfg, data);
+        return super::network::train(&args, cfg, data, init);
     }
     let train_len = args
         .model
         .limit
         .map_or(data.train.len(), |l| l.min(data.train.len()));
     let bar = progress(cfg.epochs as u64 * train_len as u64, "local");
-    let report = train_local(&cfg, &data, &mut on_step(&bar))?;
+    let (report, model) = train_local_model(&cfg, &data, init.as_deref(), &mut on_step(&bar))?;
     bar.finish_and_clear();
+    if let Some(path) = &args.save {
+        ModelParams::from_model(&model)
+            .save(path)
+            .with_context(|| format!("--save {}", path.display()))?;
+        eprintln!("model written to {}", path.display());
+    }
     eprintln!(
         "trained {} locally: {} steps, final loss {:.4}, test accuracy {:.4}, {:.2} s, params digest {}",
         cfg.arch, report.steps, report.final_loss, report.test_accuracy, report.seconds, report.params_digest_hex
