@@ -40,8 +40,8 @@ use super::route::{choose_mixes, choose_route_keeping, Candidate, RouteError};
 use super::Client;
 use crate::circuit::host::MAX_TENSOR_ELEMENTS;
 use crate::circuit::payload::{
-    open_slot_report, open_state, seal_state, ControlOp, JobMsg, PayloadError, SlotReport, StateOp,
-    StateWindow, REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
+    open_slot_report, open_state, seal_state, ControlOp, ErrorCode, JobMsg, PayloadError,
+    SlotReport, StateOp, StateWindow, REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
 };
 use crate::circuit::CIRCUIT_PROTOCOL;
 use crate::discovery::Volunteer;
@@ -248,10 +248,20 @@ pub async fn unresponsive(network: &Network, hops: &[RingHop], timeout: Duration
         .collect()
 }
 
-/// A ring error as a job error; when the error names no hop (a stall, a
-/// stream that broke), the hops that do not answer a probe are blamed.
+/// A ring error as a job error. When the error names no hop (a stall, a
+/// stream that broke) or names a neighbour of a broken stream (a failure
+/// spreads along the ring, and the first report to arrive may name an
+/// honest hop next to the dead one), the hops that do not answer a probe
+/// are blamed; the hop the error names only when all of them answer.
 async fn with_probe(network: &Network, during: &str, ring: &Ring, e: RingError) -> JobError {
-    if e.blamed_hop().is_none() {
+    let secondhand = matches!(
+        e,
+        RingError::HopReported {
+            code: ErrorCode::NextHopFailed | ErrorCode::PrevHopFailed,
+            ..
+        }
+    );
+    if e.blamed_hop().is_none() || secondhand {
         let dead = unresponsive(network, &ring.hops, Duration::from_secs(3)).await;
         if !dead.is_empty() {
             return JobError::Hop {
