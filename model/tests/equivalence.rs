@@ -35,8 +35,12 @@ fn slots_equal_local_single_stage() {
 }
 
 #[test]
+#[cfg_attr(
+    not(mnist),
+    ignore = "needs MNIST in ../shared/data/mnist (see its README)"
+)]
 fn slots_equal_local_on_mnist() {
-    let Some(dir) = mnist_dir() else { return };
+    let dir = mnist_dir();
     let data = load_mnist(&dir).expect("mnist");
     let train = data.train.limit(1024);
     for opt in optimizers() {

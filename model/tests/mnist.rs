@@ -64,8 +64,12 @@ fn corrupt(src: &Path, name: &str, f: impl FnOnce(&mut Vec<u8>)) -> (tempfile::T
 }
 
 #[test]
+#[cfg_attr(
+    not(mnist),
+    ignore = "needs MNIST in ../shared/data/mnist (see its README)"
+)]
 fn real_files_load() {
-    let Some(dir) = mnist_dir() else { return };
+    let dir = mnist_dir();
     let d = load_mnist(&dir).expect("load");
     assert_eq!((d.train.len(), d.test.len()), (60_000, 10_000));
     assert_eq!(d.train.features, 784);
@@ -83,8 +87,12 @@ fn real_files_load() {
 }
 
 #[test]
+#[cfg_attr(
+    not(mnist),
+    ignore = "needs MNIST in ../shared/data/mnist (see its README)"
+)]
 fn raw_and_gz_load_the_same() {
-    let Some(src) = mnist_dir() else { return };
+    let src = mnist_dir();
     let raw = load_mnist(small_copy(&src, false).path()).expect("raw");
     let gz = load_mnist(small_copy(&src, true).path()).expect("gz");
     assert_eq!(raw, gz);
@@ -92,8 +100,12 @@ fn raw_and_gz_load_the_same() {
 }
 
 #[test]
+#[cfg_attr(
+    not(mnist),
+    ignore = "needs MNIST in ../shared/data/mnist (see its README)"
+)]
 fn corrupt_files_are_named_errors() {
-    let Some(src) = mnist_dir() else { return };
+    let src = mnist_dir();
     let (_d, e) = corrupt(&src, "train-images-idx3-ubyte", |b| {
         b.truncate(b.len() - 10)
     });
@@ -160,8 +172,8 @@ fn missing_dir_says_where_it_looked() {
     assert!(e.to_string().contains("/nonexistent/mnist-dir"), "{e}");
 }
 
-fn mnist_run(limit: Option<usize>) -> Option<mixnn_model::TrainReport> {
-    let dir = mnist_dir()?;
+fn mnist_run(limit: Option<usize>) -> mixnn_model::TrainReport {
+    let dir = mnist_dir();
     let data = load_mnist(&dir).expect("load");
     let cfg = TrainConfig {
         arch: Arch::parse("mlp:784-128-10").expect("arch"),
@@ -183,14 +195,16 @@ fn mnist_run(limit: Option<usize>) -> Option<mixnn_model::TrainReport> {
         "mlp:784-128-10 limit {limit:?}: test accuracy {:.4}, final loss {:.4}, {} steps, {:.1} s, digest {}",
         report.test_accuracy, report.final_loss, report.steps, report.seconds, report.params_digest_hex
     );
-    Some(report)
+    report
 }
 
 #[test]
+#[cfg_attr(
+    not(mnist),
+    ignore = "needs MNIST in ../shared/data/mnist (see its README)"
+)]
 fn quick_mnist_sanity() {
-    let Some(report) = mnist_run(Some(10_000)) else {
-        return;
-    };
+    let report = mnist_run(Some(10_000));
     // Plain SGD at lr 0.05 over 79 steps: deterministic result 0.7814.
     assert!(
         report.test_accuracy > 0.75,
@@ -204,9 +218,7 @@ fn quick_mnist_sanity() {
 #[test]
 #[ignore = "full 60k MNIST epoch; run by hand"]
 fn full_mnist_epoch() {
-    let Some(report) = mnist_run(None) else {
-        return;
-    };
+    let report = mnist_run(None);
     // Plain SGD at lr 0.05, one epoch: deterministic result 0.8994.
     assert!(
         report.test_accuracy >= 0.89,

@@ -342,12 +342,12 @@ async fn export_of_a_network_model_equals_the_local_save() {
 
 /// Real MNIST digits saved as PNG are named by a model trained on MNIST.
 #[test]
+#[cfg_attr(
+    not(mnist),
+    ignore = "needs MNIST in ../shared/data/mnist (see its README)"
+)]
 fn predict_names_mnist_digits_saved_as_png() {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/mnist");
-    if !dir.is_dir() {
-        println!("skipping: MNIST not found at {}", dir.display());
-        return;
-    }
     let data = mixnn_model::load_mnist(&dir).expect("mnist");
     let mut cfg = config("mlp:784-128-10", 60_000);
     cfg.batch = 128;
