@@ -162,7 +162,8 @@ pub fn train(
     data: Dataset,
     init: Option<Vec<Vec<u8>>>,
 ) -> anyhow::Result<()> {
-    let bootstrap = bootstrap_addrs(&args.bootstrap)?;
+    // Checked before anything else.
+    bootstrap_addrs(&args.bootstrap)?;
     if args.model_map.exists() && !args.force {
         anyhow::bail!(
             "the model map {} exists and holds the only key to its model's slots; \
@@ -180,9 +181,29 @@ pub fn train(
         "the directory of --model-map {} does not exist",
         args.model_map.display()
     );
-    let stages = cfg.arch.num_stages() - if args.keep_ends { 2 } else { 0 };
-    let want = volunteers_needed(stages, args.mixes);
     let opts = job_options(args, args.mixes, args.keep_ends);
+    run_training(args, &cfg, &data, opts, Start::Fresh(init))
+}
+
+/// How a network training run begins.
+enum Start {
+    /// From the seeded initialisation, or from given stage states.
+    Fresh(Option<Vec<Vec<u8>>>),
+    /// From the checkpoint beside the model map.
+    Resume,
+}
+
+/// Join the network, find enough volunteers and run the job.
+fn run_training(
+    args: &TrainArgs,
+    cfg: &TrainConfig,
+    data: &Dataset,
+    opts: JobOptions,
+    start: Start,
+) -> anyhow::Result<()> {
+    let bootstrap = bootstrap_addrs(&args.bootstrap)?;
+    let stages = cfg.arch.num_stages() - if opts.keep_ends { 2 } else { 0 };
+    let want = volunteers_needed(stages, opts.mixes);
     let train = match cfg.limit {
         Some(n) => data.train.clone().limit(n),
         None => data.train.clone(),
@@ -197,28 +218,32 @@ pub fn train(
             volunteers.len() >= want,
             "not enough volunteers: {} with --mixes {} needs {want} distinct peers, found {}",
             cfg.arch,
-            args.mixes,
+            opts.mixes,
             volunteers.len()
         );
         let bar = progress(cfg.epochs as u64 * train.len() as u64, "network");
         let mut events = on_event(&bar);
         let client = Client::new(network)?;
         let job = TrainJob {
-            cfg: &cfg,
+            cfg,
             train: &train,
             test: &data.test,
             opts: &opts,
             map_path: &args.model_map,
             stop: stop_on_ctrl_c(),
         };
-        let report = train_network_from(&client, &volunteers, job, init, &mut events).await;
+        let report = match start {
+            Start::Fresh(init) => {
+                train_network_from(&client, &volunteers, job, init, &mut events).await
+            }
+            Start::Resume => resume_network(&client, &volunteers, job, &mut events).await,
+        };
         bar.finish_and_clear();
-        report_training(args, &cfg, report)
+        report_training(args, cfg, report)
     })
 }
 
 pub fn resume(args: &TrainArgs) -> anyhow::Result<()> {
-    let bootstrap = bootstrap_addrs(&args.bootstrap)?;
     let map = ModelMap::load(&args.model_map)?;
     let cfg = resume_config(&map, args.model.epochs)?;
     let record = map
@@ -226,38 +251,30 @@ pub fn resume(args: &TrainArgs) -> anyhow::Result<()> {
         .clone()
         .ok_or_else(|| anyhow::anyhow!("the model map records no job to resume"))?;
     let data = mixnn_node::dataset::load(&args.model.data)?;
-    let train = match cfg.limit {
-        Some(n) => data.train.clone().limit(n),
-        None => data.train.clone(),
-    };
-    let stages = cfg.arch.num_stages() - if record.keep_ends { 2 } else { 0 };
-    let want = volunteers_needed(stages, args.mixes);
     let opts = job_options(args, args.mixes, record.keep_ends);
     eprintln!(
         "resuming {} from the checkpoint of step {} ({} epoch(s) in all)",
         cfg.arch, record.checkpoint_step, cfg.epochs
     );
-    super::runtime()?.block_on(async {
-        let cancel = CancellationToken::new();
-        let _stop = cancel.clone().drop_guard();
-        let (network, volunteers) =
-            join_and_discover(bootstrap, want, cancel.child_token()).await?;
-        eprintln!("found {} volunteers", volunteers.len());
-        let bar = progress(cfg.epochs as u64 * train.len() as u64, "network");
-        let mut events = on_event(&bar);
-        let client = Client::new(network)?;
-        let job = TrainJob {
-            cfg: &cfg,
-            train: &train,
-            test: &data.test,
-            opts: &opts,
-            map_path: &args.model_map,
-            stop: stop_on_ctrl_c(),
-        };
-        let report = resume_network(&client, &volunteers, job, &mut events).await;
-        bar.finish_and_clear();
-        report_training(args, &cfg, report)
-    })
+    run_training(args, &cfg, &data, opts, Start::Resume)
+}
+
+/// Join the network with enough volunteers for the model of `map`.
+pub async fn join_for_map(
+    bootstrap: &[String],
+    map: &ModelMap,
+    mixes: usize,
+    cancel: CancellationToken,
+) -> anyhow::Result<(Client, Vec<Volunteer>)> {
+    let bootstrap = bootstrap_addrs(bootstrap)?;
+    let remote = map
+        .stages
+        .iter()
+        .filter(|s| matches!(s, mixnn_node::client::model_map::StageEntry::Remote { .. }))
+        .count();
+    let (network, volunteers) =
+        join_and_discover(bootstrap, volunteers_needed(remote, mixes), cancel).await?;
+    Ok((Client::new(network)?, volunteers))
 }
 
 #[derive(Args, Debug)]
@@ -283,14 +300,8 @@ pub struct InferArgs {
 }
 
 pub fn infer(args: InferArgs) -> anyhow::Result<()> {
-    let bootstrap = bootstrap_addrs(&args.bootstrap)?;
     let map = ModelMap::load(&args.model_map)?;
     let data = mixnn_node::dataset::load(&args.data)?;
-    let remote = map
-        .stages
-        .iter()
-        .filter(|s| matches!(s, mixnn_node::client::model_map::StageEntry::Remote { .. }))
-        .count();
     let opts = JobOptions {
         mixes: args.mixes,
         step_timeout: Duration::from_secs(args.step_timeout),
@@ -299,13 +310,8 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
     super::runtime()?.block_on(async {
         let cancel = CancellationToken::new();
         let _stop = cancel.clone().drop_guard();
-        let (network, volunteers) = join_and_discover(
-            bootstrap,
-            volunteers_needed(remote, args.mixes),
-            cancel.child_token(),
-        )
-        .await?;
-        let client = Client::new(network)?;
+        let (client, volunteers) =
+            join_for_map(&args.bootstrap, &map, args.mixes, cancel.child_token()).await?;
         let report = infer_network(&client, &volunteers, &map, &data.test, &opts).await?;
         eprintln!(
             "inference through the network: test accuracy {:.4} on {} examples, {:.2} s",

@@ -7,12 +7,11 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use mixnn_model::{Arch, ModelParams, OptimizerSpec};
-use mixnn_node::client::model_map::StageEntry;
-use mixnn_node::client::{Client, JobOptions, ModelMap};
+use mixnn_node::client::{JobOptions, ModelMap};
 use mixnn_node::predict::{predict_local, predict_network, Prediction};
 use tokio_util::sync::CancellationToken;
 
-use super::network::{bootstrap_addrs, join_and_discover, volunteers_needed};
+use super::network::join_for_map;
 
 #[derive(Args, Debug)]
 pub struct PredictArgs {
@@ -61,15 +60,9 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
 }
 
 fn network(args: &PredictArgs, map_path: &std::path::Path) -> anyhow::Result<Vec<Prediction>> {
-    let bootstrap = bootstrap_addrs(&args.bootstrap)?;
     let map = ModelMap::load(map_path)?;
     let arch = Arch::parse(&map.arch).context("the model map's architecture")?;
     let inputs = mixnn_node::input::load(&args.input, arch.input_dim())?;
-    let remote = map
-        .stages
-        .iter()
-        .filter(|s| matches!(s, StageEntry::Remote { .. }))
-        .count();
     let opts = JobOptions {
         mixes: args.mixes,
         step_timeout: Duration::from_secs(args.step_timeout),
@@ -78,13 +71,8 @@ fn network(args: &PredictArgs, map_path: &std::path::Path) -> anyhow::Result<Vec
     super::runtime()?.block_on(async {
         let cancel = CancellationToken::new();
         let _stop = cancel.clone().drop_guard();
-        let (network, volunteers) = join_and_discover(
-            bootstrap,
-            volunteers_needed(remote, args.mixes),
-            cancel.child_token(),
-        )
-        .await?;
-        let client = Client::new(network)?;
+        let (client, volunteers) =
+            join_for_map(&args.bootstrap, &map, args.mixes, cancel.child_token()).await?;
         Ok(predict_network(&client, &volunteers, &map, &opts, &inputs).await?)
     })
 }
