@@ -247,23 +247,7 @@ pub fn load_idx_images(path: &Path) -> Result<Vec<f32>, DataError> {
     let mut file = std::fs::File::open(path).map_err(io)?;
     let mut magic = [0u8; 2];
     let gzipped = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
-    let file = std::fs::File::open(path).map_err(io)?;
-    let reader: Box<dyn Read> = if gzipped {
-        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
-    } else {
-        Box::new(file)
-    };
-    let mut bytes = Vec::new();
-    reader
-        .take(MAX_FILE_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(io)?;
-    if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(DataError::TooLarge {
-            path: path.to_path_buf(),
-            limit: MAX_FILE_BYTES,
-        });
-    }
+    let bytes = read_bounded(path, gzipped)?;
     parse_images(path, &bytes)
 }
 
@@ -302,11 +286,18 @@ fn read_file(dir: &Path, name: &str) -> Result<(PathBuf, Vec<u8>), DataError> {
             name: name.to_string(),
         });
     };
+    let bytes = read_bounded(&path, gzipped)?;
+    Ok((path, bytes))
+}
+
+/// The contents of `path` (gunzipped when `gzipped`), at most
+/// [`MAX_FILE_BYTES`].
+fn read_bounded(path: &Path, gzipped: bool) -> Result<Vec<u8>, DataError> {
     let io = |source| DataError::Io {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
-    let file = std::fs::File::open(&path).map_err(io)?;
+    let file = std::fs::File::open(path).map_err(io)?;
     let reader: Box<dyn Read> = if gzipped {
         Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(file)))
     } else {
@@ -319,11 +310,11 @@ fn read_file(dir: &Path, name: &str) -> Result<(PathBuf, Vec<u8>), DataError> {
         .map_err(io)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
         return Err(DataError::TooLarge {
-            path,
+            path: path.to_path_buf(),
             limit: MAX_FILE_BYTES,
         });
     }
-    Ok((path, bytes))
+    Ok(bytes)
 }
 
 fn be_u32(bytes: &[u8], at: usize) -> Option<u32> {
