@@ -38,7 +38,7 @@ enum Command {
     Predict(cmd::predict::PredictArgs),
     /// Start a whole network in this process, train through it and locally, compare.
     Demo(cmd::demo::DemoArgs),
-    /// Benchmarks: `mixnn bench paper` reproduces the MixNN paper's experiment.
+    /// Benchmarks: `mixnn bench paper` reproduces the MixNN paper's experiment; `mixnn bench churn` kills hosts mid-job.
     Bench(cmd::bench::BenchArgs),
 }
 
