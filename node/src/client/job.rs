@@ -754,7 +754,6 @@ struct Driver<'a> {
     limits: (DecodeLimits, usize),
     b: Breakdown,
     checkpoints: u64,
-    examples_per_step: Vec<u64>,
     /// The hosts of the current run.
     current: Vec<StageHost>,
     /// Advertised addresses of the volunteers, for the map.
@@ -799,7 +798,6 @@ impl<'a> Driver<'a> {
             limits,
             b: Breakdown::default(),
             checkpoints: 0,
-            examples_per_step: Vec::new(),
             current: Vec::new(),
             addresses: volunteers
                 .iter()
@@ -1313,9 +1311,6 @@ impl<'a> Driver<'a> {
         let i = (step - 1) as usize;
         self.losses.truncate(i);
         self.losses.push(loss);
-        self.examples_per_step.truncate(i);
-        self.examples_per_step.resize(i, examples);
-        self.examples_per_step.push(examples);
         let done = (step - 1) / self.batches.per_epoch * self.job.train.len() as u64
             + ((step - 1) % self.batches.per_epoch) * self.job.cfg.batch as u64
             + examples;
