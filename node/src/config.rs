@@ -29,6 +29,7 @@ pub struct FileConfig {
     pub descriptor_ttl_secs: Option<u64>,
     pub max_circuits: Option<usize>,
     pub circuit_idle_secs: Option<u64>,
+    pub max_lease_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -68,6 +69,9 @@ pub struct NodeConfig {
     pub max_circuits: usize,
     /// Silence on a circuit before the node tears it down.
     pub circuit_idle_secs: u64,
+    /// The longest slot lease this node grants; owners ask for less or
+    /// get this.
+    pub max_lease_secs: u64,
     pub transport: TransportKind,
     /// Kademlia client mode: the node takes no DHT records (jobs, `peers`).
     pub dht_client: bool,
@@ -104,6 +108,7 @@ impl NodeConfig {
             descriptor_ttl_secs: 600,
             max_circuits: 256,
             circuit_idle_secs: 120,
+            max_lease_secs: 30 * 24 * 3600,
             transport: TransportKind::Tcp,
             dht_client: false,
         }
@@ -161,6 +166,11 @@ impl NodeConfig {
         if !(1..=3600).contains(&self.circuit_idle_secs) {
             return Err(ConfigError::Invalid(
                 "circuit_idle_secs must be between 1 and 3600".into(),
+            ));
+        }
+        if !(60..=365 * 24 * 3600).contains(&self.max_lease_secs) {
+            return Err(ConfigError::Invalid(
+                "max_lease_secs must be between 60 seconds and a year".into(),
             ));
         }
         if self.max_circuits == 0 || self.max_circuits > 65_536 {

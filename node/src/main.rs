@@ -36,6 +36,12 @@ enum Command {
     Export(cmd::export::ExportArgs),
     /// Classify your own inputs (PNG, JPEG, .npy, IDX) with a model file or through the network.
     Predict(cmd::predict::PredictArgs),
+    /// Show where each stage of your model lives: does its host answer, when its lease ends, does it hold the parameters the model map recorded.
+    Status(cmd::slots::StatusArgs),
+    /// Extend the lease of every slot of your model (`--lease 30d`).
+    Renew(cmd::slots::RenewArgs),
+    /// Free every slot of your model on the volunteers: their parameters are deleted.
+    Release(cmd::slots::ReleaseArgs),
     /// Start a whole network in this process, train through it and locally, compare.
     Demo(cmd::demo::DemoArgs),
     /// Benchmarks: `mixnn bench paper` reproduces the MixNN paper's experiment; `mixnn bench churn` kills hosts mid-job.
@@ -57,6 +63,9 @@ fn main() -> std::process::ExitCode {
         Command::Infer(a) => cmd::network::infer(a),
         Command::Export(a) => cmd::export::run(a),
         Command::Predict(a) => cmd::predict::run(a),
+        Command::Status(a) => cmd::slots::status(a),
+        Command::Renew(a) => cmd::slots::renew(a),
+        Command::Release(a) => cmd::slots::release(a),
         Command::Demo(a) => cmd::demo::run(a),
         Command::Bench(a) => cmd::bench::run(a),
     };

@@ -40,6 +40,13 @@ pub struct Metrics {
     pub host_codec_seconds: Counter<f64, AtomicU64>,
     /// Kademlia requests sent by this node's own queries.
     pub dht_requests: Counter,
+    /// Slots freed, by reason (expired, released, setup).
+    pub slots_freed: Family<Reason, Counter>,
+    /// Assignments refused because they name another owner's slot (a
+    /// release, status or job that was not the owner's).
+    pub slot_owner_refused: Counter,
+    /// Slots whose stored bytes did not match their digest.
+    pub slots_corrupt: Counter,
 }
 
 impl Default for Metrics {
@@ -64,6 +71,24 @@ impl Metrics {
         let host_crypto_seconds = Counter::<f64, AtomicU64>::default();
         let host_codec_seconds = Counter::<f64, AtomicU64>::default();
         let dht_requests = Counter::default();
+        let slots_freed = Family::<Reason, Counter>::default();
+        let slot_owner_refused = Counter::default();
+        let slots_corrupt = Counter::default();
+        registry.register(
+            "slots_freed",
+            "Layer slots freed, by reason: expired lease, released by the owner, setup never completed",
+            slots_freed.clone(),
+        );
+        registry.register(
+            "slot_owner_refused",
+            "Slot assignments refused because the slot belongs to another owner",
+            slot_owner_refused.clone(),
+        );
+        registry.register(
+            "slots_corrupt",
+            "Slots refused because their stored bytes do not match their digest",
+            slots_corrupt.clone(),
+        );
         registry.register(
             "host_compute_seconds",
             "Seconds spent in layer computations",
@@ -140,7 +165,18 @@ impl Metrics {
             host_crypto_seconds,
             host_codec_seconds,
             dht_requests,
+            slots_freed,
+            slot_owner_refused,
+            slots_corrupt,
         }
+    }
+
+    pub fn slot_freed(&self, reason: &str) {
+        self.slots_freed
+            .get_or_create(&Reason {
+                reason: reason.into(),
+            })
+            .inc();
     }
 
     pub fn refuse_record(&self, reason: &str) {

@@ -227,9 +227,18 @@ impl RunningNode {
                     HostPolicy {
                         slots: state.config.slots,
                         max_params: state.config.max_params,
+                        max_lease_secs: state.config.max_lease_secs,
                     },
+                    state.metrics.clone(),
                 ))
             });
+            if let Some(host) = &host {
+                tasks.push(tokio::spawn(lease_sweeper(
+                    state.clone(),
+                    host.clone(),
+                    work.child_token(),
+                )));
+            }
             let server = CircuitServer::new(
                 state.clone(),
                 host,
@@ -343,6 +352,42 @@ impl RunningNode {
 /// Keeps the descriptor and the role provider records in the DHT: at start
 /// (retrying quickly until the first publication lands), at every epoch
 /// change, when slots change, and every `republish_secs`.
+/// Frees slots whose lease ended: at the earliest end of a lease, when a
+/// slot's use changes, and at least every 30 seconds.
+async fn lease_sweeper(state: Arc<NodeState>, host: Arc<Host>, cancel: CancellationToken) {
+    const MAX_WAIT: Duration = Duration::from_secs(30);
+    loop {
+        let now = unix_now();
+        let wait = match host.sweep(now) {
+            Ok(sweep) => {
+                if !sweep.expired.is_empty() {
+                    if let Ok(held) = state.slots.list_slots() {
+                        state.metrics.slots_held.set(held.len() as i64);
+                    }
+                    // Advertise the freed slots.
+                    state.republish.notify_one();
+                }
+                sweep
+                    .next
+                    .map_or(MAX_WAIT, |t| {
+                        Duration::from_secs(t.saturating_sub(now).max(1))
+                    })
+                    .min(MAX_WAIT)
+            }
+            Err(e) => {
+                tracing::warn!(event = "lease_sweep_failed", error = %e);
+                MAX_WAIT
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = host.changed.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 async fn publisher(state: Arc<NodeState>, network: Network, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     let mut published_once = false;

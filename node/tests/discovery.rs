@@ -12,7 +12,7 @@ use mixnn_crypto::{Capacity, Descriptor, Identity, Roles};
 use mixnn_node::discovery::{discover_at_least, join_as_client};
 use mixnn_node::network::records::{descriptor_key, unix_now, Role};
 use mixnn_node::network::{Network, NetworkConfig, TransportKind};
-use mixnn_node::store::{SlotStore, StoredSlot};
+use mixnn_node::store::{Lease, SlotStore, StoredSlot};
 use tokio_util::sync::CancellationToken;
 
 fn descriptor_for(id: &Identity, expires_at: u64) -> Descriptor {
@@ -284,6 +284,7 @@ async fn a_restarted_node_keeps_its_peer_id_and_slots() {
         owner: [4; 32],
         version: 7,
         param_count: 10,
+        lease: Lease::provisional(unix_now()).extended(unix_now(), 3600),
         state: vec![1, 2, 3],
     };
     node.state.slots.put_slot(&slot).expect("put");

@@ -96,6 +96,7 @@ fn host_hop(
         max_batch: 8,
         session: rand::random(),
         state: None,
+        lease_secs: 3600,
         nonce: rand::random(),
     };
     RingHop {

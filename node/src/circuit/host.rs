@@ -17,7 +17,8 @@ use super::payload::{
     open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, SlotReport,
     StateOp,
 };
-use crate::store::{SlotId, SlotStore, StoreError, StoredSlot};
+use crate::metrics::Metrics;
+use crate::store::{unix_now, Lease, SlotId, SlotMeta, SlotStore, StoreError, StoredSlot};
 
 /// Hard cap on the rows of one batch, whatever the client asks.
 pub const MAX_BATCH: u32 = 16_384;
@@ -28,6 +29,10 @@ pub const MAX_TENSOR_ELEMENTS: usize = 64 << 20;
 pub enum HostError {
     #[error("slot refused: {0}")]
     Refused(String),
+    #[error("this host holds no such slot (it was never created here, or its lease ended, or it was released)")]
+    NoSuchSlot,
+    #[error("the slot belongs to another owner")]
+    NotOwner,
     #[error("message refused: {0}")]
     BadMessage(String),
     #[error("computation failed: {0}")]
@@ -45,6 +50,7 @@ pub struct HostedSlot {
     pub pending: std::collections::BTreeSet<u64>,
     pub owner: [u8; 32],
     pub version: u64,
+    pub lease: Lease,
 }
 
 /// A slot shared by the circuits of one run of a job (one session).
@@ -136,6 +142,8 @@ pub struct OwnerKeys {
 pub struct HostPolicy {
     pub slots: u32,
     pub max_params: u64,
+    /// The longest lease this host grants, in seconds.
+    pub max_lease_secs: u64,
 }
 
 /// All slots this host serves right now.
@@ -143,6 +151,41 @@ pub struct Host {
     store: Arc<dyn SlotStore>,
     policy: HostPolicy,
     live: Mutex<HashMap<SlotId, SharedSlot>>,
+    metrics: Metrics,
+    /// Signalled when a slot's lease or use changed: the lease sweeper
+    /// looks again.
+    pub changed: tokio::sync::Notify,
+}
+
+/// A lease within this of what a use asks is not written again.
+const TOUCH_EVERY_SECS: u64 = 60;
+
+/// What a sweep of the leases decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Sweep {
+    /// Slots to free now, with whether their setup ever completed.
+    pub expired: Vec<(SlotId, bool)>,
+    /// The earliest end of a lease still running among the slots not in
+    /// use (unix seconds).
+    pub next: Option<u64>,
+}
+
+/// Which slots to free at `now`: those whose lease ended and that no
+/// circuit uses. Pure.
+pub fn plan_sweep(metas: &[SlotMeta], in_use: impl Fn(&SlotId) -> bool, now: u64) -> Sweep {
+    let mut sweep = Sweep::default();
+    for m in metas.iter().filter(|m| !in_use(&m.id)) {
+        if m.lease.expired(now) {
+            sweep.expired.push((m.id, m.lease.confirmed));
+        } else {
+            sweep.next = Some(
+                sweep
+                    .next
+                    .map_or(m.lease.until, |n: u64| n.min(m.lease.until)),
+            );
+        }
+    }
+    sweep
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -150,12 +193,75 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Host {
-    pub fn new(store: Arc<dyn SlotStore>, policy: HostPolicy) -> Self {
+    pub fn new(store: Arc<dyn SlotStore>, policy: HostPolicy, metrics: Metrics) -> Self {
         Self {
             store,
             policy,
             live: Mutex::new(HashMap::new()),
+            metrics,
+            changed: tokio::sync::Notify::new(),
         }
+    }
+
+    /// The lease a use asks for, capped by this host's maximum.
+    fn lease_secs(&self, body: &super::payload::AssignmentBody) -> u64 {
+        body.lease_secs.min(self.policy.max_lease_secs)
+    }
+
+    /// Free every slot whose lease ended at `now` and that no circuit
+    /// uses. Returns what was freed and when to look again.
+    pub fn sweep(&self, now: u64) -> Result<Sweep, HostError> {
+        // Under the live lock: no bind loads a slot while it is removed.
+        let live = lock(&self.live);
+        let sweep = plan_sweep(&self.store.list_slots()?, |id| live.contains_key(id), now);
+        for (id, confirmed) in &sweep.expired {
+            if self.store.remove_slot(id)? {
+                let reason = if *confirmed { "expired" } else { "setup" };
+                self.metrics.slot_freed(reason);
+                tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason);
+            }
+        }
+        Ok(sweep)
+    }
+
+    /// Free a slot at its owner's request (the caller checked the owner).
+    fn free(&self, id: &SlotId, cell: &SharedSlot) -> Result<bool, HostError> {
+        let mut live = lock(&self.live);
+        if live.get(id).is_some_and(|s| Arc::ptr_eq(s, cell)) {
+            live.remove(id);
+        }
+        let freed = self.store.remove_slot(id)?;
+        if freed {
+            self.metrics.slot_freed("released");
+            tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason = "released");
+        }
+        Ok(freed)
+    }
+
+    /// Record the owner's use of the slot at `now`: the lease grows to
+    /// what the use asks, and a new slot's setup counts as completed.
+    fn touch(
+        &self,
+        id: &SlotId,
+        s: &mut HostedSlot,
+        lease_secs: u64,
+        now: u64,
+    ) -> Result<(), HostError> {
+        // At most one write a minute while a lease is kept extended.
+        let wanted = now.saturating_add(lease_secs);
+        if lease_secs == 0
+            || (s.lease.confirmed && s.lease.until.saturating_add(TOUCH_EVERY_SECS) >= wanted)
+        {
+            return Ok(());
+        }
+        s.lease = s.lease.extended(now, lease_secs);
+        self.store.set_lease(id, s.lease)?;
+        Ok(())
+    }
+
+    fn not_owner(&self) -> HostError {
+        self.metrics.slot_owner_refused.inc();
+        HostError::NotOwner
     }
 
     pub fn store(&self) -> &Arc<dyn SlotStore> {
@@ -179,27 +285,37 @@ impl Host {
                 body.max_batch
             )));
         }
+        let now = unix_now();
+        let lease_secs = self.lease_secs(body);
         let mut live = lock(&self.live);
         if let Some(s) = live.get(&body.slot_id) {
-            if s.lock().owner != body.owner {
-                return Err(HostError::Refused(
-                    "the slot belongs to another owner".into(),
-                ));
+            let mut hosted = s.lock();
+            if hosted.owner != body.owner {
+                return Err(self.not_owner());
             }
             // Inference reads whatever copy is live; circuits of one run
             // share it; a new run retires the circuits of the old one and
             // starts again from the last checkpoint.
             if body.infer_only || s.session == body.session {
+                if hosted.lease.confirmed {
+                    self.touch(&body.slot_id, &mut hosted, lease_secs, now)?;
+                }
+                drop(hosted);
                 return Ok((s.clone(), false));
             }
+            drop(hosted);
             s.retire();
             live.remove(&body.slot_id);
         }
-        if let Some(stored) = self.store.get_slot(&body.slot_id)? {
+        let stored = self.store.get_slot(&body.slot_id).inspect_err(|e| {
+            if matches!(e, StoreError::Corrupt { .. }) {
+                self.metrics.slots_corrupt.inc();
+                tracing::error!(event = "slot_corrupt", slot = %hex::encode(body.slot_id), error = %e);
+            }
+        })?;
+        if let Some(stored) = stored {
             if stored.owner != body.owner {
-                return Err(HostError::Refused(
-                    "the slot belongs to another owner".into(),
-                ));
+                return Err(self.not_owner());
             }
             let slot = Slot::from_bytes(&stored.state)
                 .and_then(SlotWorker::spawn)
@@ -210,14 +326,21 @@ impl Host {
                     pending: Default::default(),
                     owner: stored.owner,
                     version: stored.version,
+                    lease: stored.lease,
                 },
                 body.session,
             ));
+            {
+                let mut hosted = shared.lock();
+                if hosted.lease.confirmed {
+                    self.touch(&body.slot_id, &mut hosted, lease_secs, now)?;
+                }
+            }
             live.insert(body.slot_id, shared.clone());
             return Ok((shared, false));
         }
         let Some(create) = &body.create else {
-            return Err(HostError::Refused("no such slot on this host".into()));
+            return Err(HostError::NoSuchSlot);
         };
         if body.infer_only || body.direction != Direction::Forward {
             return Err(HostError::Refused(
@@ -250,6 +373,9 @@ impl Host {
             pending: Default::default(),
             owner: body.owner,
             version: 0,
+            // Short until the job's first message: a setup that never
+            // completes frees the slot within a minute.
+            lease: Lease::provisional(now),
         };
         // Claim the slot on disk at once, so a restart keeps it.
         let state = hosted
@@ -259,6 +385,7 @@ impl Host {
         self.persist(&body.slot_id, &hosted, state)?;
         let shared = Arc::new(SlotCell::new(hosted, body.session));
         live.insert(body.slot_id, shared.clone());
+        self.changed.notify_one();
         Ok((shared, true))
     }
 
@@ -268,6 +395,7 @@ impl Host {
             owner: s.owner,
             version: s.version,
             param_count: s.slot.spec().param_count() as u64,
+            lease: s.lease,
             state,
         })?;
         Ok(())
@@ -290,6 +418,7 @@ impl Host {
         let mut live = lock(&self.live);
         if live.get(id).is_some_and(|s| Arc::ptr_eq(s, slot)) {
             live.remove(id);
+            self.changed.notify_one();
         }
     }
 
@@ -314,6 +443,18 @@ impl Host {
             return Err(HostError::Refused(
                 "a later run of the job took this slot over".into(),
             ));
+        }
+        // Any message of the owner's job counts as a use; status and
+        // release do not extend the lease.
+        let uses = !matches!(
+            msg,
+            JobMsg::Control {
+                op: ControlOp::Digest | ControlOp::Release,
+                ..
+            }
+        );
+        if uses {
+            self.touch(slot_id, &mut s, self.lease_secs(body), unix_now())?;
         }
         let check_rows = |t: &HostTensor, want: usize| -> Result<(), HostError> {
             let rows = t.shape.first().copied().unwrap_or(0);
@@ -370,6 +511,36 @@ impl Host {
                     })
                 }
             }
+            (
+                JobMsg::Control {
+                    op: ControlOp::Release,
+                    mut reports,
+                },
+                Direction::Forward,
+            ) => {
+                let report = SlotReport {
+                    slot_id: *slot_id,
+                    version: s.version,
+                    steps_applied: s
+                        .slot
+                        .steps_applied()
+                        .map_err(|e| HostError::Compute(e.to_string()))?,
+                    params_digest: s
+                        .slot
+                        .params_digest()
+                        .map_err(|e| HostError::Compute(e.to_string()))?,
+                    lease_until: 0,
+                };
+                // Retired under its own lock: no message touches it again.
+                shared.retired.store(true, Ordering::Release);
+                drop(s);
+                self.free(slot_id, shared)?;
+                reports.push(seal_slot_report(&keys.report, &report));
+                Ok(JobMsg::Control {
+                    op: ControlOp::Release,
+                    reports,
+                })
+            }
             (JobMsg::Control { op, mut reports }, Direction::Forward) => {
                 if op != ControlOp::Digest && !body.infer_only {
                     self.checkpoint(slot_id, &mut s)?;
@@ -387,6 +558,7 @@ impl Host {
                             .slot
                             .params_digest()
                             .map_err(|e| HostError::Compute(e.to_string()))?,
+                        lease_until: s.lease.until,
                     },
                 ));
                 Ok(JobMsg::Control { op, reports })
@@ -461,5 +633,153 @@ impl Host {
             max_rank: 2,
             max_elements: (max_batch as usize * width).min(MAX_TENSOR_ELEMENTS),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::circuit::payload::{AssignmentBody, SlotCreate};
+    use crate::store::MemoryStore;
+    use mixnn_crypto::Identity;
+    use mixnn_model::{Arch, InitSpec, OptimizerSpec};
+
+    const ONION: [u8; 32] = [8; 32];
+
+    fn host(store: Arc<MemoryStore>) -> Host {
+        Host::new(
+            store,
+            HostPolicy {
+                slots: 4,
+                max_params: 1 << 20,
+                max_lease_secs: 3600,
+            },
+            Metrics::new(),
+        )
+    }
+
+    fn assignment(owner: &Identity, id: u8, lease_secs: u64, create: bool) -> Assignment {
+        let stage = Arch::parse("mlp:4-3-2").expect("arch").stages().remove(0);
+        let body = AssignmentBody {
+            slot_id: [id; 16],
+            owner: owner.public_key(),
+            direction: Direction::Forward,
+            infer_only: false,
+            create: create.then(|| SlotCreate {
+                stage,
+                init: InitSpec {
+                    seed: 1,
+                    stage_index: 0,
+                },
+                optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            }),
+            in_key: [1; 32],
+            out_key: [2; 32],
+            first: true,
+            skip_zero_inputs: false,
+            max_batch: 4,
+            session: [id; 16],
+            state: None,
+            lease_secs,
+            nonce: rand::random(),
+        };
+        Assignment::sign(body, owner, &ONION).expect("sign")
+    }
+
+    fn keys() -> OwnerKeys {
+        OwnerKeys {
+            report: [3; 32],
+            state_up: [4; 32],
+            state_down: [5; 32],
+        }
+    }
+
+    fn forward(step: u64) -> JobMsg {
+        JobMsg::Forward {
+            step,
+            tensor: HostTensor {
+                shape: vec![1, 4],
+                data: vec![0.5; 4],
+            },
+        }
+    }
+
+    #[test]
+    fn a_setup_that_never_ran_is_freed_after_its_grace() {
+        let store = Arc::new(MemoryStore::default());
+        let h = host(store.clone());
+        let owner = Identity::generate();
+        let (slot, created) = h
+            .bind(&assignment(&owner, 1, 600, true), &ONION)
+            .expect("bind");
+        assert!(created);
+        let now = unix_now();
+        // In use: never freed, whatever the time.
+        assert!(h.sweep(now + 3600).expect("sweep").expired.is_empty());
+        h.evict(&[1; 16], &slot);
+        let s = h.sweep(now).expect("sweep");
+        assert!(s.expired.is_empty());
+        assert!(s
+            .next
+            .is_some_and(|t| t <= now + crate::store::SETUP_GRACE_SECS + 1));
+        let s = h
+            .sweep(now + crate::store::SETUP_GRACE_SECS + 2)
+            .expect("sweep");
+        assert_eq!(s.expired, vec![([1; 16], false)]);
+        assert!(store.list_slots().expect("list").is_empty());
+    }
+
+    #[test]
+    fn a_used_slot_lives_out_its_capped_lease() {
+        let store = Arc::new(MemoryStore::default());
+        let h = host(store.clone());
+        let owner = Identity::generate();
+        // Asks for a day; this host grants an hour at most.
+        let a = assignment(&owner, 2, 86_400, true);
+        let (slot, _) = h.bind(&a, &ONION).expect("bind");
+        h.process(&[2; 16], &slot, &a, forward(0), &keys())
+            .expect("forward");
+        h.evict(&[2; 16], &slot);
+        let now = unix_now();
+        let meta = store.get_meta(&[2; 16]).expect("meta").expect("slot");
+        assert!(meta.lease.confirmed);
+        assert!(meta.lease.until >= now + 3590 && meta.lease.until <= now + 3600);
+        assert!(h.sweep(now + 3000).expect("sweep").expired.is_empty());
+        assert_eq!(
+            h.sweep(now + 3601).expect("sweep").expired,
+            vec![([2; 16], true)]
+        );
+    }
+
+    #[test]
+    fn another_owner_is_refused_and_a_corrupt_slot_is_never_served() {
+        let store = Arc::new(MemoryStore::default());
+        let h = host(store.clone());
+        let owner = Identity::generate();
+        let a = assignment(&owner, 3, 600, true);
+        let (slot, _) = h.bind(&a, &ONION).expect("bind");
+        h.evict(&[3; 16], &slot);
+        let stranger = Identity::generate();
+        assert!(matches!(
+            h.bind(&assignment(&stranger, 3, 600, false), &ONION),
+            Err(HostError::NotOwner)
+        ));
+        assert!(h
+            .metrics
+            .render()
+            .contains("mixnn_slot_owner_refused_total 1"));
+        let mut bytes = store.get_slot(&[3; 16]).expect("get").expect("slot").state;
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        store.corrupt_state(&[3; 16], bytes);
+        assert!(matches!(
+            h.bind(&assignment(&owner, 3, 600, false), &ONION),
+            Err(HostError::Store(StoreError::Corrupt { .. }))
+        ));
+        assert!(h.metrics.render().contains("mixnn_slots_corrupt_total 1"));
+        assert!(matches!(
+            h.bind(&assignment(&owner, 9, 600, false), &ONION),
+            Err(HostError::NoSuchSlot)
+        ));
     }
 }

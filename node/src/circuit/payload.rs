@@ -83,6 +83,10 @@ pub struct AssignmentBody {
     /// Where this host's state goes in the job's state messages (training
     /// forward circuits only).
     pub state: Option<StateWindow>,
+    /// How long the slot should live after this use, in seconds (the host
+    /// caps it with its own maximum); 0 leaves the lease as it is (a
+    /// status query).
+    pub lease_secs: u64,
     /// Fresh per setup, so two signatures never cover the same bytes.
     pub nonce: [u8; 16],
 }
@@ -207,6 +211,8 @@ pub enum ControlOp {
     Digest,
     /// Persist and report; the job is over.
     Finish,
+    /// Free the slot: delete its parameters and report once more.
+    Release,
 }
 
 /// What a host tells the client about its slot, sealed to the client.
@@ -216,6 +222,8 @@ pub struct SlotReport {
     pub version: u64,
     pub steps_applied: u64,
     pub params_digest: [u8; 32],
+    /// When the slot's lease ends (unix seconds); 0 once it was released.
+    pub lease_until: u64,
 }
 
 /// What a hop tells the client when it gives up, sealed to the client.
@@ -237,6 +245,8 @@ pub enum ErrorCode {
     BadMessage,
     /// The slot's computation failed.
     Compute,
+    /// The host holds no slot of that id (never had it, or freed it).
+    NoSuchSlot,
 }
 
 const MAX_REPORTS: usize = 64;
@@ -546,6 +556,7 @@ mod tests {
                 len: 1 << 20,
                 total: 3 << 20,
             }),
+            lease_secs: 7 * 24 * 3600,
             nonce: [4; 16],
         }
     }

@@ -354,8 +354,13 @@ impl CircuitServer {
                         Some((host, a, slot))
                     }
                     Ok(Err(e)) => {
-                        report(ErrorCode::SlotRefused, e.to_string()).await;
-                        return End::Refused("slot_refused");
+                        let (code, reason) = match e {
+                            HostError::NoSuchSlot => (ErrorCode::NoSuchSlot, "no_such_slot"),
+                            HostError::NotOwner => (ErrorCode::SlotRefused, "not_owner"),
+                            _ => (ErrorCode::SlotRefused, "slot_refused"),
+                        };
+                        report(code, e.to_string()).await;
+                        return End::Refused(reason);
                     }
                     Err(e) => {
                         report(ErrorCode::Compute, e.to_string()).await;

@@ -97,6 +97,9 @@ pub struct JobOptions {
     pub max_failovers: u32,
     /// Longest wait for a chosen peer to answer before a route is used.
     pub probe_timeout: Duration,
+    /// How long the model's slots live after this job (each host caps it
+    /// with its own maximum).
+    pub lease: Duration,
 }
 
 impl Default for JobOptions {
@@ -109,9 +112,13 @@ impl Default for JobOptions {
             checkpoint_every: None,
             max_failovers: 5,
             probe_timeout: Duration::from_secs(3),
+            lease: DEFAULT_LEASE,
         }
     }
 }
+
+/// The lease a job asks for unless told otherwise: a week.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// A training job: what to train, on what, and where its map lives.
 pub struct TrainJob<'a> {
@@ -206,7 +213,7 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
-fn rng() -> Result<rand::rngs::StdRng, JobError> {
+pub(crate) fn rng() -> Result<rand::rngs::StdRng, JobError> {
     rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| JobError::Invalid(e.to_string()))
 }
 
@@ -302,7 +309,7 @@ fn unexpected(during: &str, got: &JobMsg) -> JobError {
     JobError::Invalid(format!("{during}: got a {} message", got.name()))
 }
 
-fn limits(stages: &[StageSpec], max_batch: u32) -> (DecodeLimits, usize) {
+pub(crate) fn limits(stages: &[StageSpec], max_batch: u32) -> (DecodeLimits, usize) {
     let width = stages
         .iter()
         .map(|s| s.input_dim().max(s.output_dim()))
@@ -320,7 +327,7 @@ fn limits(stages: &[StageSpec], max_batch: u32) -> (DecodeLimits, usize) {
 
 /// A control round on the forward ring: every host runs `op` and seals a
 /// report for us.
-async fn control(
+pub(crate) async fn control(
     network: &Network,
     ring: &mut Ring,
     op: ControlOp,
@@ -1087,6 +1094,7 @@ impl<'a> Driver<'a> {
             seed: self.job.cfg.seed,
             optimizer: self.job.cfg.optimizer,
             max_batch: self.max_batch,
+            lease_secs: self.job.opts.lease.as_secs(),
         };
         let planned = plan::training_rings(
             &layout,
@@ -1695,6 +1703,7 @@ impl Inference {
             seed: map.seed,
             optimizer: map.optimizer,
             max_batch,
+            lease_secs: opts.lease.as_secs(),
         };
         let planned = plan::inference_ring(&layout, &hosts, &mixes, &owner, &mut rng)?;
         let (limits, max_message) = limits(&stages, max_batch);

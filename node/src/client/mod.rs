@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod job;
 pub mod machine;
 pub mod model_map;
+pub mod owner;
 pub mod plan;
 pub mod probe;
 pub mod ring;

@@ -26,6 +26,8 @@ pub struct Layout<'a> {
     pub optimizer: OptimizerSpec,
     /// Largest batch any message carries.
     pub max_batch: u32,
+    /// The lease each use asks of the hosts, in seconds (0: leave it).
+    pub lease_secs: u64,
 }
 
 /// A remote stage and where it lives.
@@ -165,6 +167,7 @@ pub fn training_rings<R: RngCore + CryptoRng>(
             max_batch: layout.max_batch,
             session,
             state: (dir == Direction::Forward).then_some(windows[j]),
+            lease_secs: layout.lease_secs,
             nonce: random(rng),
         };
         Ok(RingHop {
@@ -237,6 +240,7 @@ pub fn inference_ring<R: RngCore + CryptoRng>(
             max_batch: layout.max_batch,
             session,
             state: None,
+            lease_secs: layout.lease_secs,
             nonce: random(rng),
         };
         hops.push(RingHop {
@@ -303,6 +307,7 @@ mod tests {
             seed: 7,
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
             max_batch: 64,
+            lease_secs: 60,
         };
         let hosts: Vec<StageHost> = (0..3)
             .map(|i| StageHost {

@@ -5,6 +5,7 @@ pub mod network;
 pub mod node;
 pub mod peers;
 pub mod predict;
+pub mod slots;
 pub mod train;
 
 /// A multi-threaded tokio runtime for one command.

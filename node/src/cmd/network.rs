@@ -62,6 +62,7 @@ fn job_options(args: &TrainArgs, mixes: usize, keep_ends: bool) -> JobOptions {
         step_timeout: Duration::from_secs(args.step_timeout),
         checkpoint_every: args.checkpoint_every,
         max_failovers: args.max_failovers,
+        lease: args.lease,
         ..JobOptions::default()
     }
 }

@@ -103,6 +103,9 @@ impl NodeArgs {
         if let Some(v) = file.max_circuits {
             c.max_circuits = v;
         }
+        if let Some(v) = file.max_lease_secs {
+            c.max_lease_secs = v;
+        }
         if let Some(v) = file.circuit_idle_secs {
             c.circuit_idle_secs = v;
         }

@@ -88,6 +88,11 @@ pub struct TrainArgs {
     /// (0: stop at the first failure).
     #[arg(long, default_value_t = 5)]
     pub max_failovers: u32,
+    /// How long the model's slots live on the volunteers after the job
+    /// (e.g. 7d, 12h, 90m, 3600s); each volunteer caps it with its own
+    /// maximum. `mixnn renew` extends it, `mixnn release` ends it.
+    #[arg(long, default_value = "7d", value_parser = super::slots::parse_duration)]
+    pub lease: std::time::Duration,
     /// Keep the first and last layer in this process (raw inputs and labels never leave it).
     #[arg(long)]
     pub keep_ends: bool,

@@ -1,0 +1,216 @@
+//! Every slot has an owner, a lease and an end: `release` frees a model's
+//! slots (and only its owner may), `renew` extends them, and a slot whose
+//! lease ended is freed and advertised again.
+
+mod common;
+
+use std::time::Duration;
+
+use mixnn_crypto::Identity;
+use mixnn_model::{Arch, OptimizerSpec, TrainConfig};
+use mixnn_node::client::owner::{ask_stages, digest_matches, OwnerOp, StageOutcome};
+use mixnn_node::client::{train_network, JobOptions, ModelMap};
+use mixnn_node::network::records::unix_now;
+
+fn config() -> TrainConfig {
+    TrainConfig {
+        arch: Arch::parse("mlp:784-32-10").expect("arch"),
+        epochs: 1,
+        batch: 64,
+        optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+        seed: 3,
+        limit: Some(256),
+    }
+}
+
+fn free_slots(net: &common::TestNet) -> u32 {
+    net.nodes.iter().map(|n| n.state.free_slots()).sum()
+}
+
+fn metric(net: &common::TestNet, line_start: &str) -> u64 {
+    net.nodes
+        .iter()
+        .flat_map(|n| {
+            n.state
+                .metrics
+                .render()
+                .lines()
+                .filter(|l| l.starts_with(line_start))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_frees_every_slot_and_only_the_owner_may() {
+    let net = common::testnet(6, 2, None).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
+    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let cfg = config();
+    let train = data.train.clone().limit(256);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map_path = dir.path().join("m.json");
+    let before = free_slots(&net);
+    let opts = JobOptions::default();
+    train_network(
+        client,
+        vols,
+        common::job(&cfg, &train, &data.test, &opts, &map_path),
+        &mut |_| {},
+    )
+    .await
+    .expect("network training");
+    assert_eq!(free_slots(&net), before - 2, "the model holds two slots");
+    let map = ModelMap::load(&map_path).expect("map");
+
+    // Status: every stage answers with the map's parameters and a lease of
+    // about a week.
+    let now = unix_now();
+    let status = ask_stages(client, vols, &map, OwnerOp::Status, &opts)
+        .await
+        .expect("status");
+    assert_eq!(status.len(), 2);
+    for a in &status {
+        let StageOutcome::Answered(r) = &a.outcome else {
+            panic!("stage {} did not answer: {:?}", a.stage.index, a.outcome);
+        };
+        assert_eq!(digest_matches(a), Some(true));
+        assert_eq!(r.steps_applied, 4);
+        let week = 7 * 24 * 3600;
+        assert!(r.lease_until >= now + week - 120 && r.lease_until <= now + week + 120);
+    }
+
+    // Renew: the lease grows, up to the hosts' maximum (30 days).
+    let renewed = ask_stages(
+        client,
+        vols,
+        &map,
+        OwnerOp::Renew(Duration::from_secs(90 * 24 * 3600)),
+        &opts,
+    )
+    .await
+    .expect("renew");
+    for a in &renewed {
+        let StageOutcome::Answered(r) = &a.outcome else {
+            panic!("stage {} was not renewed: {:?}", a.stage.index, a.outcome);
+        };
+        let month = 30 * 24 * 3600;
+        assert!(r.lease_until >= now + month - 120 && r.lease_until <= now + month + 120);
+    }
+
+    // A stranger with the map but not the owner's key is refused, and
+    // counted; the slots stay.
+    let mut forged = map.clone();
+    forged.owner_secret = hex::encode(Identity::generate().secret_bytes());
+    let refused = ask_stages(client, vols, &forged, OwnerOp::Release, &opts)
+        .await
+        .expect("stranger's release");
+    for a in &refused {
+        assert!(
+            matches!(&a.outcome, StageOutcome::Refused(d) if d.contains("another owner")),
+            "{:?}",
+            a.outcome
+        );
+    }
+    assert_eq!(metric(&net, "mixnn_slot_owner_refused_total"), 2);
+    assert_eq!(free_slots(&net), before - 2);
+
+    // The owner's release frees both, at once.
+    let released = ask_stages(client, vols, &map, OwnerOp::Release, &opts)
+        .await
+        .expect("release");
+    for a in &released {
+        assert!(
+            matches!(a.outcome, StageOutcome::Answered(_)),
+            "{:?}",
+            a.outcome
+        );
+    }
+    assert_eq!(free_slots(&net), before);
+    assert_eq!(
+        metric(&net, "mixnn_slots_freed_total{reason=\"released\"}"),
+        2
+    );
+
+    // Again: already gone; status says so too.
+    for op in [OwnerOp::Release, OwnerOp::Status] {
+        let again = ask_stages(client, vols, &map, op, &opts)
+            .await
+            .expect("again");
+        for a in &again {
+            assert_eq!(a.outcome, StageOutcome::Gone, "{op:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_lease_frees_the_slot_and_advertises_it_again() {
+    let net = common::testnet(6, 2, None).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
+    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let cfg = config();
+    let train = data.train.clone().limit(256);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map_path = dir.path().join("m.json");
+    let before = free_slots(&net);
+    let opts = JobOptions {
+        lease: Duration::from_secs(2),
+        ..JobOptions::default()
+    };
+    train_network(
+        client,
+        vols,
+        common::job(&cfg, &train, &data.test, &opts, &map_path),
+        &mut |_| {},
+    )
+    .await
+    .expect("network training");
+    let map = ModelMap::load(&map_path).expect("map");
+    let hosts: Vec<libp2p::PeerId> = map
+        .stages
+        .iter()
+        .filter_map(|s| match s {
+            mixnn_node::client::model_map::StageEntry::Remote { host, .. } => host.parse().ok(),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(hosts.len(), 2);
+
+    // Freed within seconds of the lease's end once the circuits closed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while free_slots(&net) != before && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(free_slots(&net), before, "the expired slots were not freed");
+    assert_eq!(
+        metric(&net, "mixnn_slots_freed_total{reason=\"expired\"}"),
+        2
+    );
+
+    // And advertised again: the hosts' descriptors offer every slot.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut full = true;
+        for h in &hosts {
+            let d = client
+                .network()
+                .get_descriptor(*h)
+                .await
+                .expect("descriptor");
+            full &= d.free_slots == 2;
+        }
+        if full {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the freed slots were not advertised again"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let gone = ask_stages(client, vols, &map, OwnerOp::Status, &opts)
+        .await
+        .expect("status");
+    assert!(gone.iter().all(|a| a.outcome == StageOutcome::Gone));
+}
