@@ -215,11 +215,27 @@ impl Metrics {
     }
 }
 
-/// Serve `GET /metrics` on `addr` until `cancel` fires. Returns the bound
-/// address (useful with port 0).
+/// Pages besides `/metrics` that the node serves on its metrics port
+/// (`/health`, `/slots`): a path in, a JSON body out.
+pub trait Pages: Send + Sync + 'static {
+    fn page(&self, path: &str) -> Option<String>;
+}
+
+/// The path of a `GET` request's first line.
+fn request_path(req: &str) -> Option<&str> {
+    let line = req.lines().next()?;
+    let mut parts = line.split(' ');
+    (parts.next()? == "GET").then_some(())?;
+    let target = parts.next()?;
+    Some(target.split('?').next().unwrap_or(target))
+}
+
+/// Serve `GET /metrics` (and the `pages`) on `addr` until `cancel` fires.
+/// Returns the bound address (useful with port 0).
 pub async fn serve(
     addr: SocketAddr,
     metrics: Metrics,
+    pages: Option<Arc<dyn Pages>>,
     cancel: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr).await?;
@@ -239,20 +255,26 @@ pub async fn serve(
                 continue; // at the limit: drop the connection
             };
             let metrics = metrics.clone();
+            let pages = pages.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let mut buf = [0u8; 4096];
                 let read = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
                 let Ok(Ok(n)) = read else { return };
                 let req = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if req.starts_with("GET /metrics") || req.starts_with("GET / ")
-                {
-                    ("200 OK", metrics.render())
-                } else {
-                    ("404 Not Found", "not found\n".to_string())
+                let page = |path: &str| pages.as_ref().and_then(|p| p.page(path));
+                let (status, kind, body) = match request_path(&req) {
+                    Some("/metrics" | "/") => {
+                        ("200 OK", "text/plain; version=0.0.4", metrics.render())
+                    }
+                    Some(path) => match page(path) {
+                        Some(json) => ("200 OK", "application/json", json),
+                        None => ("404 Not Found", "text/plain", "not found\n".to_string()),
+                    },
+                    None => ("400 Bad Request", "text/plain", "bad request\n".to_string()),
                 };
                 let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ =
@@ -262,4 +284,20 @@ pub async fn serve(
         }
     });
     Ok(local)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_paths_are_read_from_the_first_line() {
+        assert_eq!(
+            request_path("GET /health HTTP/1.1\r\nhost: x\r\n"),
+            Some("/health")
+        );
+        assert_eq!(request_path("GET /slots?x=1 HTTP/1.1\r\n"), Some("/slots"));
+        assert_eq!(request_path("POST /health HTTP/1.1\r\n"), None);
+        assert_eq!(request_path(""), None);
+    }
 }

@@ -198,15 +198,6 @@ impl RunningNode {
         .await?;
         let listen_addrs = network.listen_addrs().await?;
 
-        let metrics_addr = match config.metrics {
-            Some(addr) => Some(
-                metrics::serve(addr, metrics.clone(), work.child_token())
-                    .await
-                    .map_err(|source| NodeError::Metrics { addr, source })?,
-            ),
-            None => None,
-        };
-
         let state = Arc::new(NodeState {
             config,
             data,
@@ -217,6 +208,21 @@ impl RunningNode {
             published: std::sync::atomic::AtomicBool::new(false),
             seq: std::sync::atomic::AtomicU64::new(0),
         });
+        let metrics_addr = match state.config.metrics {
+            Some(addr) => {
+                let pages = Arc::new(NodePages {
+                    state: state.clone(),
+                    peer: network.peer_id(),
+                    started: std::time::Instant::now(),
+                });
+                Some(
+                    metrics::serve(addr, state.metrics.clone(), Some(pages), work.child_token())
+                        .await
+                        .map_err(|source| NodeError::Metrics { addr, source })?,
+                )
+            }
+            None => None,
+        };
         let mut publisher_task = None;
 
         let roles = state.roles();
@@ -352,6 +358,76 @@ impl RunningNode {
 /// Keeps the descriptor and the role provider records in the DHT: at start
 /// (retrying quickly until the first publication lands), at every epoch
 /// change, when slots change, and every `republish_secs`.
+/// `/health` and `/slots` on the metrics port: what a volunteer wants to
+/// know about its node, and nothing about the models beyond each slot.
+struct NodePages {
+    state: Arc<NodeState>,
+    peer: PeerId,
+    started: std::time::Instant,
+}
+
+impl NodePages {
+    fn health(&self) -> serde_json::Value {
+        let s = &self.state;
+        let used = s.slots.list_slots().map(|l| l.len()).unwrap_or(0);
+        serde_json::json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "peer_id": self.peer.to_string(),
+            "uptime_secs": self.started.elapsed().as_secs(),
+            "roles": { "layer_host": s.config.layers, "mix": s.config.mix },
+            "published": s.published.load(std::sync::atomic::Ordering::Relaxed),
+            "slots": {
+                "used": used,
+                "free": s.free_slots(),
+                "offered": if s.config.layers { s.config.slots } else { 0 },
+            },
+            "circuits_open": s.metrics.circuits_active.get(),
+            "bytes_relayed": s.metrics.bytes_relayed.get(),
+            "peers_connected": s.metrics.peers_connected.get(),
+        })
+    }
+
+    fn slots(&self) -> serde_json::Value {
+        let now = unix_now();
+        let slots = self.state.slots.list_slots().unwrap_or_default();
+        let list: Vec<_> = slots
+            .iter()
+            .map(|m| {
+                serde_json::json!({
+                    "id": hex::encode(m.id),
+                    "parameters": m.param_count,
+                    "version": m.version,
+                    "bytes": m.state_len,
+                    "created": m.lease.created,
+                    "last_used": m.lease.last_used,
+                    "lease_until": m.lease.until,
+                    "lease_secs_left": m.lease.until.saturating_sub(now),
+                    "setup_completed": m.lease.confirmed,
+                    "owner": owner_fingerprint(&m.owner),
+                })
+            })
+            .collect();
+        serde_json::json!({ "slots": list })
+    }
+}
+
+/// A short, stable name for an owner key: tells a volunteer which slots
+/// share an owner, and nothing else.
+pub fn owner_fingerprint(owner: &[u8; 32]) -> String {
+    let h = blake3::derive_key("mixnn owner fingerprint v1", owner);
+    hex::encode(&h[..8])
+}
+
+impl metrics::Pages for NodePages {
+    fn page(&self, path: &str) -> Option<String> {
+        match path {
+            "/health" => Some(self.health().to_string()),
+            "/slots" => Some(self.slots().to_string()),
+            _ => None,
+        }
+    }
+}
+
 /// Frees slots whose lease ended: at the earliest end of a lease, when a
 /// slot's use changes, and at least every 30 seconds.
 async fn lease_sweeper(state: Arc<NodeState>, host: Arc<Host>, cancel: CancellationToken) {

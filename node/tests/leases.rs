@@ -64,6 +64,29 @@ async fn release_frees_every_slot_and_only_the_owner_may() {
     assert_eq!(free_slots(&net), before - 2, "the model holds two slots");
     let map = ModelMap::load(&map_path).expect("map");
 
+    // Each host's /slots lists its slot, with the same owner fingerprint
+    // on both; /health counts it.
+    let mut owners = Vec::new();
+    for n in &net.nodes {
+        let (status, body) = common::http_get(n, "/slots").await;
+        assert!(status.contains("200"), "{status}");
+        let v: serde_json::Value = serde_json::from_str(&body).expect("json");
+        let slots = v["slots"].as_array().expect("a list");
+        let (_, health) = common::http_get(n, "/health").await;
+        let h: serde_json::Value = serde_json::from_str(&health).expect("json");
+        assert_eq!(h["peer_id"], n.peer_id().to_string());
+        assert_eq!(h["slots"]["used"], slots.len());
+        assert_eq!(h["slots"]["free"], 2 - slots.len());
+        for s in slots {
+            assert!(s["parameters"].as_u64().expect("count") > 0);
+            assert!(s["lease_secs_left"].as_u64().expect("lease") > 6 * 24 * 3600);
+            assert_eq!(s["setup_completed"], true);
+            owners.push(s["owner"].as_str().expect("owner").to_string());
+        }
+    }
+    assert_eq!(owners.len(), 2);
+    assert_eq!(owners[0], owners[1], "one owner, one fingerprint");
+
     // Status: every stage answers with the map's parameters and a lease of
     // about a week.
     let now = unix_now();
@@ -132,6 +155,10 @@ async fn release_frees_every_slot_and_only_the_owner_may() {
         metric(&net, "mixnn_slots_freed_total{reason=\"released\"}"),
         2
     );
+    for n in &net.nodes {
+        let (_, body) = common::http_get(n, "/slots").await;
+        assert!(body.contains("\"slots\":[]"), "{body}");
+    }
 
     // Again: already gone; status says so too.
     for op in [OwnerOp::Release, OwnerOp::Status] {

@@ -85,6 +85,7 @@ pub async fn testnet(
             TransportKind::Memory,
         );
         c.slots = slots;
+        c.metrics = Some("127.0.0.1:0".parse().expect("addr"));
         nodes.push(
             RunningNode::start_with_tap(c, CancellationToken::new(), tap.clone())
                 .await
@@ -139,4 +140,21 @@ pub fn job<'a>(
         map_path,
         stop: CancellationToken::new(),
     }
+}
+
+/// `GET path` on a node's metrics port: the response's status line and body.
+pub async fn http_get(node: &RunningNode, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = node.metrics_addr().expect("metrics address");
+    let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    sock.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut text = String::new();
+    sock.read_to_string(&mut text).await.expect("read");
+    let (head, body) = text.split_once("\r\n\r\n").expect("a response");
+    (
+        head.lines().next().unwrap_or("").to_string(),
+        body.to_string(),
+    )
 }
