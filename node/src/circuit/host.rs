@@ -7,16 +7,18 @@
 //! last checkpoint, never from half-applied steps.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use mixnn_model::{DecodeLimits, HostTensor, InputGrad, Slot, SlotWorker};
 use thiserror::Error;
+use tokio::sync::oneshot;
 
 use super::payload::{
     open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, SlotReport,
     StateOp,
 };
+use super::session::{self, Action, Kind, SlotSession, Ticket};
 use crate::metrics::Metrics;
 use crate::store::{unix_now, Lease, SlotId, SlotMeta, SlotStore, StoreError, StoredSlot};
 
@@ -46,33 +48,55 @@ pub struct HostedSlot {
     /// The slot on its own compute thread (it keeps dfdx's tape from a
     /// forward pass to its backward pass).
     pub slot: SlotWorker,
-    /// Training steps whose backward pass has not run yet.
-    pub pending: std::collections::BTreeSet<u64>,
     pub owner: [u8; 32],
     pub version: u64,
     pub lease: Lease,
 }
 
-/// A slot shared by the circuits of one run of a job (one session).
+/// A slot's order of service and the messages waiting their turn.
+struct Order {
+    session: SlotSession,
+    waiting: HashMap<Ticket, oneshot::Sender<Result<(), &'static str>>>,
+}
+
+impl Order {
+    fn apply(&mut self, actions: Vec<Action>) {
+        for a in actions {
+            match a {
+                Action::Wake(t) => {
+                    if let Some(tx) = self.waiting.remove(&t) {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Action::Fail(t, why) => {
+                    if let Some(tx) = self.waiting.remove(&t) {
+                        let _ = tx.send(Err(why));
+                    }
+                }
+                Action::Run | Action::Wait(_) | Action::Refuse(_) => {}
+            }
+        }
+    }
+}
+
+/// A slot shared by the circuits of one run of a job (one session): the
+/// slot itself, and its [`SlotSession`] deciding when each message runs.
 pub struct SlotCell {
     state: Mutex<HostedSlot>,
-    /// Signalled after every backward pass.
-    settled: tokio::sync::Notify,
+    order: Mutex<Order>,
     /// The run whose circuits bound this copy.
     session: [u8; 16],
-    /// Set when a later run took the slot over: this copy then refuses
-    /// every message, so a circuit of a broken run can never touch the
-    /// slot again.
-    retired: AtomicBool,
 }
 
 impl SlotCell {
     fn new(s: HostedSlot, session: [u8; 16]) -> Self {
         Self {
             state: Mutex::new(s),
-            settled: tokio::sync::Notify::new(),
+            order: Mutex::new(Order {
+                session: SlotSession::new(),
+                waiting: HashMap::new(),
+            }),
             session,
-            retired: AtomicBool::new(false),
         }
     }
 
@@ -80,47 +104,64 @@ impl SlotCell {
         lock(&self.state)
     }
 
-    /// Whether a later run took this slot over.
+    /// Whether a later run took this slot over (or its owner released it).
     pub fn is_retired(&self) -> bool {
-        self.retired.load(Ordering::Acquire)
+        lock(&self.order).session.is_retired()
+    }
+
+    /// Retire the copy while its slot lock is held by the caller.
+    fn retire_locked(&self) {
+        let mut o = lock(&self.order);
+        let actions = o.session.retire();
+        o.apply(actions);
     }
 
     fn retire(&self) {
         // Under the slot's lock: a message being processed finishes first,
         // and none starts after.
         let _g = self.lock();
-        self.retired.store(true, Ordering::Release);
+        self.retire_locked();
     }
 
-    fn is_settled(&self) -> bool {
-        match self.state.try_lock() {
-            Ok(g) => g.pending.is_empty(),
-            Err(_) => false,
+    /// Wait for the turn of a message of `kind` (at most `timeout`): a
+    /// forward pass, an evaluation or a checkpoint runs once every training
+    /// step that went forward has come back. The error says why it may not
+    /// run.
+    pub async fn turn(&self, kind: Kind, timeout: Duration) -> Result<(), &'static str> {
+        let deadline = std::time::Instant::now() + timeout;
+        let (ticket, rx) = {
+            let mut o = lock(&self.order);
+            match o.session.arrive(kind, deadline) {
+                Action::Run => return Ok(()),
+                Action::Refuse(why) => return Err(why),
+                Action::Wait(t) => {
+                    let (tx, rx) = oneshot::channel();
+                    o.waiting.insert(t, tx);
+                    (t, rx)
+                }
+                Action::Wake(_) | Action::Fail(..) => return Err(session::RETIRED),
+            }
+        };
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Err(session::RETIRED),
+            Err(_) => {
+                let mut o = lock(&self.order);
+                o.session.cancel(ticket);
+                o.waiting.remove(&ticket);
+                let actions = o.session.tick(std::time::Instant::now());
+                o.apply(actions);
+                Err(session::NEVER_SETTLED)
+            }
         }
     }
 
-    /// Wait until no training step is waiting for its backward pass, so a
-    /// forward pass, an evaluation or a checkpoint sees the parameters after
-    /// every update the client sent before it. False on timeout.
-    pub async fn settled(&self, timeout: std::time::Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            let notified = self.settled.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if self.is_settled() {
-                return true;
-            }
-            if tokio::time::Instant::now() >= deadline {
-                return false;
-            }
-            // The backward pass signals; the short sleep covers a compute
-            // that held the lock when we looked.
-            tokio::select! {
-                _ = &mut notified => {}
-                _ = tokio::time::sleep(std::time::Duration::from_millis(2)) => {}
-            }
-        }
+    /// A message of `kind` finished running; call it before its output
+    /// leaves, so the next step's messages find the slot's order current.
+    pub fn finished(&self, kind: Kind, ok: bool) {
+        let mut o = lock(&self.order);
+        let actions = o.session.finished(kind, ok);
+        o.apply(actions);
     }
 }
 
@@ -323,7 +364,6 @@ impl Host {
             let shared = Arc::new(SlotCell::new(
                 HostedSlot {
                     slot,
-                    pending: Default::default(),
                     owner: stored.owner,
                     version: stored.version,
                     lease: stored.lease,
@@ -370,7 +410,6 @@ impl Host {
             .map_err(|e| HostError::Refused(format!("cannot create the slot: {e}")))?;
         let hosted = HostedSlot {
             slot,
-            pending: Default::default(),
             owner: body.owner,
             version: 0,
             // Short until the job's first message: a setup that never
@@ -477,7 +516,6 @@ impl Host {
                     .slot
                     .forward_owned(step, tensor)
                     .map_err(|e| HostError::Compute(e.to_string()))?;
-                s.pending.insert(step);
                 Ok(JobMsg::Forward { step, tensor: out })
             }
             (JobMsg::Infer { step, tensor }, Direction::Forward) => {
@@ -499,9 +537,6 @@ impl Host {
                     .slot
                     .backward_owned(step, tensor, input_grad)
                     .map_err(|e| HostError::Compute(e.to_string()))?;
-                s.pending.remove(&step);
-                drop(s);
-                shared.settled.notify_waiters();
                 if body.first {
                     Ok(JobMsg::Ack { step })
                 } else {
@@ -532,7 +567,7 @@ impl Host {
                     lease_until: 0,
                 };
                 // Retired under its own lock: no message touches it again.
-                shared.retired.store(true, Ordering::Release);
+                shared.retire_locked();
                 drop(s);
                 self.free(slot_id, shared)?;
                 reports.push(seal_slot_report(&keys.report, &report));
@@ -605,9 +640,7 @@ impl Host {
                         }
                         s.slot = SlotWorker::spawn(slot)
                             .map_err(|e| HostError::Compute(e.to_string()))?;
-                        s.pending.clear();
                         self.checkpoint(slot_id, &mut s)?;
-                        shared.settled.notify_waiters();
                     }
                 }
                 Ok(JobMsg::State { op, step, blob })

@@ -4,6 +4,7 @@
 pub mod host;
 pub mod payload;
 pub mod server;
+pub mod session;
 pub mod wire;
 
 pub use server::CIRCUIT_PROTOCOL;

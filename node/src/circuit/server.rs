@@ -26,9 +26,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::host::{Host, HostError, OwnerKeys, SharedSlot};
 use super::payload::{
-    seal_error, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg, ERROR_KEY,
+    seal_error, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg, StateOp, ERROR_KEY,
     REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
 };
+use super::session::Kind;
 use super::wire::{self, FrameKind, WireError};
 use crate::metrics::Metrics;
 use crate::node::NodeState;
@@ -649,13 +650,18 @@ impl CircuitServer {
             reader.recycle(msg);
             // Everything on the forward ring waits for the backward passes
             // the client sent before it: training equals local training.
-            if !matches!(job, JobMsg::Backward { .. }) && !slot.settled(self.timeouts.idle).await {
-                report(
-                    ErrorCode::Compute,
-                    "the backward pass of an earlier step never came".into(),
-                )
-                .await;
-                return End::Failed("unsettled slot".into());
+            let kind = match &job {
+                JobMsg::Forward { step, .. } => Kind::Forward(*step),
+                JobMsg::Backward { step, .. } => Kind::Backward(*step),
+                JobMsg::State {
+                    op: StateOp::Restore,
+                    ..
+                } => Kind::Restore,
+                _ => Kind::Other,
+            };
+            if let Err(why) = slot.turn(kind, self.timeouts.idle).await {
+                report(ErrorCode::Compute, why.into()).await;
+                return End::Failed(why.into());
             }
             let finish = matches!(
                 job,
@@ -675,6 +681,7 @@ impl CircuitServer {
                 })
                 .await
             };
+            slot.finished(kind, matches!(out, Ok(Ok(_))));
             let out = match out {
                 Ok(Ok(m)) => m,
                 Ok(Err(e)) => {
