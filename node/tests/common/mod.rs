@@ -138,5 +138,6 @@ pub fn job<'a>(
         opts,
         map_path,
         stop: CancellationToken::new(),
+        trained_on: None,
     }
 }
