@@ -43,6 +43,8 @@ fn mixes_zero_is_warned_about_wherever_it_is_accepted() {
             map,
         ],
         vec!["demo", "--mixes", "0", "--volunteers", "1"],
+        vec!["bench", "paper", "--mixes", "0", "--arch", "nonsense"],
+        vec!["bench", "churn", "--mixes", "0", "--arch", "nonsense"],
     ] {
         let out = mixnn(&args);
         // None of these can run here (no bootstrap, no map, too few
