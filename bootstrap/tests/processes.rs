@@ -272,8 +272,21 @@ fn a_layer_host_killed_mid_job_is_replaced_and_the_job_ends_with_the_local_diges
     assert!(local.status.success());
     let local = last_json(&local.stdout);
     assert_eq!(network["params_digest"], local["params_digest"]);
+    // Both print the same loss per epoch (and the last as final_loss).
+    assert_eq!(
+        network["epoch_losses"].as_array().map(Vec::len),
+        Some(6),
+        "{network}"
+    );
+    assert_eq!(network["epoch_losses"], local["epoch_losses"]);
+    assert_eq!(network["final_loss"], local["final_loss"]);
+    assert_eq!(network["final_loss"], network["epoch_losses"][5]);
     let m: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&map).expect("map")).expect("json");
     assert_ne!(m["stages"][1]["host"].as_str(), Some(victim.as_str()));
     assert_eq!(m["complete"], true);
+    // The map says what the model was trained on, for `infer`.
+    assert_eq!(m["trained_on"]["source"], "synthetic");
+    assert_eq!(m["trained_on"]["features"], 784);
+    assert_eq!(m["trained_on"]["classes"], 10);
 }

@@ -41,7 +41,8 @@ pub use slot::{max_state_bytes, InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
 pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
 pub use tensor::{CodecError, DecodeLimits, HostTensor};
 pub use train::{
-    train_local, train_local_model, LocalModel, StepInfo, TrainConfig, TrainReport, EVAL_BATCH,
+    epoch_losses, train_local, train_local_model, LocalModel, StepInfo, TrainConfig, TrainReport,
+    EVAL_BATCH,
 };
 pub use worker::{skip_zero_inputs, InputGrad, SlotWorker};
 

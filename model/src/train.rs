@@ -218,12 +218,30 @@ pub struct StepInfo {
     pub examples_total: u64,
 }
 
+/// The mean of each epoch's batch losses, given every step's loss in
+/// order and `steps_per_epoch` steps an epoch (a last, partial epoch has
+/// its own mean). Summed in `f64`, in step order, so local and network
+/// runs of one job give the same values.
+pub fn epoch_losses(losses: &[f32], steps_per_epoch: usize) -> Vec<f32> {
+    losses
+        .chunks(steps_per_epoch.max(1))
+        .map(|epoch| {
+            let sum: f64 = epoch.iter().map(|&l| f64::from(l)).sum();
+            (sum / epoch.len() as f64) as f32
+        })
+        .collect()
+}
+
 /// Summary of a [`train_local`] run.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TrainReport {
     pub steps: u64,
+    /// The mean batch loss of the last epoch.
     pub final_loss: f32,
+    /// Each step's batch loss.
     pub losses: Vec<f32>,
+    /// The mean batch loss of each epoch ([`epoch_losses`]).
+    pub epoch_losses: Vec<f32>,
     pub test_accuracy: f32,
     pub seconds: f64,
     pub params_digest_hex: String,
@@ -304,13 +322,56 @@ pub fn train_local_model(
         }
     }
     let test_accuracy = model.evaluate(&data.test, EVAL_BATCH);
+    let epoch_losses = epoch_losses(&losses, train.num_batches(cfg.batch));
     let report = TrainReport {
         steps: model.steps(),
-        final_loss: losses.last().copied().unwrap_or(f32::NAN),
+        final_loss: epoch_losses.last().copied().unwrap_or(f32::NAN),
         losses,
+        epoch_losses,
         test_accuracy,
         seconds: started.elapsed().as_secs_f64(),
         params_digest_hex: to_hex(&model.params_digest()),
     };
     Ok((report, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn epoch_losses_are_per_epoch_means() {
+        let losses = [1.0, 3.0, 2.0, 4.0, 0.5];
+        assert_eq!(epoch_losses(&losses, 2), vec![2.0, 3.0, 0.5]);
+        assert_eq!(epoch_losses(&losses, 5), vec![2.1]);
+        assert!(epoch_losses(&[], 3).is_empty());
+        // A zero step count is taken as one step an epoch, never a panic.
+        assert_eq!(epoch_losses(&[1.0, 2.0], 0), vec![1.0, 2.0]);
+    }
+
+    #[test]
+    fn the_report_gives_each_epochs_mean_and_the_last_as_final_loss() {
+        let data = crate::synthetic(3, 96, 32);
+        let cfg = TrainConfig {
+            arch: Arch::parse("mlp:784-16-10").expect("arch"),
+            epochs: 3,
+            batch: 32,
+            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            seed: 1,
+            limit: None,
+        };
+        let r = train_local(&cfg, &data, &mut |_| {}).expect("train");
+        assert_eq!(r.losses.len(), 9);
+        assert_eq!(r.epoch_losses.len(), 3);
+        for (e, mean) in r.epoch_losses.iter().enumerate() {
+            let want = r.losses[e * 3..e * 3 + 3]
+                .iter()
+                .map(|&l| f64::from(l))
+                .sum::<f64>()
+                / 3.0;
+            assert_eq!(*mean, want as f32, "epoch {e}");
+        }
+        assert_eq!(r.final_loss, r.epoch_losses[2]);
+        assert_ne!(r.final_loss, *r.losses.last().expect("a step"));
+    }
 }

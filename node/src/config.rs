@@ -7,13 +7,14 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use libp2p::Multiaddr;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::network::{split_peer_addr, NetworkConfig, TransportKind};
 
-/// The TOML file; every field optional.
-#[derive(Clone, Debug, Default, Deserialize)]
+/// The TOML file; every field optional. Each key has a line in
+/// [`FileConfig::template`] (`mixnn node --init-config`).
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
@@ -33,6 +34,83 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
+    /// A commented TOML file with every key and its value in `c` (the
+    /// defaults of `mixnn node`, for `--init-config`). Keys that have no
+    /// default (`data_dir`, `metrics`) are there commented out.
+    pub fn template(c: &NodeConfig) -> String {
+        let list = |v: &[Multiaddr]| {
+            let items: Vec<String> = v.iter().map(|a| format!("{:?}", a.to_string())).collect();
+            format!("[{}]", items.join(", "))
+        };
+        let data_dir = format!("{:?}", c.data_dir.display().to_string());
+        let metrics = c.metrics.map_or_else(
+            || "# metrics = \"127.0.0.1:9100\"".to_string(),
+            |m| format!("metrics = \"{m}\""),
+        );
+        format!(
+            "# mixnn node configuration (`mixnn node --config FILE`).\n\
+             # MIXNN_* environment variables override these values, and flags override those.\n\
+             # Every key is optional; the values below are the defaults.\n\
+             \n\
+             # Where the node keeps its identity, onion keys and slots (sled). Required, here\n\
+             # or as --data-dir / MIXNN_DATA_DIR. One directory per node.\n\
+             # data_dir = {data_dir}\n\
+             \n\
+             # Addresses to listen on. Each node on a machine needs its own port\n\
+             # (tcp/0 picks a free one, but then peers cannot be told the address in advance).\n\
+             listen = {listen}\n\
+             \n\
+             # Bootstrap peers, each ending in /p2p/<peer id> (mixnn-bootstrap prints it).\n\
+             bootstrap = {bootstrap}\n\
+             \n\
+             # Layer slots offered to clients (0 only with layers = false).\n\
+             slots = {slots}\n\
+             \n\
+             # Largest layer, in parameters, that one slot accepts.\n\
+             max_params = {max_params}\n\
+             \n\
+             # Relay cells of other peers' circuits as a mix (--mix).\n\
+             mix = {mix}\n\
+             \n\
+             # Hold layer slots (false: a pure mix, --no-layers).\n\
+             layers = {layers}\n\
+             \n\
+             # Serve Prometheus metrics on this address (off unless set).\n\
+             {metrics}\n\
+             \n\
+             # Onion keys rotate every epoch; the previous key stays valid one more.\n\
+             epoch_secs = {epoch_secs}\n\
+             \n\
+             # How often the descriptor and provider records are published again.\n\
+             republish_secs = {republish_secs}\n\
+             \n\
+             # How long a published descriptor stays valid; more than republish_secs.\n\
+             descriptor_ttl_secs = {descriptor_ttl_secs}\n\
+             \n\
+             # Circuits served at once, in total.\n\
+             max_circuits = {max_circuits}\n\
+             \n\
+             # Silence on a circuit, in seconds, before the node tears it down.\n\
+             circuit_idle_secs = {circuit_idle_secs}\n\
+             \n\
+             # Longest slot lease this node grants, in seconds (owners ask with\n\
+             # `mixnn train --lease`, `mixnn renew`); a slot is freed when its lease ends.\n\
+             max_lease_secs = {max_lease_secs}\n",
+            listen = list(&c.listen),
+            bootstrap = list(&c.bootstrap),
+            slots = c.slots,
+            max_params = c.max_params,
+            mix = c.mix,
+            layers = c.layers,
+            epoch_secs = c.epoch_secs,
+            republish_secs = c.republish_secs,
+            descriptor_ttl_secs = c.descriptor_ttl_secs,
+            max_circuits = c.max_circuits,
+            circuit_idle_secs = c.circuit_idle_secs,
+            max_lease_secs = c.max_lease_secs,
+        )
+    }
+
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
             path: path.to_path_buf(),
@@ -219,6 +297,55 @@ pub fn parse_addrs(what: &'static str, values: &[String]) -> Result<Vec<Multiadd
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The template with its commented-out keys (`# key = value`) switched on.
+    fn every_key(template: &str) -> String {
+        template
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest)
+                    if rest.split_once(" = ").is_some_and(|(k, _)| {
+                        !k.is_empty() && k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                    }) =>
+                {
+                    rest
+                }
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    #[test]
+    fn the_template_has_a_line_for_every_key() {
+        let defaults = NodeConfig::new("/var/lib/mixnn".into());
+        let text = FileConfig::template(&defaults);
+        // As written it parses (unknown keys are refused).
+        let file: FileConfig = toml::from_str(&text).expect("template parses");
+        assert_eq!(file.slots, Some(defaults.slots));
+        assert_eq!(file.max_lease_secs, Some(2_592_000));
+        assert_eq!(
+            file.data_dir, None,
+            "data_dir has no default: commented out"
+        );
+        // With its commented keys switched on, every field of FileConfig
+        // has a value: a key added to the struct without a template line
+        // fails here.
+        let all: FileConfig = toml::from_str(&every_key(&text)).expect("all keys parse");
+        let json = serde_json::to_value(&all).expect("json");
+        let fields = json.as_object().expect("an object");
+        let missing: Vec<&String> = fields
+            .iter()
+            .filter(|(_, v)| v.is_null())
+            .map(|(k, _)| k)
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "keys without a template line: {missing:?}"
+        );
+        assert_eq!(all.data_dir, Some(PathBuf::from("/var/lib/mixnn")));
+        assert_eq!(all.metrics, Some("127.0.0.1:9100".parse().expect("addr")));
+    }
 
     #[test]
     fn file_config_parses_and_refuses_unknown_keys() {

@@ -3,12 +3,15 @@
 use tokio_util::sync::CancellationToken;
 
 /// Log to stderr through `tracing`; `RUST_LOG` picks the level, else
-/// `default` (such as `warn,mixnn_node=info`).
+/// `default` (such as `warn,mixnn_node=info`). Colours only on a terminal:
+/// logs piped to a file or collected by `docker logs` stay plain text.
 pub fn init_tracing(default: &str) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();

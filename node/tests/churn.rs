@@ -403,6 +403,10 @@ async fn a_stopped_job_and_a_finished_job_given_more_epochs_resume_exactly() {
     assert_eq!(r2.steps, 20);
     assert_eq!(r2.params_digest, reference_two.params_digest_hex);
     assert_eq!(r2.losses, reference_two.losses);
+    // Epoch losses of a resumed job cover the steps before the resume too.
+    assert_eq!(r2.epoch_losses.len(), 2);
+    assert_eq!(r2.epoch_losses, reference_two.epoch_losses);
+    assert_eq!(r2.final_loss, reference_two.final_loss);
 
     // Another job's data is refused.
     let other = data.train.clone().limit(320);

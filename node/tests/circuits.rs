@@ -45,6 +45,12 @@ async fn network_training_equals_local_training_and_inference_matches() {
     assert_eq!(report.steps, local.steps);
     assert_eq!(report.losses, local.losses, "loss per step differs");
     assert_eq!(
+        report.epoch_losses, local.epoch_losses,
+        "loss per epoch differs"
+    );
+    assert_eq!(report.final_loss, local.final_loss);
+    assert_eq!(report.epoch_losses.len(), 1);
+    assert_eq!(
         report.params_digest, local.params_digest_hex,
         "params digest differs"
     );
@@ -116,6 +122,7 @@ async fn keep_ends_training_equals_local_training() {
     .await
     .expect("network training");
     assert_eq!(report.losses, local.losses);
+    assert_eq!(report.epoch_losses, local.epoch_losses);
     assert_eq!(report.params_digest, local.params_digest_hex);
     let map = ModelMap::load(&map_path).expect("map");
     let inferred = infer_network(client, vols, &map, &data.test, &opts)

@@ -147,6 +147,7 @@ pub async fn run_churn(
             opts: &opts,
             map_path: &steady_map,
             stop: cancel.child_token(),
+            trained_on: None,
         },
         &mut |e| {
             if let JobEvent::Step(s) = e {
@@ -181,6 +182,7 @@ pub async fn run_churn(
                 opts: &opts,
                 map_path: &churn_map,
                 stop: cancel.child_token(),
+                trained_on: None,
             },
             &mut on_event,
         );

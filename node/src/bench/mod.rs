@@ -172,6 +172,7 @@ pub async fn run_paper(
             opts: &opts,
             map_path: &map_path,
             stop: cancel.child_token(),
+            trained_on: None,
         },
         &mut |e| {
             if let JobEvent::Step(s) = e {

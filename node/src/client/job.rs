@@ -33,7 +33,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::checkpoint::{self, Checkpoint};
 use super::machine::{Action, Event, Schedule, TrainMachine};
-use super::model_map::{DataFingerprint, JobRecord, MapError, ModelMap, StageEntry, FORMAT};
+use super::model_map::{
+    DataFingerprint, JobRecord, MapError, ModelMap, StageEntry, TrainingData, FORMAT,
+};
 use super::plan::{self, Layout, StageHost};
 use super::ring::{Ring, RingError, RingHop};
 use super::route::{choose_mixes, choose_route_keeping, Candidate, RouteError};
@@ -132,6 +134,8 @@ pub struct TrainJob<'a> {
     /// Cancelled when the user asks to stop: the job finishes its step,
     /// checkpoints and returns [`JobError::Interrupted`].
     pub stop: CancellationToken,
+    /// Where the data came from, recorded in the map for `infer`.
+    pub trained_on: Option<TrainingData>,
 }
 
 /// What a job tells its caller while it runs.
@@ -177,15 +181,23 @@ pub struct Breakdown {
 #[derive(Clone, Debug, Serialize)]
 pub struct NetworkReport {
     pub steps: u64,
+    /// The mean batch loss of the last epoch.
     pub final_loss: f32,
+    /// Each step's batch loss.
     #[serde(skip)]
     pub losses: Vec<f32>,
+    /// The mean batch loss of each epoch, as local training computes it.
+    pub epoch_losses: Vec<f32>,
     pub test_accuracy: f32,
     pub seconds: f64,
     pub params_digest: String,
     pub breakdown: Breakdown,
     /// Peers used, for the user: one line per hop of the last forward ring.
     pub route: Vec<String>,
+    /// The hops of the last run's rings, in ring order (the client at both
+    /// ends is left out).
+    #[serde(skip)]
+    pub rings: RingRoutes,
     /// New runs after failed hops.
     pub failovers: u32,
     /// Steps done again after failovers.
@@ -197,6 +209,41 @@ pub struct NetworkReport {
     pub checkpoint_every: u64,
     /// The step this run started from (0, or a resumed checkpoint).
     pub started_at_step: u64,
+}
+
+/// One hop of a ring, as the client chose it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteHop {
+    pub peer: PeerId,
+    /// The stage this hop runs, or `None` for a mix.
+    pub stage: Option<usize>,
+}
+
+/// The hops of a training run's two rings.
+#[derive(Clone, Debug, Default)]
+pub struct RingRoutes {
+    pub forward: Vec<RouteHop>,
+    pub backward: Vec<RouteHop>,
+}
+
+fn route_hops(hops: &[RingHop], hosts: &[StageHost]) -> Vec<RouteHop> {
+    use crate::circuit::payload::HopRole;
+    hops.iter()
+        .filter_map(|h| match &h.role {
+            HopRole::Mix => Some(RouteHop {
+                peer: h.peer,
+                stage: None,
+            }),
+            HopRole::Host(_) => Some(RouteHop {
+                peer: h.peer,
+                stage: hosts
+                    .iter()
+                    .find(|s| s.host.peer == h.peer)
+                    .map(|s| s.stage),
+            }),
+            HopRole::End { .. } => None,
+        })
+        .collect()
 }
 
 /// The outcome of an inference job.
@@ -539,6 +586,7 @@ pub async fn train_network_from(
             data: DataFingerprint::of(job.train),
             checkpoint_step: 0,
         }),
+        trained_on: job.trained_on.clone(),
     };
     ckpt.save(&checkpoint::path_for(job.map_path))?;
     map.save(job.map_path)?;
@@ -609,6 +657,9 @@ pub async fn resume_network(
     placement.resize(remote.len(), None);
     map.params_digest = to_hex(&digest);
     map.complete = false;
+    if map.trained_on.is_none() {
+        map.trained_on = job.trained_on.clone();
+    }
     if let Some(j) = map.job.as_mut() {
         j.epochs = cfg.epochs;
         j.mixes = job.opts.mixes;
@@ -686,6 +737,7 @@ struct Rings {
     windows: Vec<StateWindow>,
     state_total: usize,
     route: Vec<String>,
+    hops: RingRoutes,
 }
 
 /// The training split's batches in the order training takes them.
@@ -1122,6 +1174,10 @@ impl<'a> Driver<'a> {
         let (limits, max_message) = self.limits;
         let max_message = max_message.max(planned.state_total + 64 * 1024);
         let (network, listener) = (self.client.network(), self.client.listener());
+        let hops = RingRoutes {
+            forward: route_hops(&planned.forward, &self.current),
+            backward: route_hops(&planned.backward, &self.current),
+        };
         let all_hops: Vec<RingHop> = planned
             .forward
             .iter()
@@ -1164,6 +1220,7 @@ impl<'a> Driver<'a> {
             windows: planned.windows,
             state_total: planned.state_total,
             route: route_lines,
+            hops,
         });
         if let Some(step) = restore {
             self.restore(step).await?;
@@ -1549,6 +1606,7 @@ impl<'a> Driver<'a> {
             }
         }
         let route = rings.route.clone();
+        let ring_routes = rings.hops.clone();
         let rings = self.rings.as_ref().ok_or_else(no_rings)?;
         let b = &mut self.b;
         let (fwd, bwd) = (&rings.fwd, &rings.bwd);
@@ -1561,15 +1619,18 @@ impl<'a> Driver<'a> {
         self.map.params_digest = to_hex(&model_digest(&digests));
         self.write_map(Some(&reports))?;
         self.teardown().await;
+        let epoch_losses = mixnn_model::epoch_losses(&self.losses, self.batches.per_epoch as usize);
         Ok(NetworkReport {
             steps: self.ckpt.step,
-            final_loss: self.losses.last().copied().unwrap_or(f32::NAN),
+            final_loss: epoch_losses.last().copied().unwrap_or(f32::NAN),
             losses: std::mem::take(&mut self.losses),
+            epoch_losses,
             test_accuracy: self.test_accuracy.unwrap_or(f32::NAN),
             seconds: started.elapsed().as_secs_f64(),
             params_digest: to_hex(&model_digest(&digests)),
             breakdown: self.b.clone(),
             route,
+            rings: ring_routes,
             failovers: m.failovers().len() as u32,
             replayed_steps: m.replayed_steps(),
             recovery_seconds: m

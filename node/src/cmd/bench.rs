@@ -136,6 +136,7 @@ fn environment() -> String {
 }
 
 fn churn(a: ChurnArgs) -> anyhow::Result<()> {
+    super::network::warn_if_no_mixes(a.model.mixes);
     let train = a.model.config()?;
     let data = mixnn_node::dataset::load(&a.model.data)?;
     let cfg = ChurnConfig {
@@ -167,6 +168,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Paper(a) => a,
         Which::Churn(a) => return churn(a),
     };
+    super::network::warn_if_no_mixes(a.model.mixes);
     let train = a.model.config()?;
     let data = mixnn_node::dataset::load(&a.model.data)?;
     let environment = environment();

@@ -7,6 +7,7 @@ use anyhow::Context;
 use clap::Args;
 use libp2p::Multiaddr;
 use mixnn_model::{Dataset, TrainConfig};
+use mixnn_node::client::model_map::{DataCheck, TrainingData};
 use mixnn_node::client::{
     infer_network, resume_config, resume_network, train_network_from, Client, JobError, JobOptions,
     ModelMap, NetworkReport, TrainJob,
@@ -21,6 +22,19 @@ use super::train::{on_event, progress, TrainArgs};
 /// Volunteers a job over `stages` remote stages with `mixes` per segment needs.
 pub fn volunteers_needed(stages: usize, mixes: usize) -> usize {
     stages + (stages + 1) * mixes
+}
+
+/// The warning `--mixes 0` gets: it takes the mixes out of the rings.
+pub const NO_MIXES_WARNING: &str = "warning: --mixes 0 removes the mixes: every layer host \
+then talks to its neighbours directly and sees their peer ids (the next and previous \
+layer hosts, and the client's own for the first and last), so a host can tell who holds \
+the layers next to its own";
+
+/// Print [`NO_MIXES_WARNING`] on stderr when `mixes` is 0.
+pub fn warn_if_no_mixes(mixes: usize) {
+    if mixes == 0 {
+        eprintln!("{NO_MIXES_WARNING}");
+    }
 }
 
 pub fn bootstrap_addrs(values: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
@@ -46,8 +60,13 @@ pub async fn join_and_discover(
 
 pub fn print_network_summary(cfg: &TrainConfig, r: &NetworkReport, map: &std::path::Path) {
     eprintln!(
-        "trained {} through the network: {} steps, final loss {:.4}, test accuracy {:.4}, {:.2} s, params digest {}",
-        cfg.arch, r.steps, r.final_loss, r.test_accuracy, r.seconds, r.params_digest
+        "trained {} through the network: {} steps, loss per epoch {}, test accuracy {:.4}, {:.2} s, params digest {}",
+        cfg.arch,
+        r.steps,
+        super::train::format_losses(&r.epoch_losses),
+        r.test_accuracy,
+        r.seconds,
+        r.params_digest
     );
     eprintln!(
         "model map written to {} (keep it private: it alone can drive the slots)",
@@ -138,6 +157,7 @@ fn report_training(
                 "arch": cfg.arch.to_string(),
                 "test_accuracy": report.test_accuracy,
                 "final_loss": report.final_loss,
+                "epoch_losses": report.epoch_losses,
                 "steps": report.steps,
                 "seconds": report.seconds,
                 "params_digest": report.params_digest,
@@ -163,6 +183,7 @@ pub fn train(
     data: Dataset,
     init: Option<Vec<Vec<u8>>>,
 ) -> anyhow::Result<()> {
+    warn_if_no_mixes(args.mixes);
     // Checked before anything else.
     bootstrap_addrs(&args.bootstrap)?;
     if args.model_map.exists() && !args.force {
@@ -223,7 +244,7 @@ fn run_training(
             volunteers.len()
         );
         let bar = progress(cfg.epochs as u64 * train.len() as u64, "network");
-        let mut events = on_event(&bar);
+        let mut events = on_event(&bar, cfg.epochs);
         let client = Client::new(network)?;
         let job = TrainJob {
             cfg,
@@ -232,6 +253,7 @@ fn run_training(
             opts: &opts,
             map_path: &args.model_map,
             stop: stop_on_ctrl_c(),
+            trained_on: Some(TrainingData::of(&args.model.data, data)),
         };
         let report = match start {
             Start::Fresh(init) => {
@@ -245,6 +267,7 @@ fn run_training(
 }
 
 pub fn resume(args: &TrainArgs) -> anyhow::Result<()> {
+    warn_if_no_mixes(args.mixes);
     let map = ModelMap::load(&args.model_map)?;
     let cfg = resume_config(&map, args.model.epochs)?;
     let record = map
@@ -286,9 +309,10 @@ pub struct InferArgs {
     /// The model map `mixnn train` wrote.
     #[arg(long, default_value = "model.json")]
     model_map: PathBuf,
-    /// `synthetic` or a directory with the MNIST IDX files; the test split is used.
-    #[arg(long, default_value = "synthetic")]
-    data: String,
+    /// `synthetic` or a directory with the MNIST IDX files; the test split is used
+    /// [default: the data the model was trained on, as its model map records].
+    #[arg(long)]
+    data: Option<String>,
     /// Mixes between adjacent layer hosts.
     #[arg(long, default_value_t = 1)]
     mixes: usize,
@@ -300,9 +324,39 @@ pub struct InferArgs {
     json: bool,
 }
 
+/// The data `infer` scores: `--data`, else what the map says the model was
+/// trained on. Refused when it does not fit the model; a warning when it is
+/// not the model's own.
+pub fn infer_data(map: &ModelMap, data: Option<&str>) -> anyhow::Result<(String, Dataset)> {
+    let spec = match (data, &map.trained_on) {
+        (Some(d), _) => d.to_string(),
+        (None, Some(t)) => t.source.clone(),
+        (None, None) => anyhow::bail!(
+            "the model map does not record what its model was trained on (an older mixnn wrote it); \
+             pass --data synthetic or --data DIR (the MNIST directory) to say which test set to score"
+        ),
+    };
+    let dataset = mixnn_node::dataset::load(&spec).with_context(|| match data {
+        Some(_) => format!("--data {spec}"),
+        None => format!(
+            "the data the model was trained on ({spec}, as the model map records); pass --data to score another test set"
+        ),
+    })?;
+    match map.check_data(&spec, &dataset) {
+        Err(reason) => anyhow::bail!(reason),
+        Ok(DataCheck::Other(reason)) => eprintln!("warning: {reason}"),
+        Ok(DataCheck::Same) => {}
+    }
+    if data.is_none() {
+        eprintln!("scoring the test split of {spec}, the data the model was trained on");
+    }
+    Ok((spec, dataset))
+}
+
 pub fn infer(args: InferArgs) -> anyhow::Result<()> {
+    warn_if_no_mixes(args.mixes);
     let map = ModelMap::load(&args.model_map)?;
-    let data = mixnn_node::dataset::load(&args.data)?;
+    let (spec, data) = infer_data(&map, args.data.as_deref())?;
     let opts = JobOptions {
         mixes: args.mixes,
         step_timeout: Duration::from_secs(args.step_timeout),
@@ -315,11 +369,13 @@ pub fn infer(args: InferArgs) -> anyhow::Result<()> {
             join_for_map(&args.bootstrap, &map, args.mixes, cancel.child_token()).await?;
         let report = infer_network(&client, &volunteers, &map, &data.test, &opts).await?;
         eprintln!(
-            "inference through the network: test accuracy {:.4} on {} examples, {:.2} s",
+            "inference through the network: test accuracy {:.4} on {} examples of {spec}, {:.2} s",
             report.test_accuracy, report.examples, report.seconds
         );
         if args.json {
-            println!("{}", serde_json::to_string(&report)?);
+            let mut out = serde_json::to_value(&report)?;
+            out["data"] = serde_json::Value::String(spec);
+            println!("{out}");
         }
         Ok(())
     })

@@ -1,7 +1,8 @@
 //! `mixnn node`
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
@@ -14,6 +15,12 @@ pub struct NodeArgs {
     /// TOML config file; flags and MIXNN_* variables override its values.
     #[arg(long, env = "MIXNN_CONFIG")]
     config: Option<PathBuf>,
+    /// Write a commented config file with every key and its default to FILE, and exit.
+    #[arg(long, value_name = "FILE")]
+    init_config: Option<PathBuf>,
+    /// With --init-config: overwrite FILE if it exists.
+    #[arg(long, requires = "init_config")]
+    force: bool,
     /// Where the node keeps its identity, onion keys and slots (sled).
     #[arg(long, env = "MIXNN_DATA_DIR")]
     data_dir: Option<PathBuf>,
@@ -51,6 +58,44 @@ pub struct NodeArgs {
     descriptor_ttl_secs: Option<u64>,
 }
 
+/// Where `--init-config` suggests keeping the node's data.
+const EXAMPLE_DATA_DIR: &str = "./mixnn-data";
+
+/// The defaults of `mixnn node` for a node keeping its data in `data_dir`:
+/// a layer host, not a mix unless asked (`--mix`).
+pub fn node_defaults(data_dir: PathBuf) -> NodeConfig {
+    let mut c = NodeConfig::new(data_dir);
+    c.mix = false;
+    c
+}
+
+/// Write the commented config template to `path` (`--init-config`).
+fn init_config(path: &Path, force: bool) -> anyhow::Result<()> {
+    let text = FileConfig::template(&node_defaults(PathBuf::from(EXAMPLE_DATA_DIR)));
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true);
+    if force {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = match options.open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            anyhow::bail!("{} exists; pass --force to overwrite it", path.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("cannot create {}", path.display())),
+    };
+    file.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote {}: every key with its default; start the node with `mixnn node --config {} --data-dir DIR`",
+        path.display(),
+        path.display()
+    );
+    Ok(())
+}
+
 impl NodeArgs {
     /// Defaults, then the file, then environment and flags.
     pub fn resolve(self) -> anyhow::Result<NodeConfig> {
@@ -62,7 +107,7 @@ impl NodeArgs {
             .data_dir
             .or(file.data_dir)
             .context("no data directory: pass --data-dir DIR (or set MIXNN_DATA_DIR or data_dir in the config file)")?;
-        let mut c = NodeConfig::new(data_dir);
+        let mut c = node_defaults(data_dir);
         let listen = if self.listen.is_empty() {
             file.listen
         } else {
@@ -79,8 +124,8 @@ impl NodeArgs {
         if let Some(b) = bootstrap {
             c.bootstrap = parse_addrs("bootstrap address", &b)?;
         }
-        c.mix = self.mix || file.mix.unwrap_or(false);
-        c.layers = !self.no_layers && file.layers.unwrap_or(true);
+        c.mix = self.mix || file.mix.unwrap_or(c.mix);
+        c.layers = !self.no_layers && file.layers.unwrap_or(c.layers);
         if let Some(v) = self.slots.or(file.slots) {
             c.slots = v;
         }
@@ -103,11 +148,11 @@ impl NodeArgs {
         if let Some(v) = file.max_circuits {
             c.max_circuits = v;
         }
-        if let Some(v) = file.max_lease_secs {
-            c.max_lease_secs = v;
-        }
         if let Some(v) = file.circuit_idle_secs {
             c.circuit_idle_secs = v;
+        }
+        if let Some(v) = file.max_lease_secs {
+            c.max_lease_secs = v;
         }
         c.validate()?;
         Ok(c)
@@ -115,6 +160,9 @@ impl NodeArgs {
 }
 
 pub fn run(args: NodeArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.init_config {
+        return init_config(path, args.force);
+    }
     let config = args.resolve()?;
     super::runtime()?.block_on(async move {
         // The signal asks for a stop; the node's own token stays live until
@@ -132,4 +180,62 @@ pub fn run(args: NodeArgs) -> anyhow::Result<()> {
         node.shutdown().await?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        node: NodeArgs,
+    }
+
+    fn resolve(args: &[&str]) -> NodeConfig {
+        let mut argv = vec!["node"];
+        argv.extend_from_slice(args);
+        Cli::try_parse_from(argv)
+            .expect("arguments parse")
+            .node
+            .resolve()
+            .expect("config resolves")
+    }
+
+    #[test]
+    fn the_written_config_holds_the_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        init_config(&path, false).expect("written");
+        let text = std::fs::read_to_string(&path).expect("read");
+        let file: FileConfig = toml::from_str(&text).expect("the template parses");
+        assert_eq!(file.data_dir, None);
+        let p = path.to_str().expect("utf-8 path");
+        let from_file = resolve(&["--config", p, "--data-dir", "/tmp/node"]);
+        let defaults = resolve(&["--data-dir", "/tmp/node"]);
+        assert_eq!(format!("{from_file:?}"), format!("{defaults:?}"));
+        assert_eq!(from_file.max_lease_secs, 2_592_000);
+        assert!(!from_file.mix && from_file.layers);
+        // Not twice, unless --force.
+        let err = init_config(&path, false).expect_err("exists");
+        assert!(err.to_string().contains("--force"), "{err}");
+        std::fs::write(&path, "slots = 9\n").expect("write");
+        init_config(&path, true).expect("forced");
+        assert_eq!(std::fs::read_to_string(&path).expect("read"), text);
+    }
+
+    #[test]
+    fn file_values_reach_the_config() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "max_lease_secs = 60\nmix = true\nslots = 2\n").expect("write");
+        let c = resolve(&[
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--data-dir",
+            "/tmp/n",
+        ]);
+        assert_eq!((c.max_lease_secs, c.mix, c.slots), (60, true, 2));
+    }
 }

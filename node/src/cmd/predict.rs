@@ -60,6 +60,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<()> {
 }
 
 fn network(args: &PredictArgs, map_path: &std::path::Path) -> anyhow::Result<Vec<Prediction>> {
+    super::network::warn_if_no_mixes(args.mixes);
     let map = ModelMap::load(map_path)?;
     let arch = Arch::parse(&map.arch).context("the model map's architecture")?;
     let inputs = mixnn_node::input::load(&args.input, arch.input_dim())?;

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
+use indicatif::{ProgressBar, ProgressState, ProgressStyle};
 use mixnn_model::{
     to_hex, train_local_model, Arch, ModelParams, OptimizerSpec, StepInfo, TrainConfig,
 };
@@ -112,20 +112,39 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-/// A progress bar over examples, on stderr (hidden when it is not a terminal).
+/// A progress bar over examples, on stderr (hidden when it is not a
+/// terminal): the epoch (once [`on_step`] knows it), examples done, examples
+/// per second, the time left and the latest loss.
 pub fn progress(total: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(total);
     let style = ProgressStyle::with_template(&format!(
-        "{what} [{{bar:30}}] {{pos}}/{{len}} examples  {{per_sec}}  {{msg}}"
+        "{what} {{prefix}} [{{bar:30}}] {{pos}}/{{len}} examples  {{rate}}  ETA {{eta}}  {{msg}}"
     ))
+    .map(|s| s.with_key("rate", rate))
     .unwrap_or_else(|_| ProgressStyle::default_bar());
     bar.set_style(style.progress_chars("=> "));
     bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
 
-pub fn on_step(bar: &ProgressBar) -> impl FnMut(StepInfo) + '_ {
+/// Examples per second, rounded: `1234 ex/s`.
+fn rate(state: &ProgressState, w: &mut dyn std::fmt::Write) {
+    let _ = write!(w, "{} ex/s", state.per_sec().round() as u64);
+}
+
+/// The bar's epoch label, `epoch 2/5`.
+pub fn epoch_label(epoch: u32, epochs: u32) -> String {
+    format!("epoch {}/{}", epoch + 1, epochs.max(epoch + 1))
+}
+
+/// Moves the bar after each step of a job of `epochs` epochs.
+pub fn on_step(bar: &ProgressBar, epochs: u32) -> impl FnMut(StepInfo) + '_ {
+    let mut shown = None;
     move |s: StepInfo| {
+        if shown != Some(s.epoch) {
+            shown = Some(s.epoch);
+            bar.set_prefix(epoch_label(s.epoch, epochs));
+        }
         bar.set_position(s.examples_done);
         if s.step % 10 == 1 {
             bar.set_message(format!("loss {:.4}", s.loss));
@@ -135,8 +154,8 @@ pub fn on_step(bar: &ProgressBar) -> impl FnMut(StepInfo) + '_ {
 
 /// Progress of a network job: steps move the bar, failovers and
 /// checkpoints print a line above it.
-pub fn on_event(bar: &ProgressBar) -> impl FnMut(JobEvent) + Send + '_ {
-    let mut step = on_step(bar);
+pub fn on_event(bar: &ProgressBar, epochs: u32) -> impl FnMut(JobEvent) + Send + '_ {
+    let mut step = on_step(bar, epochs);
     move |e: JobEvent| match e {
         JobEvent::Step(s) => step(s),
         JobEvent::Failover {
@@ -150,6 +169,26 @@ pub fn on_event(bar: &ProgressBar) -> impl FnMut(JobEvent) + Send + '_ {
             "running again from step {step} after {seconds:.1} s"
         )),
         JobEvent::Checkpoint { .. } => {}
+    }
+}
+
+/// Losses rounded for people: `0.4321, 0.2107`; of a long run, the first
+/// and last few.
+pub fn format_losses(losses: &[f32]) -> String {
+    let show = |ls: &[f32]| {
+        ls.iter()
+            .map(|l| format!("{l:.4}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    if losses.len() <= 8 {
+        show(losses)
+    } else {
+        format!(
+            "{}, ..., {}",
+            show(&losses[..3]),
+            show(&losses[losses.len() - 3..])
+        )
     }
 }
 
@@ -188,7 +227,8 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         .limit
         .map_or(data.train.len(), |l| l.min(data.train.len()));
     let bar = progress(cfg.epochs as u64 * train_len as u64, "local");
-    let (report, model) = train_local_model(&cfg, &data, init.as_deref(), &mut on_step(&bar))?;
+    let (report, model) =
+        train_local_model(&cfg, &data, init.as_deref(), &mut on_step(&bar, cfg.epochs))?;
     bar.finish_and_clear();
     if let Some(path) = &args.save {
         ModelParams::from_model(&model)
@@ -197,8 +237,13 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
         eprintln!("model written to {}", path.display());
     }
     eprintln!(
-        "trained {} locally: {} steps, final loss {:.4}, test accuracy {:.4}, {:.2} s, params digest {}",
-        cfg.arch, report.steps, report.final_loss, report.test_accuracy, report.seconds, report.params_digest_hex
+        "trained {} locally: {} steps, loss per epoch {}, test accuracy {:.4}, {:.2} s, params digest {}",
+        cfg.arch,
+        report.steps,
+        format_losses(&report.epoch_losses),
+        report.test_accuracy,
+        report.seconds,
+        report.params_digest_hex
     );
     if args.json {
         println!(
@@ -208,6 +253,7 @@ pub fn run(args: TrainArgs) -> anyhow::Result<()> {
                 "arch": cfg.arch.to_string(),
                 "test_accuracy": report.test_accuracy,
                 "final_loss": report.final_loss,
+                "epoch_losses": report.epoch_losses,
                 "steps": report.steps,
                 "seconds": report.seconds,
                 "params_digest": report.params_digest_hex,

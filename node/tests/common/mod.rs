@@ -139,6 +139,7 @@ pub fn job<'a>(
         opts,
         map_path,
         stop: CancellationToken::new(),
+        trained_on: None,
     }
 }
 
