@@ -48,8 +48,52 @@ enum Command {
     Bench(cmd::bench::BenchArgs),
 }
 
+/// A stable name for what went wrong, for `--json` readers.
+fn error_kind(e: &anyhow::Error) -> &'static str {
+    use mixnn_node::client::{JobError, MapError};
+    for cause in e.chain() {
+        if let Some(j) = cause.downcast_ref::<JobError>() {
+            return match j {
+                JobError::Route(_) => "not_enough_volunteers",
+                JobError::Hop { .. } => "hop_failed",
+                JobError::Interrupted { .. } => "interrupted",
+                JobError::Model(_) => "model",
+                JobError::Map(_) => "model_map",
+                JobError::Payload(_) => "protocol",
+                JobError::Invalid(_) => "invalid",
+            };
+        }
+        if cause.downcast_ref::<MapError>().is_some() {
+            return "model_map";
+        }
+        if cause
+            .downcast_ref::<mixnn_node::config::ConfigError>()
+            .is_some()
+        {
+            return "config";
+        }
+        if cause
+            .downcast_ref::<mixnn_node::network::NetworkError>()
+            .is_some()
+        {
+            return "network";
+        }
+        if cause
+            .downcast_ref::<mixnn_node::node::NodeError>()
+            .is_some()
+        {
+            return "node";
+        }
+        if cause.downcast_ref::<std::io::Error>().is_some() {
+            return "io";
+        }
+    }
+    "error"
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let json = std::env::args().skip(1).any(|a| a == "--json");
     // Long-running services log their events; one-shot commands only warnings.
     let default_log = match cli.command {
         Command::Node(_) => "warn,mixnn_node=info",
@@ -73,6 +117,13 @@ fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
+            if json {
+                // Machines reading stdout get the failure as its last line.
+                println!(
+                    "{}",
+                    serde_json::json!({ "error": format!("{e:#}"), "kind": error_kind(&e) })
+                );
+            }
             std::process::ExitCode::FAILURE
         }
     }

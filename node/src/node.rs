@@ -355,9 +355,6 @@ impl RunningNode {
     }
 }
 
-/// Keeps the descriptor and the role provider records in the DHT: at start
-/// (retrying quickly until the first publication lands), at every epoch
-/// change, when slots change, and every `republish_secs`.
 /// `/health` and `/slots` on the metrics port: what a volunteer wants to
 /// know about its node, and nothing about the models beyond each slot.
 struct NodePages {
@@ -464,6 +461,9 @@ async fn lease_sweeper(state: Arc<NodeState>, host: Arc<Host>, cancel: Cancellat
     }
 }
 
+/// Keeps the descriptor and the role provider records in the DHT: at start
+/// (retrying quickly until the first publication lands), at every epoch
+/// change, when slots change, and every `republish_secs`.
 async fn publisher(state: Arc<NodeState>, network: Network, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(200);
     let mut published_once = false;

@@ -274,3 +274,33 @@ fn the_demo_trains_the_arch_it_is_given_and_shows_what_each_hop_saw() {
     assert!((3..=6).contains(&mixes), "{seen:?}");
     assert!(err.contains("plaintext"), "the table is printed: {err}");
 }
+
+#[test]
+fn with_json_a_failure_is_the_last_line_of_stdout() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nowhere.json");
+    let out = mixnn(&[
+        "status",
+        "--json",
+        "--bootstrap",
+        "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLRPJAA5o6Z6ZEc8GL8zqCqTBETt1VHDvJNBK6QnxFmSW",
+        "--model-map",
+        missing.to_str().expect("path"),
+    ]);
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("a line")).expect("json");
+    assert_eq!(last["kind"], "model_map", "{last}");
+    assert!(
+        last["error"]
+            .as_str()
+            .expect("error")
+            .contains("nowhere.json"),
+        "{last}"
+    );
+    // Without --json, stdout stays empty.
+    let out = mixnn(&["infer", "--model-map", missing.to_str().expect("path")]);
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty());
+}

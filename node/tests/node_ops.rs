@@ -204,3 +204,28 @@ async fn onion_keys_rotate_each_epoch_and_the_previous_key_still_works() {
         ring.err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_node_on_a_taken_port_fails_at_start_and_says_why() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let dirs: Vec<_> = (0..2)
+        .map(|_| tempfile::tempdir().expect("tempdir"))
+        .collect();
+    let addr: libp2p::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().expect("addr");
+    let mut c = common::config(dirs[0].path(), &[], common::BOOTSTRAP, TransportKind::Tcp);
+    c.listen = vec![addr.clone()];
+    let first = RunningNode::start(c, CancellationToken::new())
+        .await
+        .expect("the first node starts");
+    let mut c = common::config(dirs[1].path(), &[], common::BOOTSTRAP, TransportKind::Tcp);
+    c.listen = vec![addr];
+    match RunningNode::start(c, CancellationToken::new()).await {
+        Ok(_) => panic!("a second node bound a port that was taken"),
+        Err(e) => assert!(e.to_string().contains("already in use"), "{e}"),
+    }
+    first.shutdown().await.expect("shutdown");
+}

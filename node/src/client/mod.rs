@@ -15,7 +15,7 @@ pub use job::{
     infer_network, resume_config, resume_network, train_network, train_network_from, InferReport,
     Inference, JobError, JobEvent, JobOptions, NetworkReport, TrainJob,
 };
-pub use model_map::ModelMap;
+pub use model_map::{MapError, ModelMap};
 
 use tokio_util::sync::CancellationToken;
 

@@ -284,6 +284,42 @@ pub fn split_peer_addr(addr: &Multiaddr) -> Option<(PeerId, Multiaddr)> {
     }
 }
 
+/// Refuse a fixed TCP port that another process listens on. libp2p sets
+/// `SO_REUSEPORT` on its listeners, so a second node on the same port
+/// would bind it too and take half of the first one's connections; a plain
+/// bind (no `SO_REUSEPORT`) fails on such a port.
+fn port_free(addr: &Multiaddr) -> Result<(), NetworkError> {
+    use libp2p::multiaddr::Protocol;
+    let mut ip = None;
+    let mut port = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(p) => port = Some(p),
+            _ => {}
+        }
+    }
+    let (Some(ip), Some(port)) = (ip, port) else {
+        return Ok(());
+    };
+    if port == 0 {
+        return Ok(());
+    }
+    match std::net::TcpListener::bind((ip, port)) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => Err(NetworkError::Listen {
+            addr: addr.clone(),
+            reason: format!(
+                "port {port} is already in use (another mixnn node?); give each node its own --listen port"
+            ),
+        }),
+        // Anything else (an address this machine does not have): libp2p
+        // reports it with its own words.
+        Err(_) => Ok(()),
+    }
+}
+
 impl Network {
     /// Build the swarm, listen, dial the bootstrap peers and spawn the event
     /// loop. Returns once every listener has an address.
@@ -293,6 +329,9 @@ impl Network {
         metrics: Metrics,
         cancel: CancellationToken,
     ) -> Result<(Network, tokio::task::JoinHandle<()>), NetworkError> {
+        for addr in &cfg.listen {
+            port_free(addr)?;
+        }
         let mut swarm = build_swarm(&key, &cfg)?;
         let control = swarm.behaviour().stream.new_control();
         let mut listeners = HashSet::new();
