@@ -403,6 +403,21 @@ impl SlotStore for SledStore {
     }
 }
 
+/// Drop the replay tags of epochs before `keep_from` (their onion keys are
+/// gone, so no setup of theirs can be peeled again). Tags are keyed by
+/// their epoch, big-endian, first. Returns how many were dropped.
+pub fn prune_replay(tree: &sled::Tree, keep_from: u64) -> Result<usize, StoreError> {
+    let end = keep_from.to_be_bytes();
+    let stale: Vec<_> = tree
+        .range(..end.as_slice())
+        .keys()
+        .collect::<Result<_, _>>()?;
+    for k in &stale {
+        tree.remove(k)?;
+    }
+    Ok(stale.len())
+}
+
 /// A node's data directory: `identity.key` and a sled database `db/`.
 ///
 /// Opening it takes sled's exclusive lock, so two nodes can never share one.
@@ -499,6 +514,15 @@ impl DataDir {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// A flush to run on another thread (shutdown bounds its wait).
+    pub fn flusher(&self) -> impl FnOnce() -> Result<(), StoreError> + Send + 'static {
+        let db = self.db.clone();
+        move || {
+            db.flush()?;
+            Ok(())
+        }
     }
 }
 
