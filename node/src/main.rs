@@ -61,6 +61,7 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
                 JobError::Map(_) => "model_map",
                 JobError::Payload(_) => "protocol",
                 JobError::Invalid(_) => "invalid",
+                JobError::Diverged { .. } => "diverged",
             };
         }
         if cause.downcast_ref::<MapError>().is_some() {

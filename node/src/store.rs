@@ -267,6 +267,14 @@ fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 impl SledStore {
+    /// Replace a slot's state bytes and nothing else, as a failing disk
+    /// would (tests of corruption).
+    #[doc(hidden)]
+    pub fn overwrite_state_for_tests(&self, id: &SlotId, state: &[u8]) -> Result<(), StoreError> {
+        self.state.insert(id, state)?;
+        Ok(())
+    }
+
     fn open(db: &sled::Db) -> Result<Self, StoreError> {
         let store = Self {
             meta: db.open_tree("slot_meta")?,
