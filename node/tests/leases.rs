@@ -280,7 +280,10 @@ async fn a_slot_that_changed_behind_the_map_is_named_and_a_corrupt_one_is_refuse
                 host,
                 slot_id,
                 ..
-            } => Some((host.parse::<libp2p::PeerId>().expect("peer"), slot_id.clone())),
+            } => Some((
+                host.parse::<libp2p::PeerId>().expect("peer"),
+                slot_id.clone(),
+            )),
             _ => None,
         })
         .expect("stage 1 is remote");
