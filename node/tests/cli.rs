@@ -354,3 +354,30 @@ fn a_node_whose_bootstrap_never_answers_says_it_is_alone() {
     let line = found.unwrap_or_else(|| panic!("no warning; stderr was:\n{}", seen.join("\n")));
     assert!(line.contains("connection refused"), "{line}");
 }
+
+#[test]
+fn arguments_that_can_be_checked_here_fail_before_the_network_is_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A bootstrap that is not there: reaching it would fail with another
+    // message, so these errors prove nothing was created first.
+    let boot = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLRPJAA5o6Z6ZEc8GL8zqCqTBETt1VHDvJNBK6QnxFmSW";
+    let missing = dir.path().join("no/such/dir/m.json");
+    let out = mixnn(&[
+        "train",
+        "--bootstrap",
+        boot,
+        "--model-map",
+        missing.to_str().expect("path"),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("bootstrap peer"), "{}", stderr(&out));
+
+    let out = mixnn(&["train", "--bootstrap", boot, "--step-timeout", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--step-timeout"), "{}", stderr(&out));
+
+    let out = mixnn(&["train", "--bootstrap", boot, "--lease", "0d"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--lease"), "{}", stderr(&out));
+}
