@@ -42,27 +42,41 @@ fn metric(net: &common::TestNet, line_start: &str) -> u64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_frees_every_slot_and_only_the_owner_may() {
+/// A bootstrap and 6 volunteers with 2 slots each, and `config()` trained
+/// through them with `opts`: the net, the map's folder, its path and the map.
+async fn trained(
+    opts: &JobOptions,
+) -> (
+    common::TestNet,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    ModelMap,
+) {
     let net = common::testnet(6, 2, None).await;
-    let (client, vols) = (&*net.client, &net.volunteers);
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config();
     let train = data.train.clone().limit(256);
     let dir = tempfile::tempdir().expect("tempdir");
     let map_path = dir.path().join("m.json");
-    let before = free_slots(&net);
-    let opts = JobOptions::default();
     train_network(
-        client,
-        vols,
-        common::job(&cfg, &train, &data.test, &opts, &map_path),
+        &net.client,
+        &net.volunteers,
+        common::job(&cfg, &train, &data.test, opts, &map_path),
         &mut |_| {},
     )
     .await
     .expect("network training");
-    assert_eq!(free_slots(&net), before - 2, "the model holds two slots");
     let map = ModelMap::load(&map_path).expect("map");
+    (net, dir, map_path, map)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_frees_every_slot_and_only_the_owner_may() {
+    let opts = JobOptions::default();
+    let (net, _dir, _, map) = trained(&opts).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
+    let before = 6 * 2; // every slot of every volunteer
+    assert_eq!(free_slots(&net), before - 2, "the model holds two slots");
 
     // Each host's /slots lists its slot, with the same owner fingerprint
     // on both; /health counts it.
@@ -173,27 +187,13 @@ async fn release_frees_every_slot_and_only_the_owner_may() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_frees_the_slot_and_advertises_it_again() {
-    let net = common::testnet(6, 2, None).await;
-    let (client, vols) = (&*net.client, &net.volunteers);
-    let data = mixnn_node::dataset::load("synthetic").expect("data");
-    let cfg = config();
-    let train = data.train.clone().limit(256);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let map_path = dir.path().join("m.json");
-    let before = free_slots(&net);
     let opts = JobOptions {
         lease: Duration::from_secs(2),
         ..JobOptions::default()
     };
-    train_network(
-        client,
-        vols,
-        common::job(&cfg, &train, &data.test, &opts, &map_path),
-        &mut |_| {},
-    )
-    .await
-    .expect("network training");
-    let map = ModelMap::load(&map_path).expect("map");
+    let (net, _dir, _, map) = trained(&opts).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
+    let before = 6 * 2; // every slot of every volunteer
     let hosts: Vec<libp2p::PeerId> = map
         .stages
         .iter()
@@ -248,23 +248,11 @@ async fn a_slot_that_changed_behind_the_map_is_named_and_a_corrupt_one_is_refuse
     use mixnn_node::client::{infer_network, JobError};
     use mixnn_node::store::SlotStore;
 
-    let net = common::testnet(6, 2, None).await;
+    let opts = JobOptions::default();
+    let (net, _dir, _, map) = trained(&opts).await;
     let (client, vols) = (&*net.client, &net.volunteers);
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config();
-    let train = data.train.clone().limit(256);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let map_path = dir.path().join("m.json");
-    let opts = JobOptions::default();
-    train_network(
-        client,
-        vols,
-        common::job(&cfg, &train, &data.test, &opts, &map_path),
-        &mut |_| {},
-    )
-    .await
-    .expect("network training");
-    let map = ModelMap::load(&map_path).expect("map");
     infer_network(client, vols, &map, &data.test, &opts)
         .await
         .expect("the slots match the map");
