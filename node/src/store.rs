@@ -322,6 +322,17 @@ impl SledStore {
     }
 }
 
+/// Our transactions never abort on their own; storage errors pass through.
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt {
+            what: "slot".into(),
+            reason: "a write was aborted".into(),
+        },
+    }
+}
+
 /// The lease slots of an older store get when they move to this one.
 pub const DEFAULT_MIGRATED_LEASE_SECS: u64 = 7 * 24 * 3600;
 
@@ -338,13 +349,7 @@ impl SlotStore for SledStore {
                 m.insert(&slot.id[..], meta.as_slice())?;
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
-                sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt {
-                    what: "slot".into(),
-                    reason: "write aborted".into(),
-                },
-            })?;
+            .map_err(transaction_error)?;
         Ok(())
     }
 
@@ -387,13 +392,7 @@ impl SlotStore for SledStore {
                 s.remove(&id[..])?;
                 Ok(had)
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
-                sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt {
-                    what: "slot".into(),
-                    reason: "removal aborted".into(),
-                },
-            })
+            .map_err(transaction_error)
     }
 
     fn list_slots(&self) -> Result<Vec<SlotMeta>, StoreError> {
