@@ -517,16 +517,19 @@ async fn alone_watch(network: Network, bootstrap: Vec<Multiaddr>, cancel: Cancel
 /// slot's use changes, and at least every 30 seconds.
 async fn lease_sweeper(state: Arc<NodeState>, host: Arc<Host>, cancel: CancellationToken) {
     const MAX_WAIT: Duration = Duration::from_secs(30);
+    let mut last_held = None;
     loop {
         let now = unix_now();
         let wait = match host.sweep(now) {
             Ok(sweep) => {
-                if !sweep.expired.is_empty() {
-                    if let Ok(held) = state.slots.list_slots() {
-                        state.metrics.slots_held.set(held.len() as i64);
+                // Slots freed here or released by their owners, or created:
+                // count them and advertise the change.
+                if let Ok(held) = state.slots.list_slots().map(|l| l.len()) {
+                    if last_held.is_some_and(|h| h != held) {
+                        state.republish.notify_one();
                     }
-                    // Advertise the freed slots.
-                    state.republish.notify_one();
+                    last_held = Some(held);
+                    state.metrics.slots_held.set(held as i64);
                 }
                 sweep
                     .next

@@ -173,6 +173,27 @@ async fn release_frees_every_slot_and_only_the_owner_may() {
         let (_, body) = common::http_get(n, "/slots").await;
         assert!(body.contains("\"slots\":[]"), "{body}");
     }
+    // And advertised: every descriptor offers both slots again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut offered = 0;
+        for n in &net.nodes {
+            let d = client
+                .network()
+                .get_descriptor(n.peer_id())
+                .await
+                .expect("descriptor");
+            offered += d.free_slots;
+        }
+        if offered == before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "released slots not advertised ({offered} of {before})"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // Again: already gone; status says so too.
     for op in [OwnerOp::Release, OwnerOp::Status] {

@@ -284,6 +284,8 @@ impl Host {
             live.remove(id);
         }
         let freed = self.store.remove_slot(id)?;
+        // The sweeper counts the slots again and advertises the free one.
+        self.changed.notify_one();
         if freed {
             self.metrics.slot_freed("released");
             tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason = "released");
@@ -583,10 +585,7 @@ impl Host {
                 if op != ControlOp::Digest && !body.infer_only {
                     self.checkpoint(slot_id, &mut s)?;
                 }
-                reports.push(seal_slot_report(
-                    &keys.report,
-                    &slot_report(slot_id, &s)?,
-                ));
+                reports.push(seal_slot_report(&keys.report, &slot_report(slot_id, &s)?));
                 Ok(JobMsg::Control { op, reports })
             }
             (JobMsg::State { op, step, mut blob }, Direction::Forward) if !body.infer_only => {
