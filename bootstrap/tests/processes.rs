@@ -38,7 +38,8 @@ fn spawn_first_line(cmd: &mut Command) -> (Proc, String) {
         .spawn()
         .expect("process starts");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
+    // One line is sent: a bound of 1 never blocks the reader thread.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         if let Some(Ok(l)) = lines.next() {

@@ -327,6 +327,12 @@ pub(crate) fn core_to_bytes(core: &StageCore) -> Vec<u8> {
     out
 }
 
+// A slot moves between threads (the node's slot workers): keep it Send + Sync.
+const _: fn() = || {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<Slot>();
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -369,10 +375,4 @@ mod tests {
             }
         }
     }
-}
-
-#[allow(dead_code)]
-fn assert_send() {
-    fn is_send<T: Send + Sync>() {}
-    is_send::<Slot>();
 }

@@ -43,7 +43,8 @@ fn node(args: &[&str], dir: &Path) -> (Proc, String) {
         .spawn()
         .expect("mixnn node starts");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
+    // One line is sent: a bound of 1 never blocks the reader thread.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         if let Some(Ok(l)) = lines.next() {

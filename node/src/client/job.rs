@@ -260,6 +260,7 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
+#[allow(clippy::result_large_err, reason = "a failed job is a cold path; JobError keeps the blamed PeerId inline")]
 pub(crate) fn rng() -> Result<rand::rngs::StdRng, JobError> {
     rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| JobError::Invalid(e.to_string()))
 }
@@ -463,6 +464,7 @@ async fn evaluate(
 
 /// Which stages live where: `remote` on volunteers, the rest (with
 /// `--keep-ends`, the first and the last) in the client.
+#[allow(clippy::result_large_err, reason = "a failed job is a cold path; JobError keeps the blamed PeerId inline")]
 fn remote_range(cfg: &TrainConfig, keep_ends: bool) -> Result<Range<usize>, JobError> {
     let n = cfg.arch.num_stages();
     if !keep_ends {
@@ -477,6 +479,7 @@ fn remote_range(cfg: &TrainConfig, keep_ends: bool) -> Result<Range<usize>, JobE
     Ok(1..n - 1)
 }
 
+#[allow(clippy::result_large_err, reason = "a failed job is a cold path; JobError keeps the blamed PeerId inline")]
 fn check_data(cfg: &TrainConfig, split: &Split) -> Result<(), JobError> {
     if split.features != cfg.arch.input_dim() {
         return Err(JobError::Invalid(format!(
@@ -673,6 +676,7 @@ pub async fn resume_network(
 
 /// The training configuration of the job in the map at `path`, to
 /// `epochs` epochs in all (the map's own count when `None`).
+#[allow(clippy::result_large_err, reason = "a failed job is a cold path; JobError keeps the blamed PeerId inline")]
 pub fn resume_config(map: &ModelMap, epochs: Option<u32>) -> Result<TrainConfig, JobError> {
     let record = map
         .job
@@ -747,11 +751,10 @@ struct Batches<'a> {
     seed: u64,
     per_epoch: u64,
     /// The next step the iterator yields, and the iterator.
-    at: Option<(
-        u64,
-        Box<dyn Iterator<Item = (HostTensor, Vec<u8>)> + Send + Sync + 'a>,
-    )>,
+    at: Option<(u64, BatchIter<'a>)>,
 }
+
+type BatchIter<'a> = Box<dyn Iterator<Item = (HostTensor, Vec<u8>)> + Send + Sync + 'a>;
 
 impl<'a> Batches<'a> {
     fn new(train: &'a Split, batch: usize, seed: u64) -> Self {
@@ -821,7 +824,7 @@ struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::result_large_err)]
     fn new(
         client: &'a Client,
         volunteers: &[Volunteer],
@@ -1518,6 +1521,7 @@ impl<'a> Driver<'a> {
 
     /// The map with the current placement; `reports` (the final round)
     /// fill in each slot's version and digest.
+    #[allow(clippy::result_large_err, reason = "a failed map write ends the job: a cold path")]
     fn write_map(&mut self, reports: Option<&[SlotReport]>) -> Result<(), Fault> {
         let n = self.stages.len();
         let mut entries = Vec::with_capacity(n);
