@@ -31,7 +31,7 @@ pub struct Client {
 }
 
 impl Client {
-    #[allow(clippy::result_large_err, reason = "a failed ring is a cold path; RingError keeps the blamed PeerId inline")]
+    #[allow(clippy::result_large_err, reason = "cold error path")]
     pub fn new(network: Network) -> Result<Self, RingError> {
         let cancel = CancellationToken::new();
         let listener = EndListener::start(&network, cancel.child_token())?;
