@@ -9,7 +9,7 @@
 # (libfuzzer-sys, which needs a C++ compiler). Each target's corpus grows
 # in fuzz/corpus/TARGET (seeded by our own encoders); a crashing input is
 # saved as fuzz/artifacts/TARGET/crash-*: reproduce it with
-#   MIXNN_FUZZ_TARGET=TARGET $CARGO_TARGET_DIR/debug/mixnn-fuzz FILE
+#   MIXNN_FUZZ_TARGET=TARGET target/debug/examples/mixnn-fuzz FILE
 # and, once fixed, keep it in fuzz/regressions/TARGET/ (cargo test runs it).
 #
 # FUZZ_JOBS=N runs N targets at a time (default 1).
@@ -21,10 +21,10 @@ shift || true
 jobs="${FUZZ_JOBS:-1}"
 
 RUSTC_WORKSPACE_WRAPPER="$PWD/fuzz/instrument.sh" \
-    cargo build -p mixnn-fuzz --features libfuzzer --bin mixnn-fuzz
+    cargo build -p mixnn-fuzz --features libfuzzer --example mixnn-fuzz
 target_dir="$(cargo metadata --format-version 1 --no-deps |
     sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')"
-bin="$target_dir/debug/mixnn-fuzz"
+bin="$target_dir/debug/examples/mixnn-fuzz"
 
 # name max_len, one per line
 all="$(MIXNN_FUZZ_TARGET=list "$bin" 2>/dev/null)"

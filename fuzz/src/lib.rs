@@ -103,6 +103,29 @@ mod tests {
     }
 
     #[test]
+    fn seeds_are_written_where_asked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let t = target("tensor").expect("a target");
+        write_seeds(t, &dir.path().join("corpus")).expect("written");
+        let n = std::fs::read_dir(dir.path().join("corpus"))
+            .expect("the corpus")
+            .count();
+        assert_eq!(n, (t.seeds)().len());
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(32))]
+
+        /// What the fuzzer does, briefly and without coverage: any bytes.
+        #[test]
+        fn random_inputs_are_fine(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..600)) {
+            for t in TARGETS {
+                (t.run)(&data);
+            }
+        }
+    }
+
+    #[test]
     fn empty_and_tiny_inputs_are_fine() {
         for t in TARGETS {
             (t.run)(&[]);

@@ -1,5 +1,6 @@
-//! The libFuzzer binary: one for all targets, the target named by
-//! `MIXNN_FUZZ_TARGET` (`list` prints them). `fuzz/run.sh` builds and runs it.
+//! The libFuzzer binary (an example of this crate, see Cargo.toml): one for
+//! all targets, the target named by `MIXNN_FUZZ_TARGET` (`list` prints
+//! them). `fuzz/run.sh` builds and runs it.
 
 #![no_main]
 #![allow(
