@@ -61,8 +61,8 @@ xargs -P "$jobs" -L 1 bash -c 'fuzz_one "$0" "$1" || echo "$0" >>fuzz/artifacts/
 printf '%-14s %12s %8s  %s\n' target executions coverage result
 for t in $(cut -d' ' -f1 <<<"$all"); do
     log="fuzz/artifacts/$t/log"
-    runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)"
-    cov="$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)"
+    runs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1 || true)"
+    cov="$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2 || true)"
     if grep -qx "$t" fuzz/artifacts/failed 2>/dev/null; then
         result="FAILED: see $log and fuzz/artifacts/$t/"
         status=1
@@ -73,9 +73,12 @@ for t in $(cut -d' ' -f1 <<<"$all"); do
 done
 rm -f fuzz/artifacts/failed
 if [ "$status" -ne 0 ]; then
+    # What failed, the input (base64) and where libFuzzer saved it.
     for t in $(cut -d' ' -f1 <<<"$all"); do
-        grep -q -m1 -E 'panicked|ERROR: libFuzzer' "fuzz/artifacts/$t/log" &&
-            { echo "--- $t"; grep -E -A3 'panicked|ERROR: libFuzzer' "fuzz/artifacts/$t/log" | head -20; }
+        grep -q -m1 -E 'panicked|ERROR: libFuzzer' "fuzz/artifacts/$t/log" || continue
+        echo "--- $t"
+        grep -E -A2 'panicked|ERROR: libFuzzer|^Base64|Test unit written' "fuzz/artifacts/$t/log" |
+            grep -v '^ *[0-9]*: \|^ *at ' | head -20
     done
 fi
 exit "$status"
