@@ -154,8 +154,7 @@ impl PeerRecord {
         if body.len() + FRAMING_BYTES > MAX_DESCRIPTOR_BYTES {
             return Err(DescriptorError::TooLarge(body.len() + FRAMING_BYTES));
         }
-        let signature = identity.sign(&signed_message(&body));
-        Ok(SignedDescriptor { body, signature })
+        Ok(SignedDescriptor::sign_body(identity, body))
     }
 
     fn check_limits(&self) -> Result<(), DescriptorError> {
@@ -245,6 +244,12 @@ fn signed_message(body: &[u8]) -> Vec<u8> {
 }
 
 impl SignedDescriptor {
+    /// Signs `body` as it is; [`PeerRecord::sign`] checks it first.
+    pub(crate) fn sign_body(identity: &Identity, body: Vec<u8>) -> Self {
+        let signature = identity.sign(&signed_message(&body));
+        Self { body, signature }
+    }
+
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(FRAMING_BYTES + self.body.len());
         out.push(VERSION);

@@ -6,6 +6,8 @@
 
 pub mod cells;
 pub mod descriptor;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod identity;
 pub mod onion;
 pub mod replay;

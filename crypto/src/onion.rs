@@ -68,7 +68,7 @@ pub const HOP_PAYLOAD_BYTES: usize = 640;
 /// Longest next-hop identifier (peer id bytes).
 pub const MAX_NEXT_HOP_BYTES: usize = 64;
 
-const EPH_BYTES: usize = 32;
+pub(crate) const EPH_BYTES: usize = 32;
 const TAG_BYTES: usize = 16;
 const ROUTING_HEADER_BYTES: usize = 4;
 /// Plaintext routing info per hop: header, next hop and payload, zero padded.
@@ -137,7 +137,7 @@ pub struct HopSecrets {
 }
 
 impl HopSecrets {
-    fn derive(shared: &[u8; 32], ephemeral: &[u8; 32]) -> Self {
+    pub(crate) fn derive(shared: &[u8; 32], ephemeral: &[u8; 32]) -> Self {
         let mut ikm = [0u8; 64];
         ikm[..32].copy_from_slice(shared);
         ikm[32..].copy_from_slice(ephemeral);
@@ -171,7 +171,7 @@ impl HopSecrets {
         self.tag
     }
 
-    fn aead(&self) -> ChaCha20Poly1305 {
+    pub(crate) fn aead(&self) -> ChaCha20Poly1305 {
         let mut k = self.expand(&[LABEL_AEAD]);
         let c = ChaCha20Poly1305::new(&k.into());
         k.zeroize();
@@ -393,7 +393,7 @@ fn seal_slot(
     }
 }
 
-fn encode_routing(hop: &HopSpec, out: &mut [u8]) {
+pub(crate) fn encode_routing(hop: &HopSpec, out: &mut [u8]) {
     out.fill(0);
     match &hop.next_hop {
         Some(next) => {

@@ -15,7 +15,7 @@ fn tensor(zero_every: usize) -> HostTensor {
             s ^= s << 13;
             s ^= s >> 7;
             s ^= s << 17;
-            if zero_every > 0 && (s >> 40) as usize % zero_every == 0 {
+            if zero_every > 0 && ((s >> 40) as usize).is_multiple_of(zero_every) {
                 0.0
             } else {
                 ((s >> 40) as f32 + 1.0) / 16_777_216.0

@@ -202,7 +202,7 @@ impl Slot {
         self.core.digest()
     }
 
-    /// Optimizer steps applied so far.
+    /// Optimizer steps applied so far (saturating at `u64::MAX`).
     pub fn steps_applied(&self) -> u64 {
         self.core.steps()
     }
@@ -327,10 +327,39 @@ pub(crate) fn core_to_bytes(core: &StageCore) -> Vec<u8> {
     out
 }
 
+// A slot moves between threads (the node's slot workers): keep it Send + Sync.
+const _: fn() = || {
+    fn is_send<T: Send + Sync>() {}
+    is_send::<Slot>();
+};
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::spec::Arch;
+
+    /// Found by fuzzing (fuzz target slot_bytes): slot bytes claiming
+    /// u64::MAX steps restored, then the next backward pass overflowed the
+    /// count (a panic in a host's slot worker).
+    #[test]
+    fn a_slot_restored_at_the_last_step_count_still_trains() {
+        let stage = Arch::parse("mlp:4-3").expect("arch").stages().remove(0);
+        let opt = OptimizerSpec::Adam {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        };
+        let state = OptimizerState::new(&opt, &[12, 3]);
+        let core = StageCore::from_parts(stage, vec![0.5; 12], vec![0.0; 3], opt, state, u64::MAX)
+            .expect("core");
+        let mut slot = Slot::from_bytes(&core_to_bytes(&core)).expect("restores");
+        let x = HostTensor::new(vec![1, 4], vec![1.0, 2.0, 3.0, 4.0]).expect("x");
+        slot.forward(1, &x).expect("forward");
+        let g = HostTensor::new(vec![1, 3], vec![0.1, 0.2, 0.3]).expect("g");
+        slot.backward(1, &g).expect("backward");
+        assert_eq!(slot.steps_applied(), u64::MAX);
+    }
 
     #[test]
     fn max_state_bytes_bounds_every_state() {
@@ -369,10 +398,4 @@ mod tests {
             }
         }
     }
-}
-
-#[allow(dead_code)]
-fn assert_send() {
-    fn is_send<T: Send + Sync>() {}
-    is_send::<Slot>();
 }

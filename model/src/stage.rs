@@ -218,7 +218,8 @@ impl StageCore {
         grads.get(&self.bias).copy_into(gb);
         self.opt_state.update(&self.opt, 1, &mut self.host_b, gb);
         self.bias.copy_from(&self.host_b);
-        self.steps += 1;
+        // Saturating, like Adam's count: a restored slot may claim any count.
+        self.steps = self.steps.saturating_add(1);
     }
 
     /// blake3 over the weight then the bias, little-endian `f32`.

@@ -125,7 +125,8 @@ impl LocalModel {
         for stage in &mut self.stages {
             stage.apply_grads(&grads);
         }
-        self.steps += 1;
+        // Saturating: the count may come from states of any count.
+        self.steps = self.steps.saturating_add(1);
         Ok(loss)
     }
 
@@ -347,6 +348,41 @@ mod tests {
         assert!(epoch_losses(&[], 3).is_empty());
         // A zero step count is taken as one step an epoch, never a panic.
         assert_eq!(epoch_losses(&[1.0, 2.0], 0), vec![1.0, 2.0]);
+    }
+
+    /// Found by fuzzing (fuzz target slot_bytes): states claiming
+    /// u64::MAX steps made the next step overflow the count.
+    #[test]
+    fn states_at_the_last_step_count_still_train() {
+        let arch = Arch::parse("mlp:4-3-2").expect("arch");
+        let opt = OptimizerSpec::Sgd { lr: 0.1 };
+        let states: Vec<Vec<u8>> = arch
+            .stages()
+            .iter()
+            .map(|spec| {
+                let core = StageCore::from_parts(
+                    spec.clone(),
+                    vec![0.5; spec.param_count() - spec.output_dim()],
+                    vec![0.0; spec.output_dim()],
+                    opt,
+                    crate::OptimizerState::new(
+                        &opt,
+                        &[spec.param_count() - spec.output_dim(), spec.output_dim()],
+                    ),
+                    u64::MAX,
+                )
+                .expect("core");
+                core_to_bytes(&core)
+            })
+            .collect();
+        let mut model = LocalModel::from_states(&arch, &states).expect("model");
+        let x = HostTensor::new(vec![1, 4], vec![1.0, 0.0, -1.0, 2.0]).expect("x");
+        model.train_step(&x, &[1]).expect("step");
+        assert_eq!(model.steps(), u64::MAX);
+        assert!(model
+            .stage_states()
+            .iter()
+            .all(|s| Slot::from_bytes(s).map(|s| s.steps_applied()).ok() == Some(u64::MAX)));
     }
 
     #[test]

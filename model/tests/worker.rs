@@ -431,7 +431,7 @@ fn skipped_input_gradient_is_the_full_one_elsewhere() {
         let h = ws[0].forward_owned(0, x.clone()).expect("forward");
         let y = ws[1].forward_owned(0, h.clone()).expect("forward");
         let out = ws[2].forward_owned(0, y).expect("forward");
-        let (_, g) = softmax_cross_entropy(&out, &labels).expect("loss");
+        let (_, g) = softmax_cross_entropy(&out, labels).expect("loss");
         let g = ws[2]
             .backward_owned(0, g, InputGrad::Full)
             .expect("backward");

@@ -252,7 +252,8 @@ pub struct SledStore {
     db: sled::Db,
 }
 
-fn decode_meta(key: &[u8], value: &[u8]) -> Result<SlotMeta, StoreError> {
+/// Decodes a slot's metadata as the store holds it under `key`.
+pub fn decode_meta(key: &[u8], value: &[u8]) -> Result<SlotMeta, StoreError> {
     postcard::from_bytes(value).map_err(|e| StoreError::Corrupt {
         what: format!("slot metadata {}", hex::encode(key)),
         reason: e.to_string(),

@@ -182,7 +182,8 @@ fn logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
         .expect("node starts");
     // The node prints its addresses once it listens; by then it has logged.
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
+    // One line is sent: a bound of 1 never blocks the reader thread.
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let _ = tx.send(lines.next());

@@ -688,7 +688,7 @@ mod tests {
             owner: owner.public_key(),
             direction: Direction::Forward,
             infer_only: false,
-            create: create.then(|| SlotCreate {
+            create: create.then_some(SlotCreate {
                 stage,
                 init: InitSpec {
                     seed: 1,

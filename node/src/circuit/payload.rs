@@ -111,7 +111,7 @@ impl StateWindow {
     pub fn range(&self) -> Option<std::ops::Range<usize>> {
         let end = self.offset.checked_add(self.len)?;
         (end <= self.total && self.total <= Self::MAX_TOTAL && self.len as usize >= STATE_OVERHEAD)
-            .then(|| self.offset as usize..end as usize)
+            .then_some(self.offset as usize..end as usize)
     }
 }
 
@@ -532,7 +532,7 @@ mod tests {
             owner: [0; 32],
             direction: Direction::Forward,
             infer_only: false,
-            create: create.then(|| SlotCreate {
+            create: create.then_some(SlotCreate {
                 stage,
                 init: InitSpec {
                     seed: 7,

@@ -266,6 +266,7 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
+#[allow(clippy::result_large_err, reason = "cold error path")]
 pub(crate) fn rng() -> Result<rand::rngs::StdRng, JobError> {
     rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| JobError::Invalid(e.to_string()))
 }
@@ -469,6 +470,7 @@ async fn evaluate(
 
 /// Which stages live where: `remote` on volunteers, the rest (with
 /// `--keep-ends`, the first and the last) in the client.
+#[allow(clippy::result_large_err, reason = "cold error path")]
 fn remote_range(cfg: &TrainConfig, keep_ends: bool) -> Result<Range<usize>, JobError> {
     let n = cfg.arch.num_stages();
     if !keep_ends {
@@ -483,6 +485,7 @@ fn remote_range(cfg: &TrainConfig, keep_ends: bool) -> Result<Range<usize>, JobE
     Ok(1..n - 1)
 }
 
+#[allow(clippy::result_large_err, reason = "cold error path")]
 fn check_data(cfg: &TrainConfig, split: &Split) -> Result<(), JobError> {
     if split.features != cfg.arch.input_dim() {
         return Err(JobError::Invalid(format!(
@@ -679,6 +682,7 @@ pub async fn resume_network(
 
 /// The training configuration of the job in the map at `path`, to
 /// `epochs` epochs in all (the map's own count when `None`).
+#[allow(clippy::result_large_err, reason = "cold error path")]
 pub fn resume_config(map: &ModelMap, epochs: Option<u32>) -> Result<TrainConfig, JobError> {
     let record = map
         .job
@@ -753,11 +757,10 @@ struct Batches<'a> {
     seed: u64,
     per_epoch: u64,
     /// The next step the iterator yields, and the iterator.
-    at: Option<(
-        u64,
-        Box<dyn Iterator<Item = (HostTensor, Vec<u8>)> + Send + Sync + 'a>,
-    )>,
+    at: Option<(u64, BatchIter<'a>)>,
 }
+
+type BatchIter<'a> = Box<dyn Iterator<Item = (HostTensor, Vec<u8>)> + Send + Sync + 'a>;
 
 impl<'a> Batches<'a> {
     fn new(train: &'a Split, batch: usize, seed: u64) -> Self {
@@ -827,7 +830,7 @@ struct Driver<'a> {
 }
 
 impl<'a> Driver<'a> {
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::result_large_err)]
     fn new(
         client: &'a Client,
         volunteers: &[Volunteer],
@@ -1524,6 +1527,7 @@ impl<'a> Driver<'a> {
 
     /// The map with the current placement; `reports` (the final round)
     /// fill in each slot's version and digest.
+    #[allow(clippy::result_large_err, reason = "cold error path")]
     fn write_map(&mut self, reports: Option<&[SlotReport]>) -> Result<(), Fault> {
         let n = self.stages.len();
         let mut entries = Vec::with_capacity(n);

@@ -31,6 +31,7 @@ pub struct Client {
 }
 
 impl Client {
+    #[allow(clippy::result_large_err, reason = "cold error path")]
     pub fn new(network: Network) -> Result<Self, RingError> {
         let cancel = CancellationToken::new();
         let listener = EndListener::start(&network, cancel.child_token())?;

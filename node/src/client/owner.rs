@@ -43,6 +43,7 @@ pub struct MapStage {
 }
 
 /// The remote stages of `map`, checked.
+#[allow(clippy::result_large_err, reason = "cold error path")]
 pub fn remote_stages(map: &ModelMap, stages: usize) -> Result<Vec<MapStage>, JobError> {
     let mut out: Vec<MapStage> = Vec::new();
     for entry in &map.stages {

@@ -180,8 +180,8 @@ pub fn training_rings<R: RngCore + CryptoRng>(
     };
     let mut forward = Vec::new();
     let mut forward_hosts = Vec::new();
-    for j in 0..m {
-        forward.extend(forward_mixes[j].iter().map(mix_hop));
+    for (j, mixes) in forward_mixes[..m].iter().enumerate() {
+        forward.extend(mixes.iter().map(mix_hop));
         forward_hosts.push(forward.len());
         forward.push(assignment(j, Direction::Forward)?);
     }

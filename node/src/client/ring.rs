@@ -84,6 +84,7 @@ pub struct EndListener {
 pub const END_EPOCH: u64 = 0;
 
 impl EndListener {
+    #[allow(clippy::result_large_err, reason = "cold error path")]
     pub fn start(network: &Network, cancel: CancellationToken) -> Result<Self, RingError> {
         let key = Arc::new(OnionKeyPair::generate(END_EPOCH, u64::MAX));
         let pending: Pending = Arc::new(Mutex::new(HashMap::new()));
