@@ -14,9 +14,11 @@ use mixnn_model::{DecodeLimits, HostTensor, InputGrad, Slot, SlotWorker};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
+use super::admission::{choose_victim, SlotRules};
+use super::budget::{self, MemoryBudget, OverBudget, Reservation};
 use super::payload::{
-    open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, SlotReport,
-    StateOp,
+    open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, MsgHead,
+    MsgKind, SlotReport, StateOp,
 };
 use super::session::{self, Action, Kind, SlotSession, Ticket};
 use crate::metrics::Metrics;
@@ -86,10 +88,13 @@ pub struct SlotCell {
     order: Mutex<Order>,
     /// The run whose circuits bound this copy.
     session: [u8; 16],
+    /// What this copy holds in the node's memory budget, and the largest
+    /// batch that covers; returned when the copy is dropped.
+    memory: Mutex<(Reservation, u32)>,
 }
 
 impl SlotCell {
-    fn new(s: HostedSlot, session: [u8; 16]) -> Self {
+    fn new(s: HostedSlot, session: [u8; 16], memory: Reservation, batch: u32) -> Self {
         Self {
             state: Mutex::new(s),
             order: Mutex::new(Order {
@@ -97,7 +102,25 @@ impl SlotCell {
                 waiting: HashMap::new(),
             }),
             session,
+            memory: Mutex::new((memory, batch)),
         }
+    }
+
+    /// Make the copy's reservation cover batches of `max_batch` rows (a
+    /// circuit that asks for more than the ones before it).
+    fn cover(&self, hosted: &HostedSlot, max_batch: u32) -> Result<(), OverBudget> {
+        let mut m = lock(&self.memory);
+        if max_batch > m.1 {
+            let need = budget::slot_bytes(&hosted.slot.spec(), &hosted.slot.optimizer(), max_batch);
+            m.0.grow_to(need)?;
+            m.1 = max_batch;
+        }
+        Ok(())
+    }
+
+    /// Bytes this copy holds in the memory budget.
+    pub fn reserved(&self) -> u64 {
+        lock(&self.memory).0.bytes()
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, HostedSlot> {
@@ -185,6 +208,16 @@ pub struct HostPolicy {
     pub max_params: u64,
     /// The longest lease this host grants, in seconds.
     pub max_lease_secs: u64,
+    /// A slot its owner has not used for this long may go to a newcomer.
+    pub idle_secs: u64,
+}
+
+impl HostPolicy {
+    pub fn rules(&self) -> SlotRules {
+        SlotRules {
+            idle_secs: self.idle_secs,
+        }
+    }
 }
 
 /// All slots this host serves right now.
@@ -192,7 +225,10 @@ pub struct Host {
     store: Arc<dyn SlotStore>,
     policy: HostPolicy,
     live: Mutex<HashMap<SlotId, SharedSlot>>,
+    budget: Arc<MemoryBudget>,
     metrics: Metrics,
+    /// The slots on offer at the last sweep.
+    last_offer: std::sync::atomic::AtomicU32,
     /// Signalled when a slot's lease or use changed: the lease sweeper
     /// looks again.
     pub changed: tokio::sync::Notify,
@@ -207,8 +243,12 @@ pub struct Sweep {
     /// Slots to free now, with whether their setup ever completed.
     pub expired: Vec<(SlotId, bool)>,
     /// The earliest end of a lease still running among the slots not in
-    /// use (unix seconds).
+    /// use (unix seconds); [`Host::sweep`] also counts the next time a
+    /// slot may go to a newcomer.
     pub next: Option<u64>,
+    /// The slots on offer changed since the last sweep (some may now go to
+    /// a newcomer): the descriptor should say so.
+    pub offer_changed: bool,
 }
 
 /// Which slots to free at `now`: those whose lease ended and that no
@@ -234,12 +274,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Host {
-    pub fn new(store: Arc<dyn SlotStore>, policy: HostPolicy, metrics: Metrics) -> Self {
+    pub fn new(
+        store: Arc<dyn SlotStore>,
+        policy: HostPolicy,
+        budget: Arc<MemoryBudget>,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             store,
             policy,
             live: Mutex::new(HashMap::new()),
+            budget,
             metrics,
+            last_offer: std::sync::atomic::AtomicU32::new(u32::MAX),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -252,16 +299,28 @@ impl Host {
     /// Free every slot whose lease ended at `now` and that no circuit
     /// uses. Returns what was freed and when to look again.
     pub fn sweep(&self, now: u64) -> Result<Sweep, HostError> {
-        // Under the live lock: no bind loads a slot while it is removed.
-        let live = lock(&self.live);
-        let sweep = plan_sweep(&self.store.list_slots()?, |id| live.contains_key(id), now);
-        for (id, confirmed) in &sweep.expired {
-            if self.store.remove_slot(id)? {
-                let reason = if *confirmed { "expired" } else { "setup" };
-                self.metrics.slot_freed(reason);
-                tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason);
+        let mut sweep = {
+            // Under the live lock: no bind loads a slot while it is removed.
+            let live = lock(&self.live);
+            let metas = self.store.list_slots()?;
+            let mut sweep = plan_sweep(&metas, |id| live.contains_key(id), now);
+            for (id, confirmed) in &sweep.expired {
+                if self.store.remove_slot(id)? {
+                    let reason = if *confirmed { "expired" } else { "setup" };
+                    self.metrics.slot_freed(reason);
+                    tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason);
+                }
             }
-        }
+            if let Some(t) = super::admission::next_reclaim(&metas, now, self.policy.rules()) {
+                sweep.next = Some(sweep.next.map_or(t, |n| n.min(t)));
+            }
+            sweep
+        };
+        let offer = self.free_slots(now)?;
+        sweep.offer_changed = self
+            .last_offer
+            .swap(offer, std::sync::atomic::Ordering::Relaxed)
+            != offer;
         Ok(sweep)
     }
 
@@ -288,16 +347,50 @@ impl Host {
         lease_secs: u64,
         now: u64,
     ) -> Result<(), HostError> {
-        // At most one write a minute while a lease is kept extended.
+        // At most one write a minute while a slot is in use: when its
+        // lease should grow, or its last use is a minute old.
         let wanted = now.saturating_add(lease_secs);
-        if lease_secs == 0
-            || (s.lease.confirmed && s.lease.until.saturating_add(TOUCH_EVERY_SECS) >= wanted)
-        {
+        let grows = !s.lease.confirmed || s.lease.until.saturating_add(TOUCH_EVERY_SECS) < wanted;
+        let stale = now >= s.lease.last_used.saturating_add(TOUCH_EVERY_SECS);
+        if lease_secs == 0 || !(grows || stale) {
             return Ok(());
         }
         s.lease = s.lease.extended(now, lease_secs);
         self.store.set_lease(id, s.lease)?;
         Ok(())
+    }
+
+    fn no_memory(&self, max_batch: u32, e: OverBudget) -> HostError {
+        tracing::info!(
+            event = "slot_refused",
+            reason = "memory",
+            max_batch,
+            needed = e.needed,
+            free = e.free
+        );
+        HostError::Refused(format!(
+            "the slot does not fit in memory at batches of {max_batch}: {e}"
+        ))
+    }
+
+    /// The node's memory budget.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
+    /// The slots this host offers at `now`: free ones and those a newcomer
+    /// may take over (none that a circuit uses).
+    pub fn free_slots(&self, now: u64) -> Result<u32, HostError> {
+        let live = lock(&self.live);
+        let metas = self.store.list_slots()?;
+        let kept = metas
+            .iter()
+            .filter(|m| {
+                live.contains_key(&m.id)
+                    || !super::admission::reclaimable(m, now, self.policy.rules())
+            })
+            .count() as u32;
+        Ok(self.policy.slots.saturating_sub(kept))
     }
 
     fn not_owner(&self) -> HostError {
@@ -338,6 +431,8 @@ impl Host {
             // share it; a new run retires the circuits of the old one and
             // starts again from the last checkpoint.
             if body.infer_only || s.session == body.session {
+                s.cover(&hosted, body.max_batch)
+                    .map_err(|e| self.no_memory(body.max_batch, e))?;
                 if hosted.lease.confirmed {
                     self.touch(&body.slot_id, &mut hosted, lease_secs, now)?;
                 }
@@ -348,18 +443,42 @@ impl Host {
             s.retire();
             live.remove(&body.slot_id);
         }
-        let stored = self.store.get_slot(&body.slot_id).inspect_err(|e| {
-            if matches!(e, StoreError::Corrupt { .. }) {
-                self.metrics.slots_corrupt.inc();
-                tracing::error!(event = "slot_corrupt", slot = %hex::encode(body.slot_id), error = %e);
+        if let Some(meta) = self.store.get_meta(&body.slot_id)? {
+            if meta.owner != body.owner {
+                return Err(self.not_owner());
             }
-        })?;
-        if let Some(stored) = stored {
+            // Room to read it (its state twice, its parameters four times)
+            // before reading it; then exactly what it costs at this batch.
+            let mut memory = self
+                .budget
+                .reserve(budget::slot_resident_bytes(
+                    meta.param_count,
+                    0,
+                    meta.state_len,
+                ))
+                .map_err(|e| self.no_memory(body.max_batch, e))?;
+            let stored = self.store.get_slot(&body.slot_id).inspect_err(|e| {
+                if matches!(e, StoreError::Corrupt { .. }) {
+                    self.metrics.slots_corrupt.inc();
+                    tracing::error!(event = "slot_corrupt", slot = %hex::encode(body.slot_id), error = %e);
+                }
+            })?;
+            let Some(stored) = stored else {
+                return Err(HostError::NoSuchSlot);
+            };
             if stored.owner != body.owner {
                 return Err(self.not_owner());
             }
             let slot = Slot::from_bytes(&stored.state)
-                .and_then(SlotWorker::spawn)
+                .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
+            memory
+                .set(budget::slot_bytes(
+                    slot.spec(),
+                    slot.optimizer(),
+                    body.max_batch,
+                ))
+                .map_err(|e| self.no_memory(body.max_batch, e))?;
+            let slot = SlotWorker::spawn(slot)
                 .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
             let shared = Arc::new(SlotCell::new(
                 HostedSlot {
@@ -369,6 +488,8 @@ impl Host {
                     lease: stored.lease,
                 },
                 body.session,
+                memory,
+                body.max_batch,
             ));
             {
                 let mut hosted = shared.lock();
@@ -398,12 +519,36 @@ impl Host {
                 self.policy.max_params
             )));
         }
-        let held = self.store.list_slots()?.len() as u32;
-        if held >= self.policy.slots {
+        if !body.has_work(hop_onion_key) {
             return Err(HostError::Refused(format!(
-                "all {} slots are taken",
-                self.policy.slots
+                "the claim does not carry its proof of work ({} bits for this slot's size)",
+                body.work_bits()
             )));
+        }
+        // Memory first: a claim that cannot be served takes no one's place.
+        let memory = self
+            .budget
+            .reserve(budget::slot_bytes(
+                &create.stage,
+                &create.optimizer,
+                body.max_batch,
+            ))
+            .map_err(|e| self.no_memory(body.max_batch, e))?;
+        let mut metas = self.store.list_slots()?;
+        while metas.len() as u32 >= self.policy.slots {
+            let victim =
+                choose_victim(&metas, |id| live.contains_key(id), now, self.policy.rules());
+            let Some(victim) = victim else {
+                return Err(HostError::Refused(format!(
+                    "all {} slots are taken and in use",
+                    self.policy.slots
+                )));
+            };
+            if self.store.remove_slot(&victim)? {
+                self.metrics.slot_freed("evicted");
+                tracing::info!(event = "slot_freed", slot = %hex::encode(victim), reason = "evicted");
+            }
+            metas.retain(|m| m.id != victim);
         }
         let slot = Slot::new(&create.stage, create.init, create.optimizer)
             .and_then(SlotWorker::spawn)
@@ -422,7 +567,7 @@ impl Host {
             .to_bytes()
             .map_err(|e| HostError::Compute(e.to_string()))?;
         self.persist(&body.slot_id, &hosted, state)?;
-        let shared = Arc::new(SlotCell::new(hosted, body.session));
+        let shared = Arc::new(SlotCell::new(hosted, body.session, memory, body.max_batch));
         live.insert(body.slot_id, shared.clone());
         self.changed.notify_one();
         Ok((shared, true))
@@ -658,14 +803,107 @@ impl Host {
         }
     }
 
-    /// Decode limits for messages into `slot`: rows times its widest side.
-    pub fn limits(slot: &SharedSlot, max_batch: u32) -> DecodeLimits {
+    /// What messages on a circuit bound to `slot` by `a` may be.
+    pub fn expect(slot: &SharedSlot, a: &Assignment) -> Expect {
         let s = slot.lock();
-        let width = s.slot.input_dim().max(s.slot.output_dim());
-        DecodeLimits {
-            max_rank: 2,
-            max_elements: (max_batch as usize * width).min(MAX_TENSOR_ELEMENTS),
+        let b = &a.body;
+        Expect {
+            inputs: s.slot.input_dim(),
+            outputs: s.slot.output_dim(),
+            max_batch: b.max_batch,
+            direction: b.direction,
+            infer_only: b.infer_only,
+            state_total: b
+                .state
+                .filter(|w| w.range().is_some())
+                .map(|w| w.total as usize),
         }
+    }
+}
+
+/// What the messages of one layer host's circuit may be: tensors of the
+/// slot's own sides and at most `max_batch` rows, the state message of the
+/// circuit's window, control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expect {
+    pub inputs: usize,
+    pub outputs: usize,
+    pub max_batch: u32,
+    pub direction: Direction,
+    pub infer_only: bool,
+    /// The job's state message size, on a circuit that carries them.
+    pub state_total: Option<usize>,
+}
+
+impl Expect {
+    pub fn widest(&self) -> usize {
+        self.inputs.max(self.outputs)
+    }
+
+    /// The longest message the circuit accepts.
+    pub fn max_message(&self) -> usize {
+        budget::max_message_bytes(self.widest(), self.max_batch, self.state_total.unwrap_or(0))
+    }
+
+    /// What the circuit costs in the memory budget.
+    pub fn circuit_bytes(&self) -> u64 {
+        budget::host_circuit_bytes(
+            self.max_message(),
+            self.widest(),
+            self.max_batch,
+            self.state_total.unwrap_or(0),
+        )
+    }
+}
+
+/// Check a message's header against what its circuit may carry, before
+/// anything is decoded or computed, and give the decode limits for exactly
+/// that message (a sparse tensor decodes to `rows × columns` elements,
+/// never more). Pure.
+pub fn check_message(head: &MsgHead, e: &Expect) -> Result<DecodeLimits, HostError> {
+    let tensor = |want: usize| -> Result<DecodeLimits, HostError> {
+        let ok = match head.shape {
+            Some((2, [rows, cols, ..])) => {
+                (rows >= 1 && rows <= e.max_batch as usize && cols == want).then_some(rows * cols)
+            }
+            _ => None,
+        };
+        let Some(n) = ok.filter(|&n| n <= MAX_TENSOR_ELEMENTS) else {
+            let shape = head.shape.map(|(r, d)| d[..r.min(d.len())].to_vec());
+            return Err(HostError::BadMessage(format!(
+                "a {} tensor of shape {:?} where [1..={}, {want}] was expected",
+                head.kind.name(),
+                shape.unwrap_or_default(),
+                e.max_batch
+            )));
+        };
+        Ok(DecodeLimits {
+            max_rank: 2,
+            max_elements: n,
+        })
+    };
+    let nothing = DecodeLimits {
+        max_rank: 0,
+        max_elements: 0,
+    };
+    match (head.kind, e.direction) {
+        (MsgKind::Forward, Direction::Forward) if !e.infer_only => tensor(e.inputs),
+        (MsgKind::Infer, Direction::Forward) => tensor(e.inputs),
+        (MsgKind::Backward, Direction::Backward) if !e.infer_only => tensor(e.outputs),
+        (MsgKind::Control, Direction::Forward) => Ok(nothing),
+        (MsgKind::State, Direction::Forward) if !e.infer_only => match e.state_total {
+            Some(t) if head.body_len == t + 1 => Ok(nothing),
+            _ => Err(HostError::BadMessage(format!(
+                "a state message of {} bytes that does not match this circuit's state window",
+                head.body_len.saturating_sub(1)
+            ))),
+        },
+        (k, d) => Err(HostError::BadMessage(format!(
+            "a {} message on a {:?} circuit{}",
+            k.name(),
+            d,
+            if e.infer_only { " for inference" } else { "" }
+        ))),
     }
 }
 
@@ -686,7 +924,9 @@ mod tests {
                 slots: 4,
                 max_params: 1 << 20,
                 max_lease_secs: 3600,
+                idle_secs: 600,
             },
+            MemoryBudget::new(1 << 30, Metrics::new()),
             Metrics::new(),
         )
     }
