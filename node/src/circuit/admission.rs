@@ -394,8 +394,9 @@ pub const WORK_MAX_BITS: u32 = 32;
 
 /// Leading zero bits a slot claim's work hash needs for a slot whose
 /// stored state is `state_bytes` long: [`WORK_BASE_BITS`], and one more for
-/// every doubling past 1 MiB (2^16 hashes for a small layer, about 20 ms on
-/// one core; 2^26 for a 50-million-parameter layer with momentum).
+/// every doubling past 1 MiB (2^16 hashes for a small layer, about 25 ms on
+/// one core; 2^25, about 13 s, for a 50-million-parameter layer with
+/// momentum).
 pub fn work_bits(state_bytes: u64) -> u32 {
     let mib = state_bytes.div_ceil(1 << 20).max(1);
     let doublings = 64 - (mib - 1).leading_zeros();
