@@ -418,7 +418,9 @@ impl CircuitServer {
             return End::Refused("no_next_hop");
         };
 
-        // Admission before opening anything downstream.
+        // Admission before opening anything downstream. The slot's copy
+        // goes however the circuit ends (`bound`).
+        let mut bound: Option<Bound> = None;
         let hosting = match &payload.role {
             HopRole::Mix if self.state.config.mix => None,
             HopRole::Mix => {
@@ -431,18 +433,33 @@ impl CircuitServer {
                     return End::Refused("not_a_host");
                 };
                 let a: Arc<Assignment> = Arc::new((**a).clone());
+                // The guard comes out of the blocking task: if this circuit is
+                // cancelled while the bind runs, dropping it drops the slot's
+                // copy too.
                 let bind = {
                     let host = host.clone();
                     let a = a.clone();
-                    tokio::task::spawn_blocking(move || host.bind(&a, &my_onion_key)).await
+                    tokio::task::spawn_blocking(move || {
+                        host.bind(&a, &my_onion_key).map(|(slot, created)| {
+                            let guard = Bound {
+                                host: host.clone(),
+                                slot_id: a.body.slot_id,
+                                slot,
+                            };
+                            (guard, created)
+                        })
+                    })
+                    .await
                 };
                 match bind {
-                    Ok(Ok((slot, created))) => {
+                    Ok(Ok((guard, created))) => {
                         if created {
                             self.metrics().slots_held.inc();
                             self.state.republish.notify_one();
                             tracing::info!(event = "slot_created", slot = %hex::encode(a.body.slot_id));
                         }
+                        let slot = guard.slot.clone();
+                        bound = Some(guard);
                         Some((host, a, slot))
                     }
                     Ok(Err(e)) => {
@@ -470,13 +487,9 @@ impl CircuitServer {
             }
         };
 
-        // The slot's copy goes however the circuit ends; its buffers are
-        // held in the memory budget before anything is read into them.
-        let _bound = hosting.as_ref().map(|(host, a, slot)| Bound {
-            host: host.clone(),
-            slot_id: a.body.slot_id,
-            slot: slot.clone(),
-        });
+        // The circuit's buffers are held in the memory budget before
+        // anything is read into them.
+        let _bound = bound;
         let _memory: Option<Reservation> = match &hosting {
             Some((_, a, slot)) => {
                 match self.budget.reserve(Host::expect(slot, a).circuit_bytes()) {
