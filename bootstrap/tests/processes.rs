@@ -1,19 +1,14 @@
 //! The bootstrap and volunteer nodes as separate processes on loopback.
 
-use std::io::{BufRead, BufReader, Read};
+#[path = "../../node/tests/common/procs.rs"]
+mod procs;
+
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Kills the process when dropped, so a failed assertion leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use procs::{spawn_first_line, Proc};
 
 fn bootstrap_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_mixnn-bootstrap"))
@@ -28,28 +23,6 @@ fn mixnn_bin() -> PathBuf {
         p.display()
     );
     p
-}
-
-/// Start a process and return it with the first line it prints.
-fn spawn_first_line(cmd: &mut Command) -> (Proc, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("process starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        for _ in lines {}
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("process printed its address");
-    (Proc(child), line)
 }
 
 fn start_node(boot: &str, dir: &Path, mix: bool) -> (Proc, String) {

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 use crate::network::records::Role;
-use crate::network::{Network, NetworkConfig, NetworkError, TransportKind};
+use crate::network::{split_peer_addr, Network, NetworkConfig, NetworkError, TransportKind};
 
 /// Descriptor fetches in flight at once.
 const FETCH_CONCURRENCY: usize = 16;
@@ -195,6 +195,7 @@ pub async fn join_as_client(
     cancel: CancellationToken,
 ) -> Result<Network, NetworkError> {
     let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let bootstrap_list = bootstrap.clone();
     let cfg = NetworkConfig {
         listen,
         bootstrap,
@@ -203,8 +204,65 @@ pub async fn join_as_client(
         ..NetworkConfig::default()
     };
     let (network, _task) = Network::start(keypair, cfg, Metrics::new(), cancel).await?;
+    if !bootstrap_list.is_empty() {
+        reach_bootstrap(&network, &bootstrap_list, BOOTSTRAP_TIMEOUT).await?;
+    }
     network.wait_for_peers(1, Duration::from_secs(10)).await?;
     Ok(network)
+}
+
+/// Longest wait for a bootstrap peer to answer.
+pub const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Dial every bootstrap peer at once; fine if one answers, otherwise an
+/// error that names each one's cause.
+pub async fn reach_bootstrap(
+    network: &Network,
+    bootstrap: &[Multiaddr],
+    timeout: Duration,
+) -> Result<(), NetworkError> {
+    let peers: Vec<(Multiaddr, PeerId)> = bootstrap
+        .iter()
+        .filter_map(|a| split_peer_addr(a).map(|(p, _)| (a.clone(), p)))
+        .filter(|(_, p)| *p != network.peer_id())
+        .collect();
+    if peers.is_empty() {
+        return Ok(());
+    }
+    let tries = peers.iter().map(|(_, p)| network.connect(*p, timeout));
+    let results = futures::future::join_all(tries).await;
+    if results.iter().any(|r| r.is_ok()) {
+        return Ok(());
+    }
+    let causes: Vec<String> = peers
+        .iter()
+        .zip(results)
+        .map(|((addr, _), r)| {
+            let reason = r.err().map(|e| e.to_string()).unwrap_or_default();
+            format!("{addr}: {}", bootstrap_cause(&reason))
+        })
+        .collect();
+    Err(NetworkError::BootstrapUnreachable(causes.join("; ")))
+}
+
+/// What a failed dial to a bootstrap peer means, in words a person can act
+/// on. Pure: libp2p's error text in.
+pub fn bootstrap_cause(reason: &str) -> String {
+    let r = reason.to_ascii_lowercase();
+    let cause = if r.contains("connection refused") {
+        "connection refused: nothing listens on that port (is the bootstrap running, and is the port right?)"
+    } else if r.contains("unexpected peer id") || r.contains("wrongpeerid") {
+        "a different peer answers at that address: the /p2p/ peer id is wrong, or the bootstrap's identity changed"
+    } else if r.contains("dns") || r.contains("lookup") || r.contains("resolve") {
+        "the host name does not resolve (DNS)"
+    } else if r.contains("unreachable") || r.contains("no route") {
+        "the address is unreachable from here (network or firewall)"
+    } else if r.contains("timed out") || r.contains("timeout") {
+        "no answer in time (a firewall dropping packets, or the host is down)"
+    } else {
+        return format!("cannot connect: {reason}");
+    };
+    cause.to_string()
 }
 
 /// Discover until at least `want` volunteers are found, the walks settle
@@ -312,6 +370,28 @@ impl Walks {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn bootstrap_failures_are_named_by_their_cause() {
+        use super::bootstrap_cause;
+        assert!(bootstrap_cause(
+            "Failed to negotiate transport protocol(s): [(/ip4/127.0.0.1/tcp/1: : Connection refused (os error 111))]"
+        )
+        .starts_with("connection refused"));
+        assert!(
+            bootstrap_cause("Dial error: Unexpected peer ID 12D3Koo at Dialer")
+                .contains("peer id is wrong")
+        );
+        assert!(
+            bootstrap_cause("failed to lookup address information: Name or service not known")
+                .contains("DNS")
+        );
+        assert!(bootstrap_cause("Network is unreachable (os error 101)").contains("unreachable"));
+        assert!(
+            bootstrap_cause("timed out after 10s waiting for a connection").contains("in time")
+        );
+        assert_eq!(bootstrap_cause("odd"), "cannot connect: odd");
+    }
+
     use super::*;
 
     fn peers(n: usize) -> Vec<PeerId> {

@@ -54,6 +54,9 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
     for cause in e.chain() {
         if let Some(j) = cause.downcast_ref::<JobError>() {
             return match j {
+                JobError::Route(mixnn_node::client::route::RouteError::TooLarge { .. }) => {
+                    "layer_too_large"
+                }
                 JobError::Route(_) => "not_enough_volunteers",
                 JobError::Hop { .. } => "hop_failed",
                 JobError::Interrupted { .. } => "interrupted",
@@ -61,6 +64,7 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
                 JobError::Map(_) => "model_map",
                 JobError::Payload(_) => "protocol",
                 JobError::Invalid(_) => "invalid",
+                JobError::Diverged { .. } => "diverged",
             };
         }
         if cause.downcast_ref::<MapError>().is_some() {

@@ -37,6 +37,33 @@ pub enum NodeError {
     },
     #[error("identity key could not be used by libp2p: {0}")]
     Identity(String),
+    #[error(
+        "the database did not flush to disk within {0:?} (is the disk full or failing?); \
+         slots changed since their last checkpoint may be lost"
+    )]
+    FlushTimeout(Duration),
+}
+
+/// Longest wait for the database to reach the disk at shutdown.
+pub const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Run a blocking `f` on a thread of its own and wait at most `timeout`
+/// for it: a disk that never answers cannot hang the caller. `None` on
+/// timeout (the thread is left to finish or hang on its own).
+pub async fn bounded_blocking<T: Send + 'static>(
+    timeout: Duration,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new()
+        .name("mixnn-flush".into())
+        .spawn(move || {
+            let _ = tx.send(f());
+        });
+    if spawned.is_err() {
+        return None;
+    }
+    tokio::time::timeout(timeout, rx).await.ok()?.ok()
 }
 
 /// The current and previous epoch's onion keys.
@@ -129,7 +156,14 @@ impl NodeState {
         if let Some(stale) = keys.previous.replace(old) {
             self.data.remove_onion_key(stale.epoch())?;
         }
-        tracing::info!(event = "onion_key_rotated", epoch);
+        // Tags of setups under keys that are gone can never match again.
+        let keep_from = keys.previous.as_ref().map_or(epoch, |k| k.epoch());
+        let pruned = crate::store::prune_replay(&self.data.replay_tree()?, keep_from)?;
+        tracing::info!(
+            event = "onion_key_rotated",
+            epoch,
+            replay_tags_pruned = pruned
+        );
         Ok(true)
     }
 }
@@ -275,6 +309,13 @@ impl RunningNode {
             publisher_task = Some((stop, handle));
         }
 
+        if !state.config.bootstrap.is_empty() {
+            tasks.push(tokio::spawn(alone_watch(
+                network.clone(),
+                state.config.bootstrap.clone(),
+                work.child_token(),
+            )));
+        }
         tracing::info!(
             event = "node_started",
             peer = %network.peer_id(),
@@ -362,7 +403,14 @@ impl RunningNode {
         }
         self.cancel.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.net_task).await;
-        self.state.data.flush()?;
+        let flush = self.state.data.flusher();
+        match bounded_blocking(FLUSH_TIMEOUT, flush).await {
+            Some(r) => r?,
+            None => {
+                tracing::error!(event = "flush_timeout", timeout = ?FLUSH_TIMEOUT);
+                return Err(NodeError::FlushTimeout(FLUSH_TIMEOUT));
+            }
+        }
         tracing::info!(event = "node_stopped", peer = %self.network.peer_id());
         Ok(())
     }
@@ -438,20 +486,64 @@ impl metrics::Pages for NodePages {
     }
 }
 
+/// How often a node with no peer at all says so.
+pub const ALONE_WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// Warns while the node has no peer at all: every minute it tries its
+/// bootstrap peers again and logs why they do not answer.
+async fn alone_watch(network: Network, bootstrap: Vec<Multiaddr>, cancel: CancellationToken) {
+    let mut wait = Duration::from_secs(1);
+    loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        wait = ALONE_WARN_EVERY;
+        let alone = network
+            .connected_peers()
+            .await
+            .map_or(false, |p| p.is_empty());
+        if !alone {
+            continue;
+        }
+        let cause = match crate::discovery::reach_bootstrap(
+            &network,
+            &bootstrap,
+            crate::discovery::BOOTSTRAP_TIMEOUT,
+        )
+        .await
+        {
+            Ok(()) => continue,
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            event = "alone",
+            %cause,
+            "this node is alone: no peer is connected and {cause}; it keeps trying every {}s",
+            ALONE_WARN_EVERY.as_secs()
+        );
+    }
+}
+
 /// Frees slots whose lease ended: at the earliest end of a lease, when a
 /// slot's use changes, and at least every 30 seconds.
 async fn lease_sweeper(state: Arc<NodeState>, host: Arc<Host>, cancel: CancellationToken) {
     const MAX_WAIT: Duration = Duration::from_secs(30);
+    let mut last_held = None;
     loop {
         let now = unix_now();
         let wait = match host.sweep(now) {
             Ok(sweep) => {
-                if !sweep.expired.is_empty() || sweep.offer_changed {
-                    if let Ok(held) = state.slots.list_slots() {
-                        state.metrics.slots_held.set(held.len() as i64);
+                // Slots freed here or released by their owners, or created,
+                // or slots that a new claim may now take over: count them
+                // and advertise the change.
+                if let Ok(held) = state.slots.list_slots().map(|l| l.len()) {
+                    if last_held.is_some_and(|h| h != held) || sweep.offer_changed {
+                        state.republish.notify_one();
                     }
-                    // Advertise the freed slots.
-                    state.republish.notify_one();
+                    last_held = Some(held);
+                    state.metrics.slots_held.set(held as i64);
                 }
                 sweep
                     .next
@@ -612,6 +704,22 @@ async fn publish_once(state: &NodeState, network: &Network, addresses: &[String]
 
 #[cfg(test)]
 mod tests {
+    #[tokio::test]
+    async fn a_blocking_call_that_never_returns_is_given_up_on_time() {
+        let (release, wait) = std::sync::mpsc::sync_channel::<()>(1);
+        let started = std::time::Instant::now();
+        let out = super::bounded_blocking(super::Duration::from_millis(200), move || {
+            let _ = wait.recv();
+            7
+        })
+        .await;
+        assert_eq!(out, None);
+        assert!(started.elapsed() < super::Duration::from_secs(5));
+        let _ = release.send(());
+        let out = super::bounded_blocking(super::Duration::from_secs(5), || 7).await;
+        assert_eq!(out, Some(7));
+    }
+
     use super::*;
 
     fn addrs(list: &[&str]) -> Vec<Multiaddr> {

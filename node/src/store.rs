@@ -267,6 +267,14 @@ fn encode<T: Serialize>(what: &str, value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 impl SledStore {
+    /// Replace a slot's state bytes and nothing else, as a failing disk
+    /// would (tests of corruption).
+    #[doc(hidden)]
+    pub fn overwrite_state_for_tests(&self, id: &SlotId, state: &[u8]) -> Result<(), StoreError> {
+        self.state.insert(id, state)?;
+        Ok(())
+    }
+
     fn open(db: &sled::Db) -> Result<Self, StoreError> {
         let store = Self {
             meta: db.open_tree("slot_meta")?,
@@ -314,6 +322,17 @@ impl SledStore {
     }
 }
 
+/// Our transactions never abort on their own; storage errors pass through.
+fn transaction_error(e: sled::transaction::TransactionError<()>) -> StoreError {
+    match e {
+        sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
+        sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt {
+            what: "slot".into(),
+            reason: "a write was aborted".into(),
+        },
+    }
+}
+
 /// The lease slots of an older store get when they move to this one.
 pub const DEFAULT_MIGRATED_LEASE_SECS: u64 = 7 * 24 * 3600;
 
@@ -330,13 +349,7 @@ impl SlotStore for SledStore {
                 m.insert(&slot.id[..], meta.as_slice())?;
                 Ok(())
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
-                sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt {
-                    what: "slot".into(),
-                    reason: "write aborted".into(),
-                },
-            })?;
+            .map_err(transaction_error)?;
         Ok(())
     }
 
@@ -379,13 +392,7 @@ impl SlotStore for SledStore {
                 s.remove(&id[..])?;
                 Ok(had)
             })
-            .map_err(|e: sled::transaction::TransactionError<()>| match e {
-                sled::transaction::TransactionError::Storage(e) => StoreError::Db(e),
-                sled::transaction::TransactionError::Abort(()) => StoreError::Corrupt {
-                    what: "slot".into(),
-                    reason: "removal aborted".into(),
-                },
-            })
+            .map_err(transaction_error)
     }
 
     fn list_slots(&self) -> Result<Vec<SlotMeta>, StoreError> {
@@ -401,6 +408,21 @@ impl SlotStore for SledStore {
         self.db.flush()?;
         Ok(())
     }
+}
+
+/// Drop the replay tags of epochs before `keep_from` (their onion keys are
+/// gone, so no setup of theirs can be peeled again). Tags are keyed by
+/// their epoch, big-endian, first. Returns how many were dropped.
+pub fn prune_replay(tree: &sled::Tree, keep_from: u64) -> Result<usize, StoreError> {
+    let end = keep_from.to_be_bytes();
+    let stale: Vec<_> = tree
+        .range(..end.as_slice())
+        .keys()
+        .collect::<Result<_, _>>()?;
+    for k in &stale {
+        tree.remove(k)?;
+    }
+    Ok(stale.len())
 }
 
 /// A node's data directory: `identity.key` and a sled database `db/`.
@@ -499,6 +521,15 @@ impl DataDir {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// A flush to run on another thread (shutdown bounds its wait).
+    pub fn flusher(&self) -> impl FnOnce() -> Result<(), StoreError> + Send + 'static {
+        let db = self.db.clone();
+        move || {
+            db.flush()?;
+            Ok(())
+        }
     }
 }
 

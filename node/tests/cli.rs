@@ -304,3 +304,80 @@ fn with_json_a_failure_is_the_last_line_of_stdout() {
     assert!(!out.status.success());
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn a_node_whose_bootstrap_never_answers_says_it_is_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let boot = format!(
+        "/ip4/127.0.0.1/tcp/{port}/p2p/12D3KooWLRPJAA5o6Z6ZEc8GL8zqCqTBETt1VHDvJNBK6QnxFmSW"
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mixnn"))
+        .args([
+            "node",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--bootstrap",
+            &boot,
+        ])
+        .arg("--data-dir")
+        .arg(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node starts");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = std::sync::mpsc::sync_channel(64);
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let found = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) if l.contains("alone") => break Some(l),
+            Ok(l) => seen.push(l),
+            Err(_) => break None,
+        }
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("no warning; stderr was:\n{}", seen.join("\n")));
+    assert!(line.contains("connection refused"), "{line}");
+}
+
+#[test]
+fn arguments_that_can_be_checked_here_fail_before_the_network_is_asked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // A bootstrap that is not there: reaching it would fail with another
+    // message, so these errors prove nothing was created first.
+    let boot = "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWLRPJAA5o6Z6ZEc8GL8zqCqTBETt1VHDvJNBK6QnxFmSW";
+    let missing = dir.path().join("no/such/dir/m.json");
+    let out = mixnn(&[
+        "train",
+        "--bootstrap",
+        boot,
+        "--model-map",
+        missing.to_str().expect("path"),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("bootstrap peer"), "{}", stderr(&out));
+
+    let out = mixnn(&["train", "--bootstrap", boot, "--step-timeout", "0"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--step-timeout"), "{}", stderr(&out));
+
+    let out = mixnn(&["train", "--bootstrap", boot, "--lease", "0d"]);
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("--lease"), "{}", stderr(&out));
+}

@@ -42,27 +42,41 @@ fn metric(net: &common::TestNet, line_start: &str) -> u64 {
         .sum()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn release_frees_every_slot_and_only_the_owner_may() {
+/// A bootstrap and 6 volunteers with 2 slots each, and `config()` trained
+/// through them with `opts`: the net, the map's folder, its path and the map.
+async fn trained(
+    opts: &JobOptions,
+) -> (
+    common::TestNet,
+    tempfile::TempDir,
+    std::path::PathBuf,
+    ModelMap,
+) {
     let net = common::testnet(6, 2, None).await;
-    let (client, vols) = (&*net.client, &net.volunteers);
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config();
     let train = data.train.clone().limit(256);
     let dir = tempfile::tempdir().expect("tempdir");
     let map_path = dir.path().join("m.json");
-    let before = free_slots(&net);
-    let opts = JobOptions::default();
     train_network(
-        client,
-        vols,
-        common::job(&cfg, &train, &data.test, &opts, &map_path),
+        &net.client,
+        &net.volunteers,
+        common::job(&cfg, &train, &data.test, opts, &map_path),
         &mut |_| {},
     )
     .await
     .expect("network training");
-    assert_eq!(free_slots(&net), before - 2, "the model holds two slots");
     let map = ModelMap::load(&map_path).expect("map");
+    (net, dir, map_path, map)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_frees_every_slot_and_only_the_owner_may() {
+    let opts = JobOptions::default();
+    let (net, _dir, _, map) = trained(&opts).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
+    let before = 6 * 2; // every slot of every volunteer
+    assert_eq!(free_slots(&net), before - 2, "the model holds two slots");
 
     // Each host's /slots lists its slot, with the same owner fingerprint
     // on both; /health counts it.
@@ -159,6 +173,27 @@ async fn release_frees_every_slot_and_only_the_owner_may() {
         let (_, body) = common::http_get(n, "/slots").await;
         assert!(body.contains("\"slots\":[]"), "{body}");
     }
+    // And advertised: every descriptor offers both slots again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut offered = 0;
+        for n in &net.nodes {
+            let d = client
+                .network()
+                .get_descriptor(n.peer_id())
+                .await
+                .expect("descriptor");
+            offered += d.free_slots;
+        }
+        if offered == before {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "released slots not advertised ({offered} of {before})"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // Again: already gone; status says so too.
     for op in [OwnerOp::Release, OwnerOp::Status] {
@@ -173,27 +208,13 @@ async fn release_frees_every_slot_and_only_the_owner_may() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_expired_lease_frees_the_slot_and_advertises_it_again() {
-    let net = common::testnet(6, 2, None).await;
-    let (client, vols) = (&*net.client, &net.volunteers);
-    let data = mixnn_node::dataset::load("synthetic").expect("data");
-    let cfg = config();
-    let train = data.train.clone().limit(256);
-    let dir = tempfile::tempdir().expect("tempdir");
-    let map_path = dir.path().join("m.json");
-    let before = free_slots(&net);
     let opts = JobOptions {
         lease: Duration::from_secs(2),
         ..JobOptions::default()
     };
-    train_network(
-        client,
-        vols,
-        common::job(&cfg, &train, &data.test, &opts, &map_path),
-        &mut |_| {},
-    )
-    .await
-    .expect("network training");
-    let map = ModelMap::load(&map_path).expect("map");
+    let (net, _dir, _, map) = trained(&opts).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
+    let before = 6 * 2; // every slot of every volunteer
     let hosts: Vec<libp2p::PeerId> = map
         .stages
         .iter()
@@ -240,4 +261,86 @@ async fn an_expired_lease_frees_the_slot_and_advertises_it_again() {
         .await
         .expect("status");
     assert!(gone.iter().all(|a| a.outcome == StageOutcome::Gone));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_that_changed_behind_the_map_is_named_and_a_corrupt_one_is_refused() {
+    use mixnn_node::client::model_map::StageEntry;
+    use mixnn_node::client::{infer_network, JobError};
+    use mixnn_node::store::SlotStore;
+
+    let opts = JobOptions::default();
+    let (net, _dir, _, map) = trained(&opts).await;
+    let (client, vols) = (&*net.client, &net.volunteers);
+    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let cfg = config();
+    infer_network(client, vols, &map, &data.test, &opts)
+        .await
+        .expect("the slots match the map");
+
+    // The host of stage 1 rolls its slot back to a freshly made one, with
+    // a digest that matches its bytes: the store cannot tell, the map can.
+    let (host, slot_id) = map
+        .stages
+        .iter()
+        .find_map(|s| match s {
+            StageEntry::Remote {
+                index: 1,
+                host,
+                slot_id,
+                ..
+            } => Some((
+                host.parse::<libp2p::PeerId>().expect("peer"),
+                slot_id.clone(),
+            )),
+            _ => None,
+        })
+        .expect("stage 1 is remote");
+    let id: [u8; 16] = hex::decode(&slot_id).expect("hex").try_into().expect("16");
+    let node = net
+        .nodes
+        .iter()
+        .find(|n| n.peer_id() == host)
+        .expect("the host");
+    let mut stored = node.state.slots.get_slot(&id).expect("get").expect("slot");
+    let fresh = mixnn_model::Slot::new(
+        &cfg.arch.stages()[1],
+        mixnn_model::InitSpec {
+            seed: cfg.seed,
+            stage_index: 1,
+        },
+        cfg.optimizer,
+    )
+    .expect("slot");
+    let good = stored.clone();
+    stored.state = fresh.to_bytes();
+    stored.version = 0;
+    node.state.slots.put_slot(&stored).expect("put");
+    match infer_network(client, vols, &map, &data.test, &opts).await {
+        Err(JobError::Diverged { stage, peer, .. }) => assert_eq!((stage, peer), (1, host)),
+        other => panic!("expected the diverged host to be named, got {other:?}"),
+    }
+
+    // A flipped byte under the right metadata: refused at bind, never
+    // served as it is, and counted.
+    node.state.slots.put_slot(&good).expect("put back");
+    infer_network(client, vols, &map, &data.test, &opts)
+        .await
+        .expect("restored");
+    let mut flipped = good.state.clone();
+    flipped[good.state.len() / 2] ^= 0x10;
+    node.state.slots.put_slot(&good).expect("put");
+    node.state
+        .slots
+        .overwrite_state_for_tests(&id, &flipped)
+        .expect("raw write");
+    let err = infer_network(client, vols, &map, &data.test, &opts)
+        .await
+        .expect_err("a corrupt slot is never served");
+    assert!(err.to_string().contains("corrupt"), "{err}");
+    assert!(node
+        .state
+        .metrics
+        .render()
+        .contains("mixnn_slots_corrupt_total 1"));
 }

@@ -6,20 +6,14 @@
 
 #![cfg_attr(not(all(mnist, python_numpy)), allow(dead_code, unused_imports))]
 
-use std::io::{BufRead, BufReader};
+#[path = "common/procs.rs"]
+mod procs;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-/// Kills the process when dropped, so a failed assertion leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
+use procs::{spawn_first_line, Proc};
 
 fn mixnn() -> Command {
     Command::new(env!("CARGO_BIN_EXE_mixnn"))
@@ -31,30 +25,15 @@ fn mnist_dir() -> PathBuf {
 
 /// Start `mixnn node` and return it with the address it prints first.
 fn node(args: &[&str], dir: &Path) -> (Proc, String) {
-    let mut child = mixnn()
-        .arg("node")
-        .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
-        .args(args)
-        .arg("--data-dir")
-        .arg(dir)
-        .env("MIXNN_REPUBLISH_SECS", "2")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("mixnn node starts");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(l)) = lines.next() {
-            let _ = tx.send(l);
-        }
-        for _ in lines {}
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the node printed its address");
-    (Proc(child), line)
+    spawn_first_line(
+        mixnn()
+            .arg("node")
+            .args(["--listen", "/ip4/127.0.0.1/tcp/0"])
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir)
+            .env("MIXNN_REPUBLISH_SECS", "2"),
+    )
 }
 
 fn ok(out: Output, what: &str) -> String {

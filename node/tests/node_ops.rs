@@ -203,6 +203,20 @@ async fn onion_keys_rotate_each_epoch_and_the_previous_key_still_works() {
         "the previous epoch's key was refused: {:?}",
         ring.err()
     );
+
+    // That setup left a replay tag of the first epoch; once its key is
+    // gone (two rotations later) the tag goes too, without a restart.
+    let replay = node.state.data.replay_tree().expect("replay tree");
+    let tags_of = |epoch: u64| replay.scan_prefix(epoch.to_be_bytes()).count();
+    assert!(tags_of(first.epoch) >= 1, "the setup left no replay tag");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while tags_of(first.epoch) > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "replay tags of a gone epoch were kept"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -228,4 +242,54 @@ async fn a_second_node_on_a_taken_port_fails_at_start_and_says_why() {
         Err(e) => assert!(e.to_string().contains("already in use"), "{e}"),
     }
     first.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_bootstrap_fails_fast_with_its_cause() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut c = common::config(dir.path(), &[], common::BOOTSTRAP, TransportKind::Tcp);
+    c.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("addr")];
+    let boot = RunningNode::start(c, CancellationToken::new())
+        .await
+        .expect("boot");
+    let real = boot
+        .full_addrs()
+        .into_iter()
+        .find(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/"))
+        .expect("a loopback address");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let closed: libp2p::Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}/p2p/{}", boot.peer_id())
+        .parse()
+        .expect("addr");
+    // The right address under another peer id.
+    let base = real.to_string();
+    let base = base.rsplit_once("/p2p/").expect("peer id").0;
+    let wrong: libp2p::Multiaddr = format!("{base}/p2p/{}", libp2p::PeerId::random())
+        .parse()
+        .expect("addr");
+    for (addr, cause) in [(closed, "connection refused"), (wrong, "peer id is wrong")] {
+        let started = std::time::Instant::now();
+        let err = match join_as_client(
+            vec![addr],
+            TransportKind::Tcp,
+            vec![],
+            CancellationToken::new(),
+        )
+        .await
+        {
+            Ok(_) => panic!("joined through a bootstrap that is not there"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(cause), "{err}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    boot.shutdown().await.expect("shutdown");
 }

@@ -67,6 +67,9 @@ pub struct PaperReport {
     pub rows: Vec<Row>,
     pub breakdown: StepBreakdown,
     pub scaling: Vec<ScalingPoint>,
+    /// Why the discovery simulation stopped early, if it did (the training
+    /// results stand without it).
+    pub scaling_error: Option<String>,
     /// Loss per step, local and network.
     pub local_losses: Vec<f32>,
     pub network_losses: Vec<f32>,
@@ -208,11 +211,9 @@ pub async fn run_paper(
         total_ms,
     };
 
-    let mut scaling = Vec::new();
-    for &n in &cfg.scaling {
-        progress.phase(&format!("discovery with {n} volunteers"), 0);
-        scaling.push(discovery_at(n, stages + (stages + 1) * cfg.mixes).await?);
-    }
+    let want = stages + (stages + 1) * cfg.mixes;
+    let (scaling, scaling_error) =
+        scaling_points(&cfg.scaling, progress, |n| discovery_at(n, want)).await;
 
     let digest_equal = net_report.params_digest == local.params_digest_hex;
     let eps = |seconds: f64| examples as f64 / seconds.max(1e-9);
@@ -257,6 +258,7 @@ pub async fn run_paper(
         rows,
         breakdown,
         scaling,
+        scaling_error,
         local_losses: local.losses,
         network_losses: net_report.losses,
         paper_accuracy_difference: PAPER_ACCURACY_DIFFERENCE,
@@ -266,6 +268,29 @@ pub async fn run_paper(
 }
 
 /// Start `n` volunteers on the memory transport, let them publish, then
+/// The discovery simulation at each size, in order, until one fails: the
+/// points measured and why it stopped. A failure never loses the rest of
+/// the report.
+pub async fn scaling_points<F, Fut>(
+    sizes: &[usize],
+    progress: &mut dyn Progress,
+    mut at: F,
+) -> (Vec<ScalingPoint>, Option<String>)
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<ScalingPoint, BenchError>>,
+{
+    let mut points = Vec::new();
+    for &n in sizes {
+        progress.phase(&format!("discovery with {n} volunteers"), 0);
+        match at(n).await {
+            Ok(p) => points.push(p),
+            Err(e) => return (points, Some(format!("with {n} volunteers: {e}"))),
+        }
+    }
+    (points, None)
+}
+
 /// time a client's discovery of `want` verified volunteers and count the
 /// DHT requests it sent.
 pub async fn discovery_at(n: usize, want: usize) -> Result<ScalingPoint, BenchError> {
@@ -310,4 +335,44 @@ pub async fn discovery_at(n: usize, want: usize) -> Result<ScalingPoint, BenchEr
         discovery_ms,
         dht_requests,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Quiet;
+    impl Progress for Quiet {
+        fn phase(&mut self, _: &str, _: u64) {}
+        fn step(&mut self, _: StepInfo) {}
+    }
+
+    #[tokio::test]
+    async fn a_failing_discovery_size_keeps_the_points_before_it() {
+        let (points, error) = scaling_points(&[25, 50, 200, 400], &mut Quiet, |n| async move {
+            if n >= 200 {
+                Err(BenchError::Other(format!(
+                    "{n} volunteers did not publish within 60 s"
+                )))
+            } else {
+                Ok(ScalingPoint {
+                    volunteers: n,
+                    discovery_ms: 1.0,
+                    dht_requests: 3,
+                })
+            }
+        })
+        .await;
+        assert_eq!(
+            points.iter().map(|p| p.volunteers).collect::<Vec<_>>(),
+            vec![25, 50]
+        );
+        let error = error.expect("the failure is kept");
+        assert!(error.contains("with 200 volunteers") && error.contains("did not publish"));
+        let (points, error) = scaling_points(&[], &mut Quiet, |_| async {
+            Err::<ScalingPoint, _>(BenchError::Other("never called".into()))
+        })
+        .await;
+        assert!(points.is_empty() && error.is_none());
+    }
 }

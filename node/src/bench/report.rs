@@ -231,6 +231,9 @@ fn markdown(report: &PaperReport, plot_name: &str) -> String {
     s.push('\n');
 
     s.push_str("## Route discovery as the network grows\n\n");
+    if let Some(e) = &report.scaling_error {
+        let _ = writeln!(s, "The simulation stopped early: {e}\n");
+    }
     if report.scaling.is_empty() {
         s.push_str("(not measured)\n\n");
     } else {
@@ -573,6 +576,7 @@ mod tests {
                 network_ms: 2.1,
                 total_ms: 4.0,
             },
+            scaling_error: None,
             scaling: vec![
                 ScalingPoint {
                     volunteers: 16,
@@ -698,6 +702,19 @@ mod tests {
                 PLOT_SIZE
             );
         }
+    }
+
+    #[test]
+    fn a_discovery_that_stopped_early_is_reported_with_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut report = sample();
+        report.scaling_error = Some("with 200 volunteers: did not publish within 60 s".into());
+        let files = write_report(&report, dir.path()).expect("written");
+        let md = fs::read_to_string(&files.markdown).expect("report.md");
+        assert!(md.contains("stopped early: with 200 volunteers"), "{md}");
+        assert!(md.contains("| 16 |"), "the points measured stay: {md}");
+        let json = fs::read_to_string(&files.json).expect("report.json");
+        assert!(json.contains("scaling_error"));
     }
 
     #[test]

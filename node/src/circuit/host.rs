@@ -234,6 +234,18 @@ pub struct Host {
     pub changed: tokio::sync::Notify,
 }
 
+/// What the host tells the owner about a slot.
+fn slot_report(id: &SlotId, s: &HostedSlot) -> Result<SlotReport, HostError> {
+    let compute = |e: mixnn_model::ModelError| HostError::Compute(e.to_string());
+    Ok(SlotReport {
+        slot_id: *id,
+        version: s.version,
+        steps_applied: s.slot.steps_applied().map_err(compute)?,
+        params_digest: s.slot.params_digest().map_err(compute)?,
+        lease_until: s.lease.until,
+    })
+}
+
 /// A lease within this of what a use asks is not written again.
 const TOUCH_EVERY_SECS: u64 = 60;
 
@@ -331,6 +343,8 @@ impl Host {
             live.remove(id);
         }
         let freed = self.store.remove_slot(id)?;
+        // The sweeper counts the slots again and advertises the free one.
+        self.changed.notify_one();
         if freed {
             self.metrics.slot_freed("released");
             tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason = "released");
@@ -699,17 +713,8 @@ impl Host {
                 Direction::Forward,
             ) => {
                 let report = SlotReport {
-                    slot_id: *slot_id,
-                    version: s.version,
-                    steps_applied: s
-                        .slot
-                        .steps_applied()
-                        .map_err(|e| HostError::Compute(e.to_string()))?,
-                    params_digest: s
-                        .slot
-                        .params_digest()
-                        .map_err(|e| HostError::Compute(e.to_string()))?,
                     lease_until: 0,
+                    ..slot_report(slot_id, &s)?
                 };
                 // Retired under its own lock: no message touches it again.
                 shared.retire_locked();
@@ -725,22 +730,7 @@ impl Host {
                 if op != ControlOp::Digest && !body.infer_only {
                     self.checkpoint(slot_id, &mut s)?;
                 }
-                reports.push(seal_slot_report(
-                    &keys.report,
-                    &SlotReport {
-                        slot_id: *slot_id,
-                        version: s.version,
-                        steps_applied: s
-                            .slot
-                            .steps_applied()
-                            .map_err(|e| HostError::Compute(e.to_string()))?,
-                        params_digest: s
-                            .slot
-                            .params_digest()
-                            .map_err(|e| HostError::Compute(e.to_string()))?,
-                        lease_until: s.lease.until,
-                    },
-                ));
+                reports.push(seal_slot_report(&keys.report, &slot_report(slot_id, &s)?));
                 Ok(JobMsg::Control { op, reports })
             }
             (JobMsg::State { op, step, mut blob }, Direction::Forward) if !body.infer_only => {

@@ -334,15 +334,8 @@ impl CircuitServer {
                 .as_ref()
                 .map_or(keys.current.epoch(), |k| k.epoch())
         };
-        let end = keep_from.to_be_bytes();
-        let stale: Vec<_> = self
-            .replay
-            .range(..end.as_slice())
-            .keys()
-            .filter_map(Result::ok)
-            .collect();
-        for k in stale {
-            let _ = self.replay.remove(k);
+        if let Err(e) = crate::store::prune_replay(&self.replay, keep_from) {
+            tracing::warn!(event = "replay_prune_failed", error = %e);
         }
     }
 

@@ -42,7 +42,7 @@ use super::route::{choose_mixes, choose_route_keeping, Candidate, RouteError};
 use super::Client;
 use crate::circuit::host::MAX_TENSOR_ELEMENTS;
 use crate::circuit::payload::{
-    open_slot_report, open_state, seal_state, ControlOp, ErrorCode, JobMsg, PayloadError,
+    open_slot_report, open_state, seal_state, ControlOp, ErrorCode, HopRole, JobMsg, PayloadError,
     SlotReport, StateOp, StateWindow, REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
 };
 use crate::circuit::CIRCUIT_PROTOCOL;
@@ -71,6 +71,12 @@ pub enum JobError {
     Payload(#[from] PayloadError),
     #[error("{0}")]
     Invalid(String),
+    #[error("stage {stage} on host {peer} diverged from the model map: {detail}")]
+    Diverged {
+        stage: usize,
+        peer: PeerId,
+        detail: String,
+    },
 }
 
 impl JobError {
@@ -1683,76 +1689,33 @@ impl Inference {
         let stages = arch.stages();
         let mut first = None;
         let mut last = None;
-        let mut remote = Vec::new();
         for entry in &map.stages {
-            match entry {
-                StageEntry::Local { index, state, .. } => {
-                    let bytes = hex::decode(state)
-                        .map_err(|_| JobError::Invalid("local stage state is not hex".into()))?;
-                    let slot = Slot::from_bytes(&bytes)?;
-                    if *index == 0 {
-                        first = Some(slot);
-                    } else {
-                        last = Some(slot);
-                    }
-                }
-                StageEntry::Remote {
-                    index,
-                    slot_id,
-                    host,
-                    ..
-                } => {
-                    let peer: PeerId = host
-                        .parse()
-                        .map_err(|_| JobError::Invalid(format!("model map: bad peer id {host}")))?;
-                    let id: [u8; 16] = hex::decode(slot_id)
-                        .ok()
-                        .and_then(|b| b.try_into().ok())
-                        .ok_or_else(|| {
-                            JobError::Invalid(format!("model map: bad slot id {slot_id}"))
-                        })?;
-                    if *index >= stages.len() {
-                        return Err(JobError::Invalid(format!(
-                            "model map: stage {index} of a {}-stage model",
-                            stages.len()
-                        )));
-                    }
-                    remote.push((*index, peer, id));
+            if let StageEntry::Local { index, state, .. } = entry {
+                let bytes = hex::decode(state)
+                    .map_err(|_| JobError::Invalid("local stage state is not hex".into()))?;
+                let slot = Slot::from_bytes(&bytes)?;
+                if *index == 0 {
+                    first = Some(slot);
+                } else {
+                    last = Some(slot);
                 }
             }
         }
+        let remote = super::owner::remote_stages(map, stages.len())?;
         let mut hosts = Vec::new();
-        for (index, peer, slot_id) in &remote {
-            let c = match volunteers.iter().find(|v| v.peer_id == *peer) {
-                Some(v) => Candidate::from(v),
-                None => {
-                    let d = network
-                        .get_descriptor(*peer)
-                        .await
-                        .map_err(|e| JobError::Hop {
-                            during: "looking up the model's hosts".into(),
-                            peer: Some(*peer),
-                            detail: format!(
-                                "the host of stage {index} ({peer}) cannot be found: {e}"
-                            ),
-                        })?;
-                    Candidate::from(&Volunteer {
-                        peer_id: *peer,
-                        descriptor: d,
-                    })
-                }
-            };
+        for s in &remote {
+            let host = super::owner::find_host(network, volunteers, s.host)
+                .await
+                .map_err(|detail| JobError::Hop {
+                    during: "looking up the model's hosts".into(),
+                    peer: Some(s.host),
+                    detail: format!("the host of stage {} ({}): {detail}", s.index, s.host),
+                })?;
             hosts.push(StageHost {
-                stage: *index,
-                host: c,
-                slot_id: *slot_id,
+                stage: s.index,
+                host,
+                slot_id: s.slot_id,
             });
-        }
-        let used: HashSet<PeerId> = hosts.iter().map(|h| h.host.peer).collect();
-        if used.len() != hosts.len() {
-            return Err(JobError::Invalid(
-                "the model map names one host twice".into(),
-            ));
         }
         let candidates: Vec<Candidate> = volunteers.iter().map(Candidate::from).collect();
         let mut rng = rng()?;
@@ -1783,6 +1746,40 @@ impl Inference {
             peer: None,
             detail: e.to_string(),
         })?;
+        let mut ring = ring;
+        if map.complete {
+            // Each slot must still hold what the map recorded: a host whose
+            // copy changed (a rollback, a corrupt disk, a lie) is named.
+            let positions: Vec<usize> = ring
+                .hops
+                .iter()
+                .enumerate()
+                .filter(|(_, h)| matches!(h.role, HopRole::Host(_)))
+                .map(|(i, _)| i)
+                .collect();
+            let reports = control(
+                network,
+                &mut ring,
+                ControlOp::Digest,
+                &positions,
+                opts.step_timeout,
+            )
+            .await?;
+            for (r, s) in reports.iter().zip(&remote) {
+                let digest = hex::encode(r.params_digest);
+                if digest != s.params_digest || r.version != s.version {
+                    ring.teardown().await;
+                    return Err(JobError::Diverged {
+                        stage: s.index,
+                        peer: s.host,
+                        detail: format!(
+                            "it holds version {} with params digest {}, the model map recorded version {} with {}",
+                            r.version, digest, s.version, s.params_digest
+                        ),
+                    });
+                }
+            }
+        }
         Ok(Self {
             ring,
             first,

@@ -61,6 +61,15 @@ pub enum RouteError {
         hosts: usize,
     },
     #[error(
+        "stage {stage} has {params} parameters, more than any volunteer accepts (at most {largest}); \
+         use smaller layers, or volunteers started with a larger --max-params"
+    )]
+    TooLarge {
+        stage: usize,
+        params: u64,
+        largest: u64,
+    },
+    #[error(
         "not enough volunteers: a ring needs {need} distinct mixes besides its {hosts} layer hosts, \
          but only {have} are available; start more `mixnn node --mix` or pass a smaller --mixes"
     )]
@@ -138,6 +147,19 @@ pub fn choose_route_keeping<R: Rng>(
         if let Some(c) = kept[stage] {
             hosts.push(c.clone());
             continue;
+        }
+        let largest = pool
+            .iter()
+            .filter(|c| c.layer_host)
+            .map(|c| c.max_params)
+            .max()
+            .unwrap_or(0);
+        if host_count > 0 && params > largest {
+            return Err(RouteError::TooLarge {
+                stage,
+                params,
+                largest,
+            });
         }
         // Prefer hosts that are not mixes, so mixes stay available.
         let pick = pool
@@ -269,10 +291,19 @@ mod tests {
             })
         ));
         cands.iter_mut().for_each(|c| c.max_params = 10);
-        assert!(matches!(
-            choose_route(&cands, &[100], 1, true, &mut rng),
-            Err(RouteError::NoHost { stage: 0, .. })
-        ));
+        let too_large = choose_route(&cands, &[5, 100], 1, true, &mut rng);
+        assert_eq!(
+            too_large.as_ref().err(),
+            Some(&RouteError::TooLarge {
+                stage: 1,
+                params: 100,
+                largest: 10
+            })
+        );
+        assert!(too_large
+            .expect_err("too large")
+            .to_string()
+            .contains("--max-params"));
         cands.iter_mut().for_each(|c| {
             c.max_params = 1000;
             c.free_slots = 0

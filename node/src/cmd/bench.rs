@@ -191,6 +191,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     let files = report::write_report(&report, &a.out)?;
     println!("{}", report::table(&report));
+    if let Some(e) = &report.scaling_error {
+        eprintln!("warning: the route-discovery simulation stopped early ({e}); the training results above are complete");
+    }
     eprintln!(
         "wrote {}, {} and {}",
         files.markdown.display(),

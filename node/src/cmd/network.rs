@@ -203,6 +203,14 @@ pub fn train(
         "the directory of --model-map {} does not exist",
         args.model_map.display()
     );
+    // The map is the only key to the slots: make sure it can be written
+    // before any volunteer creates one.
+    tempfile::NamedTempFile::new_in(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot write the model map in {}: {e}; choose another --model-map",
+            dir.display()
+        )
+    })?;
     let opts = job_options(args, args.mixes, args.keep_ends);
     run_training(args, &cfg, &data, opts, Start::Fresh(init))
 }

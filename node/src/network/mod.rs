@@ -123,6 +123,8 @@ pub enum NetworkError {
     Withdrawn(PeerId),
     #[error("could not connect to {peer}: {reason}")]
     Connect { peer: PeerId, reason: String },
+    #[error("no bootstrap peer answered: {0}")]
+    BootstrapUnreachable(String),
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
 }
@@ -711,12 +713,17 @@ impl EventLoop {
                 let first = !self.dials.contains_key(&peer);
                 self.dials.entry(peer).or_default().push(reply);
                 if first {
-                    if let Err(e) = self.swarm.dial(peer) {
-                        for r in self.dials.remove(&peer).unwrap_or_default() {
-                            let _ = r.send(Err(NetworkError::Connect {
-                                peer,
-                                reason: e.to_string(),
-                            }));
+                    match self.swarm.dial(peer) {
+                        // A dial already under way (the bootstrap's, at
+                        // start) ends in an event that answers us too.
+                        Ok(()) | Err(libp2p::swarm::DialError::DialPeerConditionFalse(_)) => {}
+                        Err(e) => {
+                            for r in self.dials.remove(&peer).unwrap_or_default() {
+                                let _ = r.send(Err(NetworkError::Connect {
+                                    peer,
+                                    reason: e.to_string(),
+                                }));
+                            }
                         }
                     }
                 }
