@@ -1045,4 +1045,200 @@ mod tests {
             Err(HostError::NoSuchSlot)
         ));
     }
+
+    fn host_with(store: Arc<MemoryStore>, slots: u32, budget: u64) -> Host {
+        Host::new(
+            store,
+            HostPolicy {
+                slots,
+                max_params: 1 << 20,
+                max_lease_secs: 3600,
+                idle_secs: 600,
+            },
+            MemoryBudget::new(budget, Metrics::new()),
+            Metrics::new(),
+        )
+    }
+
+    #[test]
+    fn a_full_host_gives_an_unused_slot_to_a_new_claim() {
+        let store = Arc::new(MemoryStore::default());
+        let h = host_with(store.clone(), 2, 1 << 30);
+        let owner = Identity::generate();
+        for id in [1u8, 2] {
+            let a = assignment(&owner, id, 600, true);
+            let (slot, _) = h.bind(&a, &ONION).expect("bind");
+            h.process(&[id; 16], &slot, &a, forward(0), &keys())
+                .expect("forward");
+            h.evict(&[id; 16], &slot);
+        }
+        // Both used just now: a third claim finds no room.
+        match h.bind(&assignment(&owner, 3, 600, true), &ONION) {
+            Err(HostError::Refused(m)) => assert!(m.contains("taken and in use"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(h.free_slots(unix_now()).expect("free"), 0);
+        // Slot 1 unused past the grace: offered, and taken by the claim.
+        let mut lease = store.get_meta(&[1; 16]).expect("meta").expect("slot").lease;
+        lease.last_used -= 601;
+        store.set_lease(&[1; 16], lease).expect("lease");
+        assert_eq!(h.free_slots(unix_now()).expect("free"), 1);
+        let (slot, created) = h
+            .bind(&assignment(&owner, 3, 600, true), &ONION)
+            .expect("the claim takes the unused slot's place");
+        assert!(created);
+        assert!(store.get_meta(&[1; 16]).expect("meta").is_none());
+        assert!(store.get_meta(&[2; 16]).expect("meta").is_some());
+        assert!(h
+            .metrics
+            .render()
+            .contains("mixnn_slots_freed_total{reason=\"evicted\"} 1"));
+        // A slot a circuit is bound to is never taken, however old.
+        let mut lease = store.get_meta(&[3; 16]).expect("meta").expect("slot").lease;
+        lease.created -= 3600;
+        lease.last_used -= 3600;
+        store.set_lease(&[3; 16], lease).expect("lease");
+        let mut lease = store.get_meta(&[2; 16]).expect("meta").expect("slot").lease;
+        lease.last_used = 0;
+        store.set_lease(&[2; 16], lease).expect("lease");
+        h.bind(&assignment(&owner, 4, 600, true), &ONION)
+            .expect("slot 2 goes");
+        assert!(store.get_meta(&[3; 16]).expect("meta").is_some());
+        drop(slot);
+    }
+
+    #[test]
+    fn claims_without_work_or_room_are_refused_before_anything_is_made() {
+        let store = Arc::new(MemoryStore::default());
+        let owner = Identity::generate();
+        // No proof of work.
+        let h = host_with(store.clone(), 4, 1 << 30);
+        let mut body = assignment(&owner, 1, 600, true).body;
+        while body.has_work(&ONION) {
+            body.nonce = rand::random();
+        }
+        let unworked = Assignment::sign_as_is(body, &owner, &ONION).expect("sign");
+        match h.bind(&unworked, &ONION) {
+            Err(HostError::Refused(m)) => assert!(m.contains("proof of work"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // No room in memory: 4 -> 3 needs about 65 KiB at 4 rows.
+        let small = host_with(store.clone(), 4, 32 << 10);
+        match small.bind(&assignment(&owner, 2, 600, true), &ONION) {
+            Err(HostError::Refused(m)) => {
+                assert!(m.contains("does not fit in memory at batches of 4"), "{m}")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(small.budget().used(), 0);
+        assert!(store.list_slots().expect("list").is_empty());
+        // With room, the slot holds its reservation until its copy goes.
+        let (slot, _) = h
+            .bind(&assignment(&owner, 3, 600, true), &ONION)
+            .expect("bind");
+        let held = h.budget().used();
+        assert!(held > 64 << 10 && held == slot.reserved(), "{held}");
+        h.evict(&[3; 16], &slot);
+        drop(slot);
+        assert_eq!(h.budget().used(), 0);
+    }
+
+    #[test]
+    fn messages_are_checked_from_their_header_before_decoding() {
+        let e = Expect {
+            inputs: 784,
+            outputs: 16_384,
+            max_batch: 16,
+            direction: Direction::Forward,
+            infer_only: false,
+            state_total: Some(1000),
+        };
+        let check = |m: JobMsg, e: &Expect| {
+            check_message(
+                &JobMsg::peek(&m.encode().expect("encode")).expect("peek"),
+                e,
+            )
+        };
+        let t = |rows: usize, cols: usize| HostTensor::zeros(vec![rows, cols]);
+        let ok = check(
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(16, 784),
+            },
+            &e,
+        )
+        .expect("fits");
+        assert_eq!(ok.max_elements, 16 * 784);
+        for bad in [
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(17, 784),
+            },
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(16, 16_384),
+            },
+            JobMsg::Forward {
+                step: 0,
+                tensor: HostTensor::zeros(vec![784]),
+            },
+            JobMsg::Backward {
+                step: 0,
+                tensor: t(1, 16_384),
+            },
+            JobMsg::State {
+                op: StateOp::Restore,
+                step: 0,
+                blob: vec![1; 999],
+            },
+            JobMsg::Ack { step: 0 },
+        ] {
+            let name = bad.name();
+            assert!(
+                matches!(check(bad, &e), Err(HostError::BadMessage(_))),
+                "{name}"
+            );
+        }
+        assert!(check(
+            JobMsg::State {
+                op: StateOp::Restore,
+                step: 0,
+                blob: vec![1; 1000],
+            },
+            &e
+        )
+        .is_ok());
+        let back = Expect {
+            direction: Direction::Backward,
+            ..e
+        };
+        assert!(check(
+            JobMsg::Backward {
+                step: 0,
+                tensor: t(16, 16_384)
+            },
+            &back
+        )
+        .is_ok());
+        let infer = Expect {
+            infer_only: true,
+            ..e
+        };
+        assert!(check(
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(1, 784)
+            },
+            &infer
+        )
+        .is_err());
+        assert!(check(
+            JobMsg::Infer {
+                step: 0,
+                tensor: t(1, 784)
+            },
+            &infer
+        )
+        .is_ok());
+    }
 }
