@@ -188,6 +188,39 @@ impl HostTensor {
         }
     }
 
+    /// Reads the rank and dims of an encoded tensor without decoding its
+    /// elements (nothing is allocated): a receiver checks the shape against
+    /// what it expects before it lets the tensor take `4 × elements` bytes,
+    /// whatever the encoding's own length. Returns the dims, of which the
+    /// first `rank` count, and whether the elements are in the sparse form.
+    pub fn peek_shape(bytes: &[u8]) -> Result<(usize, [usize; MAX_RANK], bool), CodecError> {
+        let (&first, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+        let sparse = first & SPARSE != 0;
+        let flags = first & !SPARSE & !0x0f;
+        if flags != 0 {
+            return Err(CodecError::UnknownFlags(flags));
+        }
+        let rank = usize::from(first & 0x0f);
+        if rank > MAX_RANK {
+            return Err(CodecError::RankTooHigh {
+                rank,
+                limit: MAX_RANK,
+            });
+        }
+        if rest.len() < 4 * rank {
+            return Err(CodecError::HeaderTruncated {
+                rank,
+                needed: 1 + 4 * rank,
+                have: bytes.len(),
+            });
+        }
+        let mut shape = [0usize; MAX_RANK];
+        for (slot, chunk) in shape.iter_mut().zip(rest[..4 * rank].chunks_exact(4)) {
+            *slot = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
+        }
+        Ok((rank, shape, sparse))
+    }
+
     /// Decodes untrusted bytes. Checks rank, element count and exact length
     /// before allocating anything, and refuses all but the one encoding
     /// [`HostTensor::encode`] gives.
@@ -453,6 +486,25 @@ mod tests {
         // A dense tensor stays dense.
         let dense = HostTensor::new(vec![3], vec![1.0, -0.0, 2.0]).expect("ok");
         assert_eq!(dense.encode()[0], 1);
+    }
+
+    #[test]
+    fn peek_reads_the_shape_and_nothing_else() {
+        let t = sparse_sample();
+        let b = t.encode();
+        assert_eq!(
+            HostTensor::peek_shape(&b).expect("peek"),
+            (2, [4, 5, 0, 0], true)
+        );
+        // A header alone is enough, whatever follows.
+        assert_eq!(
+            HostTensor::peek_shape(&b[..9]).expect("peek").1[..2],
+            [4, 5]
+        );
+        assert!(HostTensor::peek_shape(&b[..5]).is_err());
+        assert!(HostTensor::peek_shape(&[]).is_err());
+        assert!(HostTensor::peek_shape(&[0x25]).is_err());
+        assert!(HostTensor::peek_shape(&[5]).is_err());
     }
 
     #[test]

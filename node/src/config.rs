@@ -31,6 +31,10 @@ pub struct FileConfig {
     pub max_circuits: Option<usize>,
     pub circuit_idle_secs: Option<u64>,
     pub max_lease_secs: Option<u64>,
+    pub max_memory_bytes: Option<u64>,
+    pub slot_idle_secs: Option<u64>,
+    pub circuits_per_group: Option<usize>,
+    pub first_cell_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -95,7 +99,26 @@ impl FileConfig {
              \n\
              # Longest slot lease this node grants, in seconds (owners ask with\n\
              # `mixnn train --lease`, `mixnn renew`); a slot is freed when its lease ends.\n\
-             max_lease_secs = {max_lease_secs}\n",
+             max_lease_secs = {max_lease_secs}\n\
+             \n\
+             # Memory peers may make this node use, in bytes: slots in memory with the\n\
+             # activations of their largest batch, and every circuit's buffers (--max-memory,\n\
+             # which also takes 512M, 4G). A slot is admitted only if it fits. The default is\n\
+             # half of this machine's memory, between 256 MiB and 64 GiB (here:\n\
+             # {max_memory_human}); it is left out below so the file suits any machine.\n\
+             # max_memory_bytes = {max_memory}\n\
+             \n\
+             # When every slot is taken, a new claim takes the place of a slot its owner\n\
+             # has not used for this many seconds (or of a claim whose job never started).\n\
+             slot_idle_secs = {slot_idle_secs}\n\
+             \n\
+             # Circuits one address group (a public IPv4 /24, IPv6 /48) may hold at once,\n\
+             # whatever identities it uses; a quarter of that may be setups without a cell.\n\
+             circuits_per_group = {circuits_per_group}\n\
+             \n\
+             # A circuit that has not carried a cell this many seconds after it opened gives\n\
+             # its place to a new one when the node needs it.\n\
+             first_cell_secs = {first_cell_secs}\n",
             listen = list(&c.listen),
             bootstrap = list(&c.bootstrap),
             slots = c.slots,
@@ -108,6 +131,11 @@ impl FileConfig {
             max_circuits = c.max_circuits,
             circuit_idle_secs = c.circuit_idle_secs,
             max_lease_secs = c.max_lease_secs,
+            max_memory = c.max_memory_bytes,
+            max_memory_human = crate::circuit::budget::human(c.max_memory_bytes),
+            slot_idle_secs = c.slot_idle_secs,
+            circuits_per_group = c.circuits_per_group,
+            first_cell_secs = c.first_cell_secs,
         )
     }
 
@@ -150,6 +178,15 @@ pub struct NodeConfig {
     /// The longest slot lease this node grants; owners ask for less or
     /// get this.
     pub max_lease_secs: u64,
+    /// What peers may make this node hold in memory: slots with the
+    /// activations of their largest batch, circuit buffers.
+    pub max_memory_bytes: u64,
+    /// A slot unused this long may make room for a new claim.
+    pub slot_idle_secs: u64,
+    /// Circuits one address group may hold at once.
+    pub circuits_per_group: usize,
+    /// A setup without a cell after this long gives way to a new circuit.
+    pub first_cell_secs: u64,
     pub transport: TransportKind,
     /// Kademlia client mode: the node takes no DHT records (jobs, `peers`).
     pub dht_client: bool,
@@ -187,6 +224,10 @@ impl NodeConfig {
             max_circuits: 256,
             circuit_idle_secs: 120,
             max_lease_secs: 30 * 24 * 3600,
+            max_memory_bytes: default_max_memory(),
+            slot_idle_secs: 600,
+            circuits_per_group: 64,
+            first_cell_secs: 10,
             transport: TransportKind::Tcp,
             dht_client: false,
         }
@@ -256,6 +297,30 @@ impl NodeConfig {
                 "max_circuits must be between 1 and 65536".into(),
             ));
         }
+        if !(1..=self.max_circuits).contains(&self.circuits_per_group) {
+            return Err(ConfigError::Invalid(format!(
+                "circuits_per_group must be between 1 and max_circuits ({})",
+                self.max_circuits
+            )));
+        }
+        if !(1..=self.circuit_idle_secs).contains(&self.first_cell_secs) {
+            return Err(ConfigError::Invalid(format!(
+                "first_cell_secs must be between 1 and circuit_idle_secs ({})",
+                self.circuit_idle_secs
+            )));
+        }
+        if !(1..=365 * 24 * 3600).contains(&self.slot_idle_secs) {
+            return Err(ConfigError::Invalid(
+                "slot_idle_secs must be between 1 second and a year".into(),
+            ));
+        }
+        if self.max_memory_bytes < MIN_MEMORY {
+            return Err(ConfigError::Invalid(format!(
+                "--max-memory must be at least {} (one circuit's buffers and a small slot); got {}",
+                crate::circuit::budget::human(MIN_MEMORY),
+                crate::circuit::budget::human(self.max_memory_bytes)
+            )));
+        }
         Ok(())
     }
 
@@ -278,6 +343,59 @@ impl NodeConfig {
     pub fn descriptor_ttl(&self) -> Duration {
         Duration::from_secs(self.descriptor_ttl_secs)
     }
+}
+
+/// The smallest memory budget a node accepts.
+pub const MIN_MEMORY: u64 = 16 << 20;
+
+/// The default memory budget from `/proc/meminfo`'s text: half of the
+/// machine's memory, between 256 MiB and 64 GiB. `None` if the text has
+/// no `MemTotal`.
+pub fn memory_default_from(meminfo: &str) -> Option<u64> {
+    let kib: u64 = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib.saturating_mul(1024) / 2).clamp(256 << 20, 64 << 30))
+}
+
+/// Half of this machine's memory (see [`memory_default_from`]), or 1 GiB
+/// where it cannot be read.
+pub fn default_max_memory() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| memory_default_from(&t))
+        .unwrap_or(1 << 30)
+}
+
+/// A size in bytes, with an optional binary unit: `1073741824`, `512M`,
+/// `4G`, `4GiB`, `64k`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let shift = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => return Err(format!("`{s}`: unknown unit (use K, M, G or T)")),
+    };
+    let value: f64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size (e.g. 4G, 512M or a number of bytes)"))?;
+    let bytes = value * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes < 0.0 || bytes >= u64::MAX as f64 {
+        return Err(format!("`{s}` is out of range"));
+    }
+    Ok(bytes as u64)
 }
 
 /// Parse multiaddrs given as strings, naming the bad one.
@@ -355,6 +473,40 @@ mod tests {
         assert_eq!(f.slots, Some(3));
         assert_eq!(f.mix, Some(false));
         assert!(toml::from_str::<FileConfig>("slotz = 3").is_err());
+    }
+
+    #[test]
+    fn memory_defaults_and_sizes() {
+        let meminfo = "MemTotal:       24683652 kB\nMemFree:  2015552 kB\n";
+        assert_eq!(memory_default_from(meminfo), Some(24683652 * 1024 / 2));
+        assert_eq!(memory_default_from("MemTotal: 100 kB"), Some(256 << 20));
+        assert_eq!(
+            memory_default_from("MemTotal: 1000000000000 kB"),
+            Some(64 << 30)
+        );
+        assert_eq!(memory_default_from("nothing"), None);
+        let d = default_max_memory();
+        assert!((256 << 20..=64 << 30).contains(&d));
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("123"), Ok(123));
+        assert!(parse_size("4X").is_err());
+        assert!(parse_size("G").is_err());
+        assert!(parse_size("").is_err());
+        let mut c = NodeConfig::new("/tmp/x".into());
+        c.max_memory_bytes = 1 << 20;
+        assert!(c
+            .validate()
+            .expect_err("too small")
+            .to_string()
+            .contains("--max-memory"));
+        let mut c = NodeConfig::new("/tmp/x".into());
+        c.circuits_per_group = c.max_circuits + 1;
+        assert!(c.validate().is_err());
+        c.circuits_per_group = 64;
+        c.first_cell_secs = c.circuit_idle_secs + 1;
+        assert!(c.validate().is_err());
     }
 
     #[test]

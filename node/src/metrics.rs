@@ -47,6 +47,16 @@ pub struct Metrics {
     pub slot_owner_refused: Counter,
     /// Slots whose stored bytes did not match their digest.
     pub slots_corrupt: Counter,
+    /// The memory budget (`--max-memory`), what is reserved in it now and
+    /// at most so far, and reservations refused for want of room.
+    pub memory_budget_bytes: Gauge,
+    pub memory_reserved_bytes: Gauge,
+    pub memory_reserved_peak_bytes: Gauge,
+    pub memory_refused: Counter,
+    /// Circuits that have not carried a cell yet.
+    pub circuit_setups: Gauge,
+    /// Overdue setups ended to make room for a new circuit.
+    pub circuits_preempted: Counter,
 }
 
 impl Default for Metrics {
@@ -74,9 +84,45 @@ impl Metrics {
         let slots_freed = Family::<Reason, Counter>::default();
         let slot_owner_refused = Counter::default();
         let slots_corrupt = Counter::default();
+        let memory_budget_bytes = Gauge::default();
+        let memory_reserved_bytes = Gauge::default();
+        let memory_reserved_peak_bytes = Gauge::default();
+        let memory_refused = Counter::default();
+        let circuit_setups = Gauge::default();
+        let circuits_preempted = Counter::default();
+        registry.register(
+            "memory_budget_bytes",
+            "The node's memory budget for what peers ask of it (--max-memory)",
+            memory_budget_bytes.clone(),
+        );
+        registry.register(
+            "memory_reserved_bytes",
+            "Bytes reserved in the memory budget now (slots in memory, circuits)",
+            memory_reserved_bytes.clone(),
+        );
+        registry.register(
+            "memory_reserved_peak_bytes",
+            "The most bytes ever reserved in the memory budget at once",
+            memory_reserved_peak_bytes.clone(),
+        );
+        registry.register(
+            "memory_refused",
+            "Reservations refused because the memory budget had no room",
+            memory_refused.clone(),
+        );
+        registry.register(
+            "circuit_setups",
+            "Circuits that have not carried a cell yet",
+            circuit_setups.clone(),
+        );
+        registry.register(
+            "circuits_preempted",
+            "Setups that carried no cell in time, ended to make room for a new circuit",
+            circuits_preempted.clone(),
+        );
         registry.register(
             "slots_freed",
-            "Layer slots freed, by reason: expired lease, released by the owner, setup never completed",
+            "Layer slots freed, by reason: expired lease, released by the owner, setup never completed, evicted (unused, for a newcomer)",
             slots_freed.clone(),
         );
         registry.register(
@@ -168,6 +214,12 @@ impl Metrics {
             slots_freed,
             slot_owner_refused,
             slots_corrupt,
+            memory_budget_bytes,
+            memory_reserved_bytes,
+            memory_reserved_peak_bytes,
+            memory_refused,
+            circuit_setups,
+            circuits_preempted,
         }
     }
 

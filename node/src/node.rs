@@ -12,6 +12,8 @@ use thiserror::Error;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
+use crate::circuit::admission::{self, SlotRules};
+use crate::circuit::budget::MemoryBudget;
 use crate::circuit::host::{Host, HostPolicy};
 use crate::circuit::server::{CircuitServer, HopTap, Timeouts};
 use crate::config::{ConfigError, NodeConfig};
@@ -108,12 +110,17 @@ impl NodeState {
         }
     }
 
+    /// Slots offered now: free ones, and those a new claim may take over
+    /// (unused past `slot_idle_secs`, or claims whose job never started).
     pub fn free_slots(&self) -> u32 {
         if !self.config.layers {
             return 0;
         }
-        let held = self.slots.list_slots().map(|s| s.len()).unwrap_or(0) as u32;
-        self.config.slots.saturating_sub(held)
+        let metas = self.slots.list_slots().unwrap_or_default();
+        let rules = SlotRules {
+            idle_secs: self.config.slot_idle_secs,
+        };
+        admission::free_slots(&metas, self.config.slots, unix_now(), rules)
     }
 
     /// A sequence number for the next signed record at `now_millis`.
@@ -261,6 +268,7 @@ impl RunningNode {
 
         let roles = state.roles();
         if roles.layer_host || roles.mix {
+            let budget = MemoryBudget::new(state.config.max_memory_bytes, state.metrics.clone());
             let host = roles.layer_host.then(|| {
                 Arc::new(Host::new(
                     Arc::new(state.slots.clone()),
@@ -268,7 +276,9 @@ impl RunningNode {
                         slots: state.config.slots,
                         max_params: state.config.max_params,
                         max_lease_secs: state.config.max_lease_secs,
+                        idle_secs: state.config.slot_idle_secs,
                     },
+                    budget.clone(),
                     state.metrics.clone(),
                 ))
             });
@@ -283,8 +293,11 @@ impl RunningNode {
                 state.clone(),
                 host,
                 network.stream_control(),
+                network.peer_addrs(),
+                budget,
                 Timeouts {
                     idle: Duration::from_secs(state.config.circuit_idle_secs),
+                    first_cell: Duration::from_secs(state.config.first_cell_secs),
                     ..Timeouts::default()
                 },
                 network.peer_id(),
@@ -522,10 +535,11 @@ async fn lease_sweeper(state: Arc<NodeState>, host: Arc<Host>, cancel: Cancellat
         let now = unix_now();
         let wait = match host.sweep(now) {
             Ok(sweep) => {
-                // Slots freed here or released by their owners, or created:
-                // count them and advertise the change.
+                // Slots freed here or released by their owners, or created,
+                // or slots that a new claim may now take over: count them
+                // and advertise the change.
                 if let Ok(held) = state.slots.list_slots().map(|l| l.len()) {
-                    if last_held.is_some_and(|h| h != held) {
+                    if last_held.is_some_and(|h| h != held) || sweep.offer_changed {
                         state.republish.notify_one();
                     }
                     last_held = Some(held);
@@ -660,7 +674,7 @@ async fn publish_once(state: &NodeState, network: &Network, addresses: &[String]
         free_slots: state.free_slots(),
         capacity: Capacity {
             max_params: state.config.max_params,
-            memory_bytes: state.config.max_params * 4 * 4 * state.config.slots as u64,
+            memory_bytes: state.config.max_memory_bytes,
         },
         addresses: addresses.to_vec(),
     };

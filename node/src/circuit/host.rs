@@ -14,9 +14,11 @@ use mixnn_model::{DecodeLimits, HostTensor, InputGrad, Slot, SlotWorker};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
+use super::admission::{choose_victim, SlotRules};
+use super::budget::{self, MemoryBudget, OverBudget, Reservation};
 use super::payload::{
-    open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, SlotReport,
-    StateOp,
+    open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, MsgHead,
+    MsgKind, SlotReport, StateOp,
 };
 use super::session::{self, Action, Kind, SlotSession, Ticket};
 use crate::metrics::Metrics;
@@ -86,10 +88,13 @@ pub struct SlotCell {
     order: Mutex<Order>,
     /// The run whose circuits bound this copy.
     session: [u8; 16],
+    /// What this copy holds in the node's memory budget, and the largest
+    /// batch that covers; returned when the copy is dropped.
+    memory: Mutex<(Reservation, u32)>,
 }
 
 impl SlotCell {
-    fn new(s: HostedSlot, session: [u8; 16]) -> Self {
+    fn new(s: HostedSlot, session: [u8; 16], memory: Reservation, batch: u32) -> Self {
         Self {
             state: Mutex::new(s),
             order: Mutex::new(Order {
@@ -97,7 +102,25 @@ impl SlotCell {
                 waiting: HashMap::new(),
             }),
             session,
+            memory: Mutex::new((memory, batch)),
         }
+    }
+
+    /// Make the copy's reservation cover batches of `max_batch` rows (a
+    /// circuit that asks for more than the ones before it).
+    fn cover(&self, hosted: &HostedSlot, max_batch: u32) -> Result<(), OverBudget> {
+        let mut m = lock(&self.memory);
+        if max_batch > m.1 {
+            let need = budget::slot_bytes(&hosted.slot.spec(), &hosted.slot.optimizer(), max_batch);
+            m.0.grow_to(need)?;
+            m.1 = max_batch;
+        }
+        Ok(())
+    }
+
+    /// Bytes this copy holds in the memory budget.
+    pub fn reserved(&self) -> u64 {
+        lock(&self.memory).0.bytes()
     }
 
     pub fn lock(&self) -> std::sync::MutexGuard<'_, HostedSlot> {
@@ -185,6 +208,16 @@ pub struct HostPolicy {
     pub max_params: u64,
     /// The longest lease this host grants, in seconds.
     pub max_lease_secs: u64,
+    /// A slot its owner has not used for this long may go to a newcomer.
+    pub idle_secs: u64,
+}
+
+impl HostPolicy {
+    pub fn rules(&self) -> SlotRules {
+        SlotRules {
+            idle_secs: self.idle_secs,
+        }
+    }
 }
 
 /// All slots this host serves right now.
@@ -192,7 +225,10 @@ pub struct Host {
     store: Arc<dyn SlotStore>,
     policy: HostPolicy,
     live: Mutex<HashMap<SlotId, SharedSlot>>,
+    budget: Arc<MemoryBudget>,
     metrics: Metrics,
+    /// The slots on offer at the last sweep.
+    last_offer: std::sync::atomic::AtomicU32,
     /// Signalled when a slot's lease or use changed: the lease sweeper
     /// looks again.
     pub changed: tokio::sync::Notify,
@@ -219,8 +255,12 @@ pub struct Sweep {
     /// Slots to free now, with whether their setup ever completed.
     pub expired: Vec<(SlotId, bool)>,
     /// The earliest end of a lease still running among the slots not in
-    /// use (unix seconds).
+    /// use (unix seconds); [`Host::sweep`] also counts the next time a
+    /// slot may go to a newcomer.
     pub next: Option<u64>,
+    /// The slots on offer changed since the last sweep (some may now go to
+    /// a newcomer): the descriptor should say so.
+    pub offer_changed: bool,
 }
 
 /// Which slots to free at `now`: those whose lease ended and that no
@@ -246,12 +286,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Host {
-    pub fn new(store: Arc<dyn SlotStore>, policy: HostPolicy, metrics: Metrics) -> Self {
+    pub fn new(
+        store: Arc<dyn SlotStore>,
+        policy: HostPolicy,
+        budget: Arc<MemoryBudget>,
+        metrics: Metrics,
+    ) -> Self {
         Self {
             store,
             policy,
             live: Mutex::new(HashMap::new()),
+            budget,
             metrics,
+            last_offer: std::sync::atomic::AtomicU32::new(u32::MAX),
             changed: tokio::sync::Notify::new(),
         }
     }
@@ -264,16 +311,28 @@ impl Host {
     /// Free every slot whose lease ended at `now` and that no circuit
     /// uses. Returns what was freed and when to look again.
     pub fn sweep(&self, now: u64) -> Result<Sweep, HostError> {
-        // Under the live lock: no bind loads a slot while it is removed.
-        let live = lock(&self.live);
-        let sweep = plan_sweep(&self.store.list_slots()?, |id| live.contains_key(id), now);
-        for (id, confirmed) in &sweep.expired {
-            if self.store.remove_slot(id)? {
-                let reason = if *confirmed { "expired" } else { "setup" };
-                self.metrics.slot_freed(reason);
-                tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason);
+        let mut sweep = {
+            // Under the live lock: no bind loads a slot while it is removed.
+            let live = lock(&self.live);
+            let metas = self.store.list_slots()?;
+            let mut sweep = plan_sweep(&metas, |id| live.contains_key(id), now);
+            for (id, confirmed) in &sweep.expired {
+                if self.store.remove_slot(id)? {
+                    let reason = if *confirmed { "expired" } else { "setup" };
+                    self.metrics.slot_freed(reason);
+                    tracing::info!(event = "slot_freed", slot = %hex::encode(id), reason);
+                }
             }
-        }
+            if let Some(t) = super::admission::next_reclaim(&metas, now, self.policy.rules()) {
+                sweep.next = Some(sweep.next.map_or(t, |n| n.min(t)));
+            }
+            sweep
+        };
+        let offer = self.free_slots(now)?;
+        sweep.offer_changed = self
+            .last_offer
+            .swap(offer, std::sync::atomic::Ordering::Relaxed)
+            != offer;
         Ok(sweep)
     }
 
@@ -302,16 +361,50 @@ impl Host {
         lease_secs: u64,
         now: u64,
     ) -> Result<(), HostError> {
-        // At most one write a minute while a lease is kept extended.
+        // At most one write a minute while a slot is in use: when its
+        // lease should grow, or its last use is a minute old.
         let wanted = now.saturating_add(lease_secs);
-        if lease_secs == 0
-            || (s.lease.confirmed && s.lease.until.saturating_add(TOUCH_EVERY_SECS) >= wanted)
-        {
+        let grows = !s.lease.confirmed || s.lease.until.saturating_add(TOUCH_EVERY_SECS) < wanted;
+        let stale = now >= s.lease.last_used.saturating_add(TOUCH_EVERY_SECS);
+        if lease_secs == 0 || !(grows || stale) {
             return Ok(());
         }
         s.lease = s.lease.extended(now, lease_secs);
         self.store.set_lease(id, s.lease)?;
         Ok(())
+    }
+
+    fn no_memory(&self, max_batch: u32, e: OverBudget) -> HostError {
+        tracing::info!(
+            event = "slot_refused",
+            reason = "memory",
+            max_batch,
+            needed = e.needed,
+            free = e.free
+        );
+        HostError::Refused(format!(
+            "the slot does not fit in memory at batches of {max_batch}: {e}"
+        ))
+    }
+
+    /// The node's memory budget.
+    pub fn budget(&self) -> &Arc<MemoryBudget> {
+        &self.budget
+    }
+
+    /// The slots this host offers at `now`: free ones and those a newcomer
+    /// may take over (none that a circuit uses).
+    pub fn free_slots(&self, now: u64) -> Result<u32, HostError> {
+        let live = lock(&self.live);
+        let metas = self.store.list_slots()?;
+        let kept = metas
+            .iter()
+            .filter(|m| {
+                live.contains_key(&m.id)
+                    || !super::admission::reclaimable(m, now, self.policy.rules())
+            })
+            .count() as u32;
+        Ok(self.policy.slots.saturating_sub(kept))
     }
 
     fn not_owner(&self) -> HostError {
@@ -352,6 +445,8 @@ impl Host {
             // share it; a new run retires the circuits of the old one and
             // starts again from the last checkpoint.
             if body.infer_only || s.session == body.session {
+                s.cover(&hosted, body.max_batch)
+                    .map_err(|e| self.no_memory(body.max_batch, e))?;
                 if hosted.lease.confirmed {
                     self.touch(&body.slot_id, &mut hosted, lease_secs, now)?;
                 }
@@ -362,18 +457,42 @@ impl Host {
             s.retire();
             live.remove(&body.slot_id);
         }
-        let stored = self.store.get_slot(&body.slot_id).inspect_err(|e| {
-            if matches!(e, StoreError::Corrupt { .. }) {
-                self.metrics.slots_corrupt.inc();
-                tracing::error!(event = "slot_corrupt", slot = %hex::encode(body.slot_id), error = %e);
+        if let Some(meta) = self.store.get_meta(&body.slot_id)? {
+            if meta.owner != body.owner {
+                return Err(self.not_owner());
             }
-        })?;
-        if let Some(stored) = stored {
+            // Room to read it (its state twice, its parameters four times)
+            // before reading it; then exactly what it costs at this batch.
+            let mut memory = self
+                .budget
+                .reserve(budget::slot_resident_bytes(
+                    meta.param_count,
+                    0,
+                    meta.state_len,
+                ))
+                .map_err(|e| self.no_memory(body.max_batch, e))?;
+            let stored = self.store.get_slot(&body.slot_id).inspect_err(|e| {
+                if matches!(e, StoreError::Corrupt { .. }) {
+                    self.metrics.slots_corrupt.inc();
+                    tracing::error!(event = "slot_corrupt", slot = %hex::encode(body.slot_id), error = %e);
+                }
+            })?;
+            let Some(stored) = stored else {
+                return Err(HostError::NoSuchSlot);
+            };
             if stored.owner != body.owner {
                 return Err(self.not_owner());
             }
             let slot = Slot::from_bytes(&stored.state)
-                .and_then(SlotWorker::spawn)
+                .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
+            memory
+                .set(budget::slot_bytes(
+                    slot.spec(),
+                    slot.optimizer(),
+                    body.max_batch,
+                ))
+                .map_err(|e| self.no_memory(body.max_batch, e))?;
+            let slot = SlotWorker::spawn(slot)
                 .map_err(|e| HostError::Refused(format!("stored slot is unreadable: {e}")))?;
             let shared = Arc::new(SlotCell::new(
                 HostedSlot {
@@ -383,6 +502,8 @@ impl Host {
                     lease: stored.lease,
                 },
                 body.session,
+                memory,
+                body.max_batch,
             ));
             {
                 let mut hosted = shared.lock();
@@ -412,12 +533,36 @@ impl Host {
                 self.policy.max_params
             )));
         }
-        let held = self.store.list_slots()?.len() as u32;
-        if held >= self.policy.slots {
+        if !body.has_work(hop_onion_key) {
             return Err(HostError::Refused(format!(
-                "all {} slots are taken",
-                self.policy.slots
+                "the claim does not carry its proof of work ({} bits for this slot's size)",
+                body.work_bits()
             )));
+        }
+        // Memory first: a claim that cannot be served takes no one's place.
+        let memory = self
+            .budget
+            .reserve(budget::slot_bytes(
+                &create.stage,
+                &create.optimizer,
+                body.max_batch,
+            ))
+            .map_err(|e| self.no_memory(body.max_batch, e))?;
+        let mut metas = self.store.list_slots()?;
+        while metas.len() as u32 >= self.policy.slots {
+            let victim =
+                choose_victim(&metas, |id| live.contains_key(id), now, self.policy.rules());
+            let Some(victim) = victim else {
+                return Err(HostError::Refused(format!(
+                    "all {} slots are taken and in use",
+                    self.policy.slots
+                )));
+            };
+            if self.store.remove_slot(&victim)? {
+                self.metrics.slot_freed("evicted");
+                tracing::info!(event = "slot_freed", slot = %hex::encode(victim), reason = "evicted");
+            }
+            metas.retain(|m| m.id != victim);
         }
         let slot = Slot::new(&create.stage, create.init, create.optimizer)
             .and_then(SlotWorker::spawn)
@@ -436,7 +581,7 @@ impl Host {
             .to_bytes()
             .map_err(|e| HostError::Compute(e.to_string()))?;
         self.persist(&body.slot_id, &hosted, state)?;
-        let shared = Arc::new(SlotCell::new(hosted, body.session));
+        let shared = Arc::new(SlotCell::new(hosted, body.session, memory, body.max_batch));
         live.insert(body.slot_id, shared.clone());
         self.changed.notify_one();
         Ok((shared, true))
@@ -648,14 +793,107 @@ impl Host {
         }
     }
 
-    /// Decode limits for messages into `slot`: rows times its widest side.
-    pub fn limits(slot: &SharedSlot, max_batch: u32) -> DecodeLimits {
+    /// What messages on a circuit bound to `slot` by `a` may be.
+    pub fn expect(slot: &SharedSlot, a: &Assignment) -> Expect {
         let s = slot.lock();
-        let width = s.slot.input_dim().max(s.slot.output_dim());
-        DecodeLimits {
-            max_rank: 2,
-            max_elements: (max_batch as usize * width).min(MAX_TENSOR_ELEMENTS),
+        let b = &a.body;
+        Expect {
+            inputs: s.slot.input_dim(),
+            outputs: s.slot.output_dim(),
+            max_batch: b.max_batch,
+            direction: b.direction,
+            infer_only: b.infer_only,
+            state_total: b
+                .state
+                .filter(|w| w.range().is_some())
+                .map(|w| w.total as usize),
         }
+    }
+}
+
+/// What the messages of one layer host's circuit may be: tensors of the
+/// slot's own sides and at most `max_batch` rows, the state message of the
+/// circuit's window, control.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expect {
+    pub inputs: usize,
+    pub outputs: usize,
+    pub max_batch: u32,
+    pub direction: Direction,
+    pub infer_only: bool,
+    /// The job's state message size, on a circuit that carries them.
+    pub state_total: Option<usize>,
+}
+
+impl Expect {
+    pub fn widest(&self) -> usize {
+        self.inputs.max(self.outputs)
+    }
+
+    /// The longest message the circuit accepts.
+    pub fn max_message(&self) -> usize {
+        budget::max_message_bytes(self.widest(), self.max_batch, self.state_total.unwrap_or(0))
+    }
+
+    /// What the circuit costs in the memory budget.
+    pub fn circuit_bytes(&self) -> u64 {
+        budget::host_circuit_bytes(
+            self.max_message(),
+            self.widest(),
+            self.max_batch,
+            self.state_total.unwrap_or(0),
+        )
+    }
+}
+
+/// Check a message's header against what its circuit may carry, before
+/// anything is decoded or computed, and give the decode limits for exactly
+/// that message (a sparse tensor decodes to `rows × columns` elements,
+/// never more). Pure.
+pub fn check_message(head: &MsgHead, e: &Expect) -> Result<DecodeLimits, HostError> {
+    let tensor = |want: usize| -> Result<DecodeLimits, HostError> {
+        let ok = match head.shape {
+            Some((2, [rows, cols, ..])) => {
+                (rows >= 1 && rows <= e.max_batch as usize && cols == want).then_some(rows * cols)
+            }
+            _ => None,
+        };
+        let Some(n) = ok.filter(|&n| n <= MAX_TENSOR_ELEMENTS) else {
+            let shape = head.shape.map(|(r, d)| d[..r.min(d.len())].to_vec());
+            return Err(HostError::BadMessage(format!(
+                "a {} tensor of shape {:?} where [1..={}, {want}] was expected",
+                head.kind.name(),
+                shape.unwrap_or_default(),
+                e.max_batch
+            )));
+        };
+        Ok(DecodeLimits {
+            max_rank: 2,
+            max_elements: n,
+        })
+    };
+    let nothing = DecodeLimits {
+        max_rank: 0,
+        max_elements: 0,
+    };
+    match (head.kind, e.direction) {
+        (MsgKind::Forward, Direction::Forward) if !e.infer_only => tensor(e.inputs),
+        (MsgKind::Infer, Direction::Forward) => tensor(e.inputs),
+        (MsgKind::Backward, Direction::Backward) if !e.infer_only => tensor(e.outputs),
+        (MsgKind::Control, Direction::Forward) => Ok(nothing),
+        (MsgKind::State, Direction::Forward) if !e.infer_only => match e.state_total {
+            Some(t) if head.body_len == t + 1 => Ok(nothing),
+            _ => Err(HostError::BadMessage(format!(
+                "a state message of {} bytes that does not match this circuit's state window",
+                head.body_len.saturating_sub(1)
+            ))),
+        },
+        (k, d) => Err(HostError::BadMessage(format!(
+            "a {} message on a {:?} circuit{}",
+            k.name(),
+            d,
+            if e.infer_only { " for inference" } else { "" }
+        ))),
     }
 }
 
@@ -676,7 +914,9 @@ mod tests {
                 slots: 4,
                 max_params: 1 << 20,
                 max_lease_secs: 3600,
+                idle_secs: 600,
             },
+            MemoryBudget::new(1 << 30, Metrics::new()),
             Metrics::new(),
         )
     }
@@ -804,5 +1044,201 @@ mod tests {
             h.bind(&assignment(&owner, 9, 600, false), &ONION),
             Err(HostError::NoSuchSlot)
         ));
+    }
+
+    fn host_with(store: Arc<MemoryStore>, slots: u32, budget: u64) -> Host {
+        Host::new(
+            store,
+            HostPolicy {
+                slots,
+                max_params: 1 << 20,
+                max_lease_secs: 3600,
+                idle_secs: 600,
+            },
+            MemoryBudget::new(budget, Metrics::new()),
+            Metrics::new(),
+        )
+    }
+
+    #[test]
+    fn a_full_host_gives_an_unused_slot_to_a_new_claim() {
+        let store = Arc::new(MemoryStore::default());
+        let h = host_with(store.clone(), 2, 1 << 30);
+        let owner = Identity::generate();
+        for id in [1u8, 2] {
+            let a = assignment(&owner, id, 600, true);
+            let (slot, _) = h.bind(&a, &ONION).expect("bind");
+            h.process(&[id; 16], &slot, &a, forward(0), &keys())
+                .expect("forward");
+            h.evict(&[id; 16], &slot);
+        }
+        // Both used just now: a third claim finds no room.
+        match h.bind(&assignment(&owner, 3, 600, true), &ONION) {
+            Err(HostError::Refused(m)) => assert!(m.contains("taken and in use"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(h.free_slots(unix_now()).expect("free"), 0);
+        // Slot 1 unused past the grace: offered, and taken by the claim.
+        let mut lease = store.get_meta(&[1; 16]).expect("meta").expect("slot").lease;
+        lease.last_used -= 601;
+        store.set_lease(&[1; 16], lease).expect("lease");
+        assert_eq!(h.free_slots(unix_now()).expect("free"), 1);
+        let (slot, created) = h
+            .bind(&assignment(&owner, 3, 600, true), &ONION)
+            .expect("the claim takes the unused slot's place");
+        assert!(created);
+        assert!(store.get_meta(&[1; 16]).expect("meta").is_none());
+        assert!(store.get_meta(&[2; 16]).expect("meta").is_some());
+        assert!(h
+            .metrics
+            .render()
+            .contains("mixnn_slots_freed_total{reason=\"evicted\"} 1"));
+        // A slot a circuit is bound to is never taken, however old.
+        let mut lease = store.get_meta(&[3; 16]).expect("meta").expect("slot").lease;
+        lease.created -= 3600;
+        lease.last_used -= 3600;
+        store.set_lease(&[3; 16], lease).expect("lease");
+        let mut lease = store.get_meta(&[2; 16]).expect("meta").expect("slot").lease;
+        lease.last_used = 0;
+        store.set_lease(&[2; 16], lease).expect("lease");
+        h.bind(&assignment(&owner, 4, 600, true), &ONION)
+            .expect("slot 2 goes");
+        assert!(store.get_meta(&[3; 16]).expect("meta").is_some());
+        drop(slot);
+    }
+
+    #[test]
+    fn claims_without_work_or_room_are_refused_before_anything_is_made() {
+        let store = Arc::new(MemoryStore::default());
+        let owner = Identity::generate();
+        // No proof of work.
+        let h = host_with(store.clone(), 4, 1 << 30);
+        let mut body = assignment(&owner, 1, 600, true).body;
+        while body.has_work(&ONION) {
+            body.nonce = rand::random();
+        }
+        let unworked = Assignment::sign_as_is(body, &owner, &ONION).expect("sign");
+        match h.bind(&unworked, &ONION) {
+            Err(HostError::Refused(m)) => assert!(m.contains("proof of work"), "{m}"),
+            other => panic!("{:?}", other.err()),
+        }
+        // No room in memory: 4 -> 3 needs about 65 KiB at 4 rows.
+        let small = host_with(store.clone(), 4, 32 << 10);
+        match small.bind(&assignment(&owner, 2, 600, true), &ONION) {
+            Err(HostError::Refused(m)) => {
+                assert!(m.contains("does not fit in memory at batches of 4"), "{m}")
+            }
+            other => panic!("{:?}", other.err()),
+        }
+        assert_eq!(small.budget().used(), 0);
+        assert!(store.list_slots().expect("list").is_empty());
+        // With room, the slot holds its reservation until its copy goes.
+        let (slot, _) = h
+            .bind(&assignment(&owner, 3, 600, true), &ONION)
+            .expect("bind");
+        let held = h.budget().used();
+        assert!(held > 64 << 10 && held == slot.reserved(), "{held}");
+        h.evict(&[3; 16], &slot);
+        drop(slot);
+        assert_eq!(h.budget().used(), 0);
+    }
+
+    #[test]
+    fn messages_are_checked_from_their_header_before_decoding() {
+        let e = Expect {
+            inputs: 784,
+            outputs: 16_384,
+            max_batch: 16,
+            direction: Direction::Forward,
+            infer_only: false,
+            state_total: Some(1000),
+        };
+        let check = |m: JobMsg, e: &Expect| {
+            check_message(
+                &JobMsg::peek(&m.encode().expect("encode")).expect("peek"),
+                e,
+            )
+        };
+        let t = |rows: usize, cols: usize| HostTensor::zeros(vec![rows, cols]);
+        let ok = check(
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(16, 784),
+            },
+            &e,
+        )
+        .expect("fits");
+        assert_eq!(ok.max_elements, 16 * 784);
+        for bad in [
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(17, 784),
+            },
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(16, 16_384),
+            },
+            JobMsg::Forward {
+                step: 0,
+                tensor: HostTensor::zeros(vec![784]),
+            },
+            JobMsg::Backward {
+                step: 0,
+                tensor: t(1, 16_384),
+            },
+            JobMsg::State {
+                op: StateOp::Restore,
+                step: 0,
+                blob: vec![1; 999],
+            },
+            JobMsg::Ack { step: 0 },
+        ] {
+            let name = bad.name();
+            assert!(
+                matches!(check(bad, &e), Err(HostError::BadMessage(_))),
+                "{name}"
+            );
+        }
+        assert!(check(
+            JobMsg::State {
+                op: StateOp::Restore,
+                step: 0,
+                blob: vec![1; 1000],
+            },
+            &e
+        )
+        .is_ok());
+        let back = Expect {
+            direction: Direction::Backward,
+            ..e
+        };
+        assert!(check(
+            JobMsg::Backward {
+                step: 0,
+                tensor: t(16, 16_384)
+            },
+            &back
+        )
+        .is_ok());
+        let infer = Expect {
+            infer_only: true,
+            ..e
+        };
+        assert!(check(
+            JobMsg::Forward {
+                step: 0,
+                tensor: t(1, 784)
+            },
+            &infer
+        )
+        .is_err());
+        assert!(check(
+            JobMsg::Infer {
+                step: 0,
+                tensor: t(1, 784)
+            },
+            &infer
+        )
+        .is_ok());
     }
 }

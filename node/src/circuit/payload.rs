@@ -17,6 +17,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+use super::admission::{leading_zeros, work_bits};
 use crate::store::SlotId;
 
 const AUTH_DOMAIN: &[u8] = b"mixnn-slot-auth-v1";
@@ -130,8 +131,85 @@ fn auth_message(body: &AssignmentBody, hop_onion_key: &[u8; 32]) -> Result<Vec<u
     Ok(m)
 }
 
+const WORK_DOMAIN: &str = "mixnn slot claim work v1";
+
+impl AssignmentBody {
+    /// Leading zero bits the claim's work hash must have: 0 unless the body
+    /// creates a slot, then [`work_bits`] of the slot's stored size.
+    pub fn work_bits(&self) -> u32 {
+        self.create.as_ref().map_or(0, |c| {
+            work_bits(mixnn_model::max_state_bytes(&c.stage, &c.optimizer) as u64)
+        })
+    }
+
+    /// The work hash as far as the nonce: the host's onion key and the body
+    /// up to its last field, the nonce (postcard writes the nonce's 16
+    /// bytes last, unframed).
+    fn work_prefix(&self, hop_onion_key: &[u8; 32]) -> Result<blake3::Hasher, PayloadError> {
+        let bytes = postcard::to_allocvec(self).map_err(|_| PayloadError::Malformed)?;
+        let head = bytes
+            .len()
+            .checked_sub(self.nonce.len())
+            .filter(|&h| bytes[h..] == self.nonce)
+            .ok_or(PayloadError::Malformed)?;
+        let mut h = blake3::Hasher::new_derive_key(WORK_DOMAIN);
+        h.update(hop_onion_key);
+        h.update(&bytes[..head]);
+        Ok(h)
+    }
+
+    /// Choose the nonce so that the claim carries its work for the host
+    /// with `hop_onion_key`: about `2^work_bits` hashes. Bound to the
+    /// host, the slot, the owner and every other field.
+    pub fn solve_work(&mut self, hop_onion_key: &[u8; 32]) -> Result<(), PayloadError> {
+        let bits = self.work_bits();
+        if bits == 0 {
+            return Ok(());
+        }
+        let prefix = self.work_prefix(hop_onion_key)?;
+        let mut nonce = self.nonce;
+        for counter in 0u64.. {
+            nonce[..8].copy_from_slice(&counter.to_le_bytes());
+            let mut h = prefix.clone();
+            h.update(&nonce);
+            if leading_zeros(h.finalize().as_bytes()) >= bits {
+                self.nonce = nonce;
+                return Ok(());
+            }
+        }
+        Err(PayloadError::Malformed)
+    }
+
+    /// Whether the claim carries the work it needs for this host.
+    pub fn has_work(&self, hop_onion_key: &[u8; 32]) -> bool {
+        let bits = self.work_bits();
+        if bits == 0 {
+            return true;
+        }
+        let Ok(mut h) = self.work_prefix(hop_onion_key) else {
+            return false;
+        };
+        h.update(&self.nonce);
+        leading_zeros(h.finalize().as_bytes()) >= bits
+    }
+}
+
 impl Assignment {
+    /// Sign `body` for the host with `hop_onion_key`; a body that creates a
+    /// slot first gets its proof of work ([`AssignmentBody::solve_work`]),
+    /// which takes a moment (2^16 hashes for a small layer).
     pub fn sign(
+        mut body: AssignmentBody,
+        owner: &Identity,
+        hop_onion_key: &[u8; 32],
+    ) -> Result<Self, PayloadError> {
+        body.solve_work(hop_onion_key)?;
+        Self::sign_as_is(body, owner, hop_onion_key)
+    }
+
+    /// Sign `body` without doing its work (tests of hosts that refuse it).
+    #[doc(hidden)]
+    pub fn sign_as_is(
         body: AssignmentBody,
         owner: &Identity,
         hop_onion_key: &[u8; 32],
@@ -277,6 +355,40 @@ pub enum JobMsg {
     },
 }
 
+/// The kind of a [`JobMsg`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MsgKind {
+    Forward,
+    Infer,
+    Backward,
+    Ack,
+    Control,
+    State,
+}
+
+impl MsgKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            MsgKind::Forward => "forward",
+            MsgKind::Infer => "infer",
+            MsgKind::Backward => "backward",
+            MsgKind::Ack => "ack",
+            MsgKind::Control => "control",
+            MsgKind::State => "state",
+        }
+    }
+}
+
+/// A message's header ([`JobMsg::peek`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MsgHead {
+    pub kind: MsgKind,
+    /// A tensor's rank and dims (the first `rank` count).
+    pub shape: Option<(usize, [usize; mixnn_model::tensor::MAX_RANK])>,
+    /// Bytes after the kind and step.
+    pub body_len: usize,
+}
+
 /// What a state message asks of the hosts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StateOp {
@@ -399,6 +511,41 @@ impl JobMsg {
             },
             _ => return Err(PayloadError::BadMessage("unknown kind")),
         })
+    }
+
+    /// What a message is, read from its header without decoding it:
+    /// nothing is allocated, so a host checks the kind and the tensor's
+    /// shape against its slot before the message may cost more than its
+    /// own bytes.
+    pub fn peek(bytes: &[u8]) -> Result<MsgHead, PayloadError> {
+        if bytes.len() < 9 {
+            return Err(PayloadError::BadMessage("shorter than its header"));
+        }
+        let body = &bytes[9..];
+        let tensor = |kind| {
+            let (rank, dims, _) =
+                HostTensor::peek_shape(body).map_err(|_| PayloadError::BadMessage("bad tensor"))?;
+            Ok::<_, PayloadError>(MsgHead {
+                kind,
+                shape: Some((rank, dims)),
+                body_len: body.len(),
+            })
+        };
+        match bytes[0] {
+            K_FORWARD => tensor(MsgKind::Forward),
+            K_INFER => tensor(MsgKind::Infer),
+            K_BACKWARD => tensor(MsgKind::Backward),
+            k => Ok(MsgHead {
+                kind: match k {
+                    K_ACK => MsgKind::Ack,
+                    K_CONTROL => MsgKind::Control,
+                    K_STATE => MsgKind::State,
+                    _ => return Err(PayloadError::BadMessage("unknown kind")),
+                },
+                shape: None,
+                body_len: body.len(),
+            }),
+        }
     }
 
     pub fn name(&self) -> &'static str {
@@ -632,6 +779,45 @@ mod tests {
         let mut bytes = JobMsg::Ack { step: 1 }.encode().expect("encode");
         bytes.push(0);
         assert!(JobMsg::decode(&bytes, limits).is_err());
+    }
+
+    #[test]
+    fn a_claim_carries_work_for_its_host_only() {
+        let owner = Identity::generate();
+        let mut b = body(true);
+        b.owner = owner.public_key();
+        assert_eq!(b.work_bits(), 19, "a 4.8 MB state");
+        assert!(!b.has_work(&[9; 32]));
+        let a = Assignment::sign(b.clone(), &owner, &[9; 32]).expect("sign");
+        assert!(a.body.has_work(&[9; 32]));
+        assert!(!a.body.has_work(&[8; 32]), "another host");
+        let mut other = a.body.clone();
+        other.slot_id = [7; 16];
+        assert!(!other.has_work(&[9; 32]), "another slot");
+        // Nothing to create, nothing to prove.
+        assert_eq!(body(false).work_bits(), 0);
+        assert!(body(false).has_work(&[9; 32]));
+        let unworked = Assignment::sign_as_is(b, &owner, &[9; 32]).expect("sign");
+        assert_eq!(unworked.verify(&[9; 32]), Ok(()));
+        assert!(!unworked.body.has_work(&[9; 32]));
+    }
+
+    #[test]
+    fn peek_reads_kind_and_shape_without_decoding() {
+        let t = HostTensor::zeros(vec![1024, 784]);
+        let bytes = JobMsg::Forward { step: 1, tensor: t }
+            .encode()
+            .expect("encode");
+        // All zeros: the bitmap only, a 32nd of the decoded size.
+        assert!(bytes.len() < 1024 * 784 * 4 / 30);
+        let head = JobMsg::peek(&bytes).expect("peek");
+        assert_eq!(head.kind, MsgKind::Forward);
+        assert_eq!(head.shape, Some((2, [1024, 784, 0, 0])));
+        let ack = JobMsg::Ack { step: 3 }.encode().expect("encode");
+        assert_eq!(JobMsg::peek(&ack).expect("peek").kind, MsgKind::Ack);
+        assert!(JobMsg::peek(&[1, 2]).is_err());
+        assert!(JobMsg::peek(&[1; 9]).is_err(), "no tensor header");
+        assert!(JobMsg::peek(&[42; 20]).is_err());
     }
 
     #[test]

@@ -4,8 +4,13 @@
 //! Per circuit there are two pumps. The downstream pump reads frames from
 //! the previous hop and writes to the next; the upstream pump carries sealed
 //! error reports back towards the client. Every read from a peer has a
-//! timeout, every queue is the stream's own flow-control window, and the
-//! number of circuits is capped in total and per peer.
+//! timeout, every queue is the stream's own flow-control window, and who
+//! may hold how many circuits is [`super::admission`]'s decision: per
+//! address group of the previous hop, per identity, and with setups that
+//! carry no cell kept to a quarter of the node and giving way after
+//! [`Timeouts::first_cell`]. Every circuit holds its buffers in the node's
+//! memory budget, and a layer host checks each message's header against
+//! its slot before decoding it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,10 +26,11 @@ use mixnn_crypto::cells::{
 use mixnn_crypto::onion::peel_setup;
 use mixnn_crypto::replay::ReplayCache;
 use rand::RngCore;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::host::{Host, HostError, OwnerKeys, SharedSlot};
+use super::admission::{group_of, Admit, CircuitAdmission, CircuitId, CircuitLimits};
+use super::budget::{MemoryBudget, Reservation, CIRCUIT_BASE_BYTES};
+use super::host::{check_message, Expect, Host, HostError, OwnerKeys, SharedSlot};
 use super::payload::{
     seal_error, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg, StateOp, ERROR_KEY,
     REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
@@ -32,6 +38,7 @@ use super::payload::{
 use super::session::Kind;
 use super::wire::{self, FrameKind, WireError};
 use crate::metrics::Metrics;
+use crate::network::PeerAddrs;
 use crate::node::NodeState;
 
 /// The mixnn circuit protocol on direct libp2p streams.
@@ -46,6 +53,9 @@ pub struct Timeouts {
     pub open: Duration,
     /// Silence on a circuit before it is torn down.
     pub idle: Duration,
+    /// From stream open to the circuit's first cell: a setup older than
+    /// this gives its place to a new circuit that needs it.
+    pub first_cell: Duration,
 }
 
 impl Default for Timeouts {
@@ -54,12 +64,12 @@ impl Default for Timeouts {
             setup: Duration::from_secs(10),
             open: Duration::from_secs(10),
             idle: Duration::from_secs(120),
+            first_cell: Duration::from_secs(10),
         }
     }
 }
 
-/// Circuits one peer may hold through this node at once.
-pub const MAX_CIRCUITS_PER_PEER: usize = 64;
+pub use super::admission::MAX_CIRCUITS_PER_PEER;
 
 type UpWriter = Arc<AsyncMutex<WriteHalf<Stream>>>;
 
@@ -103,37 +113,50 @@ impl ReplayCache for SledReplay<'_> {
     }
 }
 
+/// Who holds which circuit, and how to end one that must give way.
+struct Admission {
+    machine: CircuitAdmission,
+    tokens: HashMap<CircuitId, CancellationToken>,
+}
+
 /// Serves circuits for a node.
 pub struct CircuitServer {
     state: Arc<NodeState>,
     host: Option<Arc<Host>>,
     control: libp2p_stream::Control,
     replay: sled::Tree,
-    total: Arc<Semaphore>,
-    per_peer: Mutex<HashMap<PeerId, usize>>,
+    admission: Mutex<Admission>,
+    addrs: PeerAddrs,
+    budget: Arc<MemoryBudget>,
     timeouts: Timeouts,
     me: PeerId,
     tap: Option<Arc<dyn HopTap>>,
 }
 
-struct PeerGuard<'a> {
+/// Forgets an admitted circuit when its task ends, however it ends.
+struct Admitted<'a> {
     server: &'a CircuitServer,
-    peer: PeerId,
+    id: CircuitId,
 }
 
-impl Drop for PeerGuard<'_> {
+impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        let mut m = self
-            .server
-            .per_peer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = m.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.peer);
-            }
-        }
+        self.server.forget(self.id);
+    }
+}
+
+/// A layer host's slot bound to a circuit: its in-memory copy is dropped
+/// (the next bind reloads the last checkpoint) however the circuit ends,
+/// including when its task is cancelled mid-way.
+struct Bound {
+    host: Arc<Host>,
+    slot_id: crate::store::SlotId,
+    slot: SharedSlot,
+}
+
+impl Drop for Bound {
+    fn drop(&mut self) {
+        self.host.evict(&self.slot_id, &self.slot);
     }
 }
 
@@ -148,23 +171,34 @@ enum End {
 }
 
 impl CircuitServer {
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: Arc<NodeState>,
         host: Option<Arc<Host>>,
         control: libp2p_stream::Control,
+        addrs: PeerAddrs,
+        budget: Arc<MemoryBudget>,
         timeouts: Timeouts,
         me: PeerId,
         tap: Option<Arc<dyn HopTap>>,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let replay = state.data.replay_tree()?;
-        let total = Arc::new(Semaphore::new(state.config.max_circuits));
+        let limits = CircuitLimits::new(
+            state.config.max_circuits,
+            state.config.circuits_per_group,
+            timeouts.first_cell,
+        );
         Ok(Arc::new(Self {
             state,
             host,
             control,
             replay,
-            total,
-            per_peer: Mutex::new(HashMap::new()),
+            admission: Mutex::new(Admission {
+                machine: CircuitAdmission::new(limits),
+                tokens: HashMap::new(),
+            }),
+            addrs,
+            budget,
             timeouts,
             me,
             tap,
@@ -173,6 +207,48 @@ impl CircuitServer {
 
     fn metrics(&self) -> &Metrics {
         &self.state.metrics
+    }
+
+    fn admission(&self) -> std::sync::MutexGuard<'_, Admission> {
+        self.admission.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admit a stream from `peer`, ending the overdue setup it replaces.
+    fn admit(&self, peer: PeerId, token: &CancellationToken) -> Result<CircuitId, &'static str> {
+        let group = group_of(peer, self.addrs.ip(&peer));
+        let mut a = self.admission();
+        match a.machine.admit(peer, group, Instant::now()) {
+            Admit::No(reason) => {
+                tracing::debug!(event = "circuit_refused", from = %peer, ?group, reason);
+                Err(reason)
+            }
+            Admit::Yes { id, preempt } => {
+                if let Some(victim) = preempt {
+                    if let Some(t) = a.tokens.remove(&victim) {
+                        t.cancel();
+                    }
+                    self.metrics().circuits_preempted.inc();
+                    tracing::info!(event = "circuit_preempted", for_peer = %peer, reason = "no cell in time");
+                }
+                a.tokens.insert(id, token.clone());
+                self.metrics().circuit_setups.set(a.machine.setups() as i64);
+                Ok(id)
+            }
+        }
+    }
+
+    /// Circuit `id` carried its first cell.
+    fn moved(&self, id: CircuitId) {
+        let mut a = self.admission();
+        a.machine.moved(id);
+        self.metrics().circuit_setups.set(a.machine.setups() as i64);
+    }
+
+    fn forget(&self, id: CircuitId) {
+        let mut a = self.admission();
+        a.machine.end(id);
+        a.tokens.remove(&id);
+        self.metrics().circuit_setups.set(a.machine.setups() as i64);
     }
 
     /// Accept circuit streams until `cancel` fires.
@@ -195,29 +271,43 @@ impl CircuitServer {
                     None => break,
                 },
             };
-            let Ok(permit) = self.total.clone().try_acquire_owned() else {
-                self.metrics().streams_refused.inc();
-                continue; // dropping the stream closes it
-            };
-            {
-                let mut m = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
-                let n = m.entry(peer).or_insert(0);
-                if *n >= MAX_CIRCUITS_PER_PEER {
+            // Dropping a refused stream closes it.
+            let token = cancel.child_token();
+            let id = match self.admit(peer, &token) {
+                Ok(id) => id,
+                Err(reason) => {
                     self.metrics().streams_refused.inc();
+                    self.metrics().refuse_circuit(reason);
                     continue;
                 }
-                *n += 1;
-            }
+            };
+            let base = match self.budget.reserve(CIRCUIT_BASE_BYTES) {
+                Ok(r) => r,
+                Err(_) => {
+                    self.forget(id);
+                    self.metrics().streams_refused.inc();
+                    self.metrics().refuse_circuit("memory");
+                    continue;
+                }
+            };
             let server = self.clone();
-            let cancel = cancel.child_token();
+            let stopping = cancel.clone();
             tokio::spawn(async move {
-                let _permit = permit;
-                let _guard = PeerGuard {
+                let _base = base;
+                let _admitted = Admitted {
                     server: &server,
-                    peer,
+                    id,
                 };
                 server.metrics().circuits_active.inc();
-                let end = server.handle(peer, stream, cancel).await;
+                let end = tokio::select! {
+                    biased;
+                    _ = token.cancelled() => if stopping.is_cancelled() {
+                        End::Failed("the node is stopping".into())
+                    } else {
+                        End::Refused("preempted")
+                    },
+                    end = server.handle(peer, stream, token.clone(), id) => end,
+                };
                 server.metrics().circuits_active.dec();
                 match end {
                     End::Clean => tracing::debug!(event = "circuit_closed", from = %peer),
@@ -254,6 +344,7 @@ impl CircuitServer {
         prev: PeerId,
         stream: Stream,
         cancel: CancellationToken,
+        id: CircuitId,
     ) -> End {
         let (mut up_r, up_w) = stream.split();
         let up_w: UpWriter = Arc::new(AsyncMutex::new(up_w));
@@ -320,7 +411,9 @@ impl CircuitServer {
             return End::Refused("no_next_hop");
         };
 
-        // Admission before opening anything downstream.
+        // Admission before opening anything downstream. The slot's copy
+        // goes however the circuit ends (`bound`).
+        let mut bound: Option<Bound> = None;
         let hosting = match &payload.role {
             HopRole::Mix if self.state.config.mix => None,
             HopRole::Mix => {
@@ -333,18 +426,33 @@ impl CircuitServer {
                     return End::Refused("not_a_host");
                 };
                 let a: Arc<Assignment> = Arc::new((**a).clone());
+                // The guard comes out of the blocking task: if this circuit is
+                // cancelled while the bind runs, dropping it drops the slot's
+                // copy too.
                 let bind = {
                     let host = host.clone();
                     let a = a.clone();
-                    tokio::task::spawn_blocking(move || host.bind(&a, &my_onion_key)).await
+                    tokio::task::spawn_blocking(move || {
+                        host.bind(&a, &my_onion_key).map(|(slot, created)| {
+                            let guard = Bound {
+                                host: host.clone(),
+                                slot_id: a.body.slot_id,
+                                slot,
+                            };
+                            (guard, created)
+                        })
+                    })
+                    .await
                 };
                 match bind {
-                    Ok(Ok((slot, created))) => {
+                    Ok(Ok((guard, created))) => {
                         if created {
                             self.metrics().slots_held.inc();
                             self.state.republish.notify_one();
                             tracing::info!(event = "slot_created", slot = %hex::encode(a.body.slot_id));
                         }
+                        let slot = guard.slot.clone();
+                        bound = Some(guard);
                         Some((host, a, slot))
                     }
                     Ok(Err(e)) => {
@@ -370,6 +478,26 @@ impl CircuitServer {
                 .await;
                 return End::Refused("end_role");
             }
+        };
+
+        // The circuit's buffers are held in the memory budget before
+        // anything is read into them.
+        let _bound = bound;
+        let _memory: Option<Reservation> = match &hosting {
+            Some((_, a, slot)) => {
+                match self.budget.reserve(Host::expect(slot, a).circuit_bytes()) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        report(
+                            ErrorCode::SlotRefused,
+                            format!("the circuit's buffers do not fit in memory: {e}"),
+                        )
+                        .await;
+                        return End::Refused("memory");
+                    }
+                }
+            }
+            None => None,
         };
 
         if let Some(tap) = &self.tap {
@@ -455,14 +583,14 @@ impl CircuitServer {
 
         let end = match hosting {
             None => {
-                self.mix_pump(&mut up_r, &mut down_w, down_cid, &circuit, &mut buf)
+                self.mix_pump(&mut up_r, &mut down_w, down_cid, &circuit, &mut buf, id)
                     .await
             }
             Some((host, a, slot)) => {
                 let end = self
                     .host_pump(
                         &mut up_r, down_w, down_cid, &circuit, &mut buf, &host, &a, &slot,
-                        owner_keys, &report,
+                        owner_keys, &report, id,
                     )
                     .await;
                 match &end {
@@ -494,7 +622,9 @@ impl CircuitServer {
         down_cid: u64,
         circuit: &CancellationToken,
         buf: &mut Vec<u8>,
+        id: CircuitId,
     ) -> End {
+        let mut first = true;
         loop {
             let frame = tokio::select! {
                 biased;
@@ -503,6 +633,9 @@ impl CircuitServer {
             };
             match frame {
                 Ok(Ok((_, FrameKind::Cell))) => {
+                    if std::mem::take(&mut first) {
+                        self.moved(id);
+                    }
                     if let Some(tap) = &self.tap {
                         tap.cell_in(self.me, buf);
                     }
@@ -551,19 +684,17 @@ impl CircuitServer {
         slot: &SharedSlot,
         keys: OwnerKeys,
         report: &F,
+        id: CircuitId,
     ) -> End
     where
         F: Fn(ErrorCode, String) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
-        let limits = Host::limits(slot, a.body.max_batch);
-        // Tensors, or the job's state messages when this circuit carries them.
-        let state_total = a
-            .body
-            .state
-            .filter(|w| w.range().is_some())
-            .map_or(0, |w| w.total as usize);
-        let max_msg = (limits.max_elements * 4).max(state_total) + 64 * 1024;
+        // Tensors of the slot's sides, or the job's state messages when
+        // this circuit carries them.
+        let expect: Expect = Host::expect(slot, a);
+        let max_msg = expect.max_message();
+        let mut first = true;
         let mut opener = CellOpener::new(&CellKey::from_bytes(a.body.in_key));
         let mut sealer = CellSealer::new(&CellKey::from_bytes(a.body.out_key));
         let mut reader = MessageReader::new(max_msg);
@@ -576,7 +707,11 @@ impl CircuitServer {
                 f = tokio::time::timeout(self.timeouts.idle, wire::read_frame(up_r, buf)) => f,
             };
             match frame {
-                Ok(Ok((_, FrameKind::Cell))) => {}
+                Ok(Ok((_, FrameKind::Cell))) => {
+                    if std::mem::take(&mut first) {
+                        self.moved(id);
+                    }
+                }
                 Ok(Ok((_, FrameKind::Teardown))) => {
                     writer.teardown().await;
                     return End::Clean;
@@ -628,6 +763,18 @@ impl CircuitServer {
             if let Some(tap) = &self.tap {
                 tap.plaintext(self.me, &msg);
             }
+            // The header against the slot's shapes and batch limit first:
+            // a message decodes only to the size its circuit allows.
+            let limits = match JobMsg::peek(&msg)
+                .map_err(|e| HostError::BadMessage(e.to_string()))
+                .and_then(|head| check_message(&head, &expect))
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    report(ErrorCode::BadMessage, e.to_string()).await;
+                    return End::Failed(e.to_string());
+                }
+            };
             let t = Instant::now();
             let decoded = JobMsg::decode(&msg, limits);
             self.metrics()

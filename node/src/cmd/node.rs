@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args;
-use mixnn_node::config::{parse_addrs, FileConfig, NodeConfig};
+use mixnn_node::config::{parse_addrs, parse_size, FileConfig, NodeConfig};
 use mixnn_node::node::RunningNode;
 use tokio_util::sync::CancellationToken;
 
@@ -56,6 +56,20 @@ pub struct NodeArgs {
     /// without withdrawing drops out of discovery after this.
     #[arg(long, env = "MIXNN_DESCRIPTOR_TTL_SECS", hide_short_help = true)]
     descriptor_ttl_secs: Option<u64>,
+    /// Memory peers may make this node use: slots in memory with the
+    /// activations of their largest batch, and circuit buffers (e.g. 4G,
+    /// 512M). A slot that does not fit is refused. [default: half of this
+    /// machine's memory, between 256 MiB and 64 GiB]
+    #[arg(long, env = "MIXNN_MAX_MEMORY", value_name = "SIZE", value_parser = parse_size)]
+    max_memory: Option<u64>,
+    /// When every slot is taken, a new claim takes the place of a slot its
+    /// owner has not used for this many seconds [default: 600].
+    #[arg(long, env = "MIXNN_SLOT_IDLE_SECS", hide_short_help = true)]
+    slot_idle_secs: Option<u64>,
+    /// Circuits one address group (a public IPv4 /24 or IPv6 /48) may hold
+    /// at once, whatever identities it uses [default: 64].
+    #[arg(long, env = "MIXNN_CIRCUITS_PER_GROUP", hide_short_help = true)]
+    circuits_per_group: Option<usize>,
 }
 
 /// Where `--init-config` suggests keeping the node's data.
@@ -154,6 +168,18 @@ impl NodeArgs {
         if let Some(v) = file.max_lease_secs {
             c.max_lease_secs = v;
         }
+        if let Some(v) = self.max_memory.or(file.max_memory_bytes) {
+            c.max_memory_bytes = v;
+        }
+        if let Some(v) = self.slot_idle_secs.or(file.slot_idle_secs) {
+            c.slot_idle_secs = v;
+        }
+        if let Some(v) = self.circuits_per_group.or(file.circuits_per_group) {
+            c.circuits_per_group = v;
+        }
+        if let Some(v) = file.first_cell_secs {
+            c.first_cell_secs = v;
+        }
         c.validate()?;
         Ok(c)
     }
@@ -229,7 +255,11 @@ mod tests {
     fn file_values_reach_the_config() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("node.toml");
-        std::fs::write(&path, "max_lease_secs = 60\nmix = true\nslots = 2\n").expect("write");
+        std::fs::write(
+            &path,
+            "max_lease_secs = 60\nmix = true\nslots = 2\nmax_memory_bytes = 1073741824\n",
+        )
+        .expect("write");
         let c = resolve(&[
             "--config",
             path.to_str().expect("utf-8"),
@@ -237,5 +267,16 @@ mod tests {
             "/tmp/n",
         ]);
         assert_eq!((c.max_lease_secs, c.mix, c.slots), (60, true, 2));
+        assert_eq!(c.max_memory_bytes, 1 << 30);
+        // The flag takes units, and wins over the file.
+        let c = resolve(&[
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--data-dir",
+            "/tmp/n",
+            "--max-memory",
+            "512M",
+        ]);
+        assert_eq!(c.max_memory_bytes, 512 << 20);
     }
 }

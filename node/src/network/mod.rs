@@ -9,6 +9,8 @@
 pub mod records;
 
 use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -16,7 +18,7 @@ use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::{Boxed, MemoryTransport, OrTransport};
 use libp2p::core::upgrade;
 use libp2p::kad::{self, store::MemoryStore, QueryId, QueryResult, StoreInserts};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     connection_limits, identify, identity::Keypair, noise, ping, Multiaddr, PeerId, StreamProtocol,
     Swarm, Transport,
@@ -144,6 +146,81 @@ pub enum NetworkEvent {
 
 const EVENT_BUFFER: usize = 256;
 
+/// Most peers [`PeerAddrs::assign`] keeps an address for.
+const MAX_ASSIGNED: usize = 4096;
+
+/// The IP address each connected peer's connections come from, as the
+/// event loop sees them open and close (bounded by the connection limits).
+/// Circuit admission groups peers by it. Cheap to clone; reads never wait
+/// on the event loop.
+#[derive(Clone, Default)]
+pub struct PeerAddrs {
+    inner: Arc<Mutex<AddrTable>>,
+}
+
+#[derive(Default)]
+struct AddrTable {
+    connections: HashMap<PeerId, Vec<(ConnectionId, Option<IpAddr>)>>,
+    assigned: HashMap<PeerId, IpAddr>,
+}
+
+impl PeerAddrs {
+    fn table(&self) -> std::sync::MutexGuard<'_, AddrTable> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The IP address `peer` connects from (its first open connection's),
+    /// or the one assigned to it; `None` for a peer with no IP address.
+    pub fn ip(&self, peer: &PeerId) -> Option<IpAddr> {
+        let t = self.table();
+        t.assigned.get(peer).copied().or_else(|| {
+            t.connections
+                .get(peer)
+                .and_then(|c| c.iter().find_map(|(_, ip)| *ip))
+        })
+    }
+
+    /// Treat `peer` as connecting from `ip`, whatever its connections say:
+    /// for simulations on the memory transport, where peers have no IP
+    /// address. False once [`MAX_ASSIGNED`] peers have one.
+    pub fn assign(&self, peer: PeerId, ip: IpAddr) -> bool {
+        let mut t = self.table();
+        if t.assigned.len() >= MAX_ASSIGNED && !t.assigned.contains_key(&peer) {
+            return false;
+        }
+        t.assigned.insert(peer, ip);
+        true
+    }
+
+    fn opened(&self, peer: PeerId, id: ConnectionId, remote: &Multiaddr) {
+        self.table()
+            .connections
+            .entry(peer)
+            .or_default()
+            .push((id, ip_of(remote)));
+    }
+
+    fn closed(&self, peer: PeerId, id: ConnectionId) {
+        let mut t = self.table();
+        if let Some(c) = t.connections.get_mut(&peer) {
+            c.retain(|(i, _)| *i != id);
+            if c.is_empty() {
+                t.connections.remove(&peer);
+            }
+        }
+    }
+}
+
+/// The IP address in `addr`, if it has one.
+pub fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    use libp2p::multiaddr::Protocol;
+    addr.iter().find_map(|p| match p {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
 #[derive(NetworkBehaviour)]
 struct Behaviour {
     limits: connection_limits::Behaviour,
@@ -182,6 +259,7 @@ pub struct Network {
     control: libp2p_stream::Control,
     peer_id: PeerId,
     metrics: Metrics,
+    addrs: PeerAddrs,
 }
 
 fn build_transport(
@@ -416,7 +494,9 @@ impl Network {
         let (tx, rx) = mpsc::channel(256);
         let (events, _) = tokio::sync::broadcast::channel(EVENT_BUFFER);
         let peer_id = *swarm.local_peer_id();
+        let addrs = PeerAddrs::default();
         let event_loop = EventLoop {
+            addrs: addrs.clone(),
             events: events.clone(),
             swarm,
             rx,
@@ -435,6 +515,7 @@ impl Network {
                 control,
                 peer_id,
                 metrics,
+                addrs,
             },
             handle,
         ))
@@ -451,6 +532,11 @@ impl Network {
 
     pub fn metrics(&self) -> &Metrics {
         &self.metrics
+    }
+
+    /// Where each connected peer connects from.
+    pub fn peer_addrs(&self) -> PeerAddrs {
+        self.addrs.clone()
     }
 
     /// A control for opening and accepting direct streams.
@@ -571,6 +657,7 @@ struct DescriptorLookup {
 
 struct EventLoop {
     swarm: Swarm<Behaviour>,
+    addrs: PeerAddrs,
     events: tokio::sync::broadcast::Sender<NetworkEvent>,
     rx: mpsc::Receiver<Command>,
     metrics: Metrics,
@@ -741,9 +828,13 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
+                endpoint,
                 num_established,
                 ..
             } => {
+                self.addrs
+                    .opened(peer_id, connection_id, endpoint.get_remote_address());
                 for r in self.dials.remove(&peer_id).unwrap_or_default() {
                     let _ = r.send(Ok(()));
                 }
@@ -755,12 +846,16 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
-                num_established: 0,
+                connection_id,
+                num_established,
                 ..
             } => {
-                let _ = self.events.send(NetworkEvent::PeerDisconnected(peer_id));
-                self.metrics.peers_connected.dec();
-                tracing::debug!(event = "peer_disconnected", peer = %peer_id);
+                self.addrs.closed(peer_id, connection_id);
+                if num_established == 0 {
+                    let _ = self.events.send(NetworkEvent::PeerDisconnected(peer_id));
+                    self.metrics.peers_connected.dec();
+                    tracing::debug!(event = "peer_disconnected", peer = %peer_id);
+                }
             }
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(event = "listening", %address);

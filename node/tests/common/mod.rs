@@ -68,6 +68,16 @@ pub async fn testnet(
     slots: u32,
     tap: Option<std::sync::Arc<dyn mixnn_node::circuit::server::HopTap>>,
 ) -> TestNet {
+    testnet_with(n, slots, tap, |_| {}).await
+}
+
+/// [`testnet`] with each volunteer's config changed by `configure`.
+pub async fn testnet_with(
+    n: usize,
+    slots: u32,
+    tap: Option<std::sync::Arc<dyn mixnn_node::circuit::server::HopTap>>,
+    configure: impl Fn(&mut NodeConfig),
+) -> TestNet {
     let dirs: Vec<_> = (0..=n)
         .map(|_| tempfile::tempdir().expect("tempdir"))
         .collect();
@@ -86,6 +96,7 @@ pub async fn testnet(
         );
         c.slots = slots;
         c.metrics = Some("127.0.0.1:0".parse().expect("addr"));
+        configure(&mut c);
         nodes.push(
             RunningNode::start_with_tap(c, CancellationToken::new(), tap.clone())
                 .await
