@@ -500,10 +500,7 @@ async fn alone_watch(network: Network, bootstrap: Vec<Multiaddr>, cancel: Cancel
             _ = tokio::time::sleep(wait) => {}
         }
         wait = ALONE_WARN_EVERY;
-        let alone = network
-            .connected_peers()
-            .await
-            .map_or(false, |p| p.is_empty());
+        let alone = network.connected_peers().await.is_ok_and(|p| p.is_empty());
         if !alone {
             continue;
         }
