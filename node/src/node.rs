@@ -503,7 +503,7 @@ async fn alone_watch(network: Network, bootstrap: Vec<Multiaddr>, cancel: Cancel
         let alone = network
             .connected_peers()
             .await
-            .map_or(false, |p| p.is_empty());
+            .is_ok_and(|p| p.is_empty());
         if !alone {
             continue;
         }
