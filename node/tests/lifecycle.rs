@@ -243,7 +243,7 @@ fn bad_files_give_clear_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_of_a_network_model_equals_the_local_save() {
     let net = common::testnet(7, 2, None).await;
-    let (client, vols) = (&*net.client, &net.volunteers);
+    let client = &*net.client;
     let data = synthetic();
     let cfg = config("mlp:784-64-32-10", 640);
     let train = data.train.clone().limit(640);
@@ -257,9 +257,10 @@ async fn export_of_a_network_model_equals_the_local_save() {
             keep_ends,
             ..JobOptions::default()
         };
+        let vols = common::fresh_volunteers(&net).await;
         let report = train_network(
             client,
-            vols,
+            &vols,
             common::job(&cfg, &train, &data.test, &opts, &map_path),
             &mut |_| {},
         )
@@ -327,9 +328,10 @@ async fn export_of_a_network_model_equals_the_local_save() {
     let states = saved.slot_states(cfg.optimizer).expect("states");
     let (tuned, _) = train_local_model(&cfg, &data, Some(&states), &mut |_| {}).expect("local");
     let map_path = dir.path().join("tuned.json");
+    let vols = common::fresh_volunteers(&net).await;
     let report = train_network_from(
         client,
-        vols,
+        &vols,
         common::job(&cfg, &train, &data.test, &JobOptions::default(), &map_path),
         Some(states),
         &mut |_| {},

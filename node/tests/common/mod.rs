@@ -9,6 +9,7 @@ use mixnn_node::network::TransportKind;
 use mixnn_node::node::RunningNode;
 use tokio_util::sync::CancellationToken;
 
+#[derive(Clone)]
 pub struct Roles {
     pub layers: bool,
     pub mix: bool,
@@ -45,12 +46,25 @@ pub async fn start(
     roles: Roles,
     transport: TransportKind,
 ) -> RunningNode {
-    RunningNode::start(
-        config(dir, bootstrap, roles, transport),
-        CancellationToken::new(),
-    )
-    .await
-    .expect("node starts")
+    // A node stopped in this process may still be letting go of its
+    // database (a task finishing under load); a new process never waits.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match RunningNode::start(
+            config(dir, bootstrap, roles.clone(), transport),
+            CancellationToken::new(),
+        )
+        .await
+        {
+            Ok(n) => return n,
+            Err(mixnn_node::node::NodeError::Store(mixnn_node::store::StoreError::Locked(_)))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("node starts: {e:?}"),
+        }
+    }
 }
 
 /// A bootstrap, `n` volunteers (layer hosts and mixes) and a client that has
@@ -133,6 +147,18 @@ pub async fn testnet_with(
         client,
         volunteers,
     }
+}
+
+/// The volunteers as they advertise themselves now (free slots change as
+/// jobs take them).
+pub async fn fresh_volunteers(net: &TestNet) -> Vec<mixnn_node::discovery::Volunteer> {
+    let (found, _) = mixnn_node::discovery::discover_at_least(
+        net.client.network(),
+        net.nodes.len(),
+        std::time::Duration::from_secs(20),
+    )
+    .await;
+    found
 }
 
 /// A training job with nothing to stop it.
