@@ -127,8 +127,7 @@ pub struct StageAnswer {
     pub outcome: StageOutcome,
 }
 
-/// Ask every remote stage of `map` to do `op`, each through its own ring,
-/// all at once.
+/// Ask every remote stage of `map` to do `op`, each through its own ring.
 pub async fn ask_stages(
     client: &Client,
     volunteers: &[Volunteer],
@@ -140,15 +139,17 @@ pub async fn ask_stages(
         .map_err(|e| JobError::Invalid(format!("model map arch: {e}")))?;
     let stages = arch.stages();
     let remote = remote_stages(map, stages.len())?;
-    let asks = remote
-        .iter()
-        .map(|s| ask_stage(client, volunteers, map, &stages, s, op, opts));
-    let outcomes = futures::future::join_all(asks).await;
-    Ok(remote
-        .into_iter()
-        .zip(outcomes)
-        .map(|(stage, outcome)| StageAnswer { stage, outcome })
-        .collect())
+    let mut answers = Vec::with_capacity(remote.len());
+    // One stage at a time, each given a second try through new mixes: a
+    // ring that could not be set up once is not yet a host that is gone.
+    for stage in remote {
+        let mut outcome = ask_stage(client, volunteers, map, &stages, &stage, op, opts).await;
+        if matches!(outcome, StageOutcome::Unreachable(_)) {
+            outcome = ask_stage(client, volunteers, map, &stages, &stage, op, opts).await;
+        }
+        answers.push(StageAnswer { stage, outcome });
+    }
+    Ok(answers)
 }
 
 async fn ask_stage(
