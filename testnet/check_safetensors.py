@@ -14,6 +14,12 @@ test accuracy as one JSON object.
 
 Needs Python 3 and numpy only. Exits 1 with a message on stderr when the
 file or the data is not what it should be.
+
+Convolutional architectures (`lenet5`, `seq:1x28x28|conv(6,5,p=2) relu
+maxpool(2)|...`) are read the same way: every layer takes its place in the
+nn.Sequential (Conv2d `N.weight` [out, in, k, k] and `N.bias`, ReLU, Tanh,
+MaxPool2d, AvgPool2d, Flatten, Linear), and the convolutions and poolings
+run here in numpy, written from PyTorch's definitions.
 """
 
 import gzip
@@ -63,39 +69,140 @@ def read_safetensors(path):
     return tensors, metadata
 
 
+LENET5 = ("seq:1x28x28|conv(6,5,p=2) relu maxpool(2)|conv(16,5) relu maxpool(2)"
+          "|flatten linear(120) relu|linear(84) relu|linear(10)")
+
+
 def parse_arch(arch):
-    """`mlp:784-128-10` -> [784, 128, 10]."""
+    """The input shape and the nn.Sequential's layers, in order: tuples
+    ("linear", out) / ("conv", out, k, stride, padding, bias) /
+    ("maxpool" | "avgpool", k, stride) / ("relu",) / ("tanh",) / ("flatten",)."""
+    arch = arch.strip()
+    if arch == "lenet5":
+        arch = LENET5
     kind, sep, rest = arch.partition(":")
-    if kind.strip() != "mlp" or not sep:
-        raise CheckError(f"architecture {arch!r} is not mlp:IN-H1-...-OUT")
+    if not sep or kind.strip() not in ("mlp", "seq"):
+        raise CheckError(f"architecture {arch!r} is not mlp:IN-...-OUT, lenet5 or seq:...")
+    if kind.strip() == "mlp":
+        try:
+            dims = [int(t) for t in rest.split("-")]
+        except ValueError as e:
+            raise CheckError(f"architecture {arch!r}: {e}") from e
+        if len(dims) < 2 or any(d <= 0 for d in dims):
+            raise CheckError(f"architecture {arch!r} needs at least two positive sizes")
+        seq = []
+        for i, d in enumerate(dims[1:]):
+            seq.append(("linear", d))
+            if i + 2 < len(dims):
+                seq.append(("relu",))
+        return [dims[0]], seq
+    parts = rest.split("|")
     try:
-        dims = [int(t) for t in rest.split("-")]
+        shape = [int(t) for t in parts[0].strip().split("x")]
     except ValueError as e:
-        raise CheckError(f"architecture {arch!r}: {e}") from e
-    if len(dims) < 2 or any(d <= 0 for d in dims):
-        raise CheckError(f"architecture {arch!r} needs at least two positive sizes")
-    return dims
+        raise CheckError(f"architecture {arch!r}: input {parts[0]!r}: {e}") from e
+    seq = []
+    for part in parts[1:]:
+        for token in part.split():
+            seq.append(parse_layer(arch, token))
+    return shape, seq
 
 
-def layers(tensors, dims):
-    """The (weight [out, in], bias [out]) of each Linear, in order, checked
-    against the nn.Sequential names and shapes of `dims`."""
+def parse_layer(arch, token):
+    name, _, args = token.partition("(")
+    args = [a.strip() for a in args.rstrip(")").split(",") if a.strip()]
+    pos = [int(a) for a in args if "=" not in a]
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    if name in ("relu", "tanh", "flatten"):
+        return (name,)
+    if name == "linear":
+        return ("linear", pos[0])
+    if name in ("conv", "conv2d"):
+        return ("conv", pos[0], pos[1], int(named.get("s", 1)), int(named.get("p", 0)),
+                named.get("bias", "true") == "true")
+    if name in ("maxpool", "maxpool2d", "avgpool", "avgpool2d"):
+        return (name[:7], pos[0], int(named.get("s", pos[0])))
+    raise CheckError(f"architecture {arch!r}: unknown layer {token!r}")
+
+
+def layers(tensors, shape, seq):
+    """The layers with their parameters, checked against the nn.Sequential
+    names and shapes: (op, params..., weight, bias) in order."""
     out = []
     expected = set()
-    for i in range(len(dims) - 1):
-        index = 2 * i  # Linear, ReLU, Linear, ...: ReLUs take the odd places.
-        w_name, b_name = f"{index}.weight", f"{index}.bias"
-        expected.update((w_name, b_name))
-        for name, shape in ((w_name, [dims[i + 1], dims[i]]), (b_name, [dims[i + 1]])):
-            if name not in tensors:
-                raise CheckError(f"tensor {name} is missing")
-            if list(tensors[name].shape) != shape:
-                raise CheckError(f"tensor {name} has shape {list(tensors[name].shape)}, expected {shape}")
-        out.append((tensors[w_name], tensors[b_name]))
+    shape = list(shape)
+
+    def take(name, want):
+        if name not in tensors:
+            raise CheckError(f"tensor {name} is missing")
+        if list(tensors[name].shape) != want:
+            raise CheckError(f"tensor {name} has shape {list(tensors[name].shape)}, expected {want}")
+        expected.add(name)
+        return tensors[name]
+
+    for index, layer in enumerate(seq):
+        op = layer[0]
+        if op == "linear":
+            if len(shape) != 1:
+                raise CheckError(f"layer {index}: linear on a {shape} image")
+            w = take(f"{index}.weight", [layer[1], shape[0]])
+            b = take(f"{index}.bias", [layer[1]])
+            out.append(("linear", w, b))
+            shape = [layer[1]]
+        elif op == "conv":
+            _, oc, k, s, p, has_bias = layer
+            c, h, w_ = shape
+            w = take(f"{index}.weight", [oc, c, k, k])
+            b = take(f"{index}.bias", [oc]) if has_bias else None
+            out.append(("conv", w, b, s, p))
+            shape = [oc, (h + 2 * p - k) // s + 1, (w_ + 2 * p - k) // s + 1]
+        elif op in ("maxpool", "avgpool"):
+            _, k, s = layer
+            c, h, w_ = shape
+            out.append((op, k, s))
+            shape = [c, (h - k) // s + 1, (w_ - k) // s + 1]
+        elif op == "flatten":
+            out.append(("flatten",))
+            shape = [int(np.prod(shape))]
+        else:
+            out.append((op,))
     extra = sorted(set(tensors) - expected)
     if extra:
         raise CheckError(f"unexpected tensors {extra}")
     return out
+
+
+def windows(x, k, s):
+    """[n, c, h, w] -> [n, c, oh, ow, k, k]: every k x k window, s apart."""
+    v = np.lib.stride_tricks.sliding_window_view(x, (k, k), axis=(2, 3))
+    return v[:, :, ::s, ::s]
+
+
+def forward_batch(params, x):
+    h = x.astype(np.float64)
+    for layer in params:
+        op = layer[0]
+        if op == "linear":
+            _, w, b = layer
+            h = h.reshape(h.shape[0], -1) @ w.astype(np.float64).T + b.astype(np.float64)
+        elif op == "conv":
+            _, w, b, s, p = layer
+            h = np.pad(h, ((0, 0), (0, 0), (p, p), (p, p)))
+            # y[n, o, i, j] = sum over c, u, v of x[n, c, i*s+u, j*s+v] * w[o, c, u, v]
+            h = np.einsum("ncijuv,ocuv->noij", windows(h, w.shape[2], s), w.astype(np.float64))
+            if b is not None:
+                h = h + b.astype(np.float64)[None, :, None, None]
+        elif op == "maxpool":
+            h = windows(h, layer[1], layer[2]).max(axis=(4, 5))
+        elif op == "avgpool":
+            h = windows(h, layer[1], layer[2]).mean(axis=(4, 5))
+        elif op == "flatten":
+            h = h.reshape(h.shape[0], -1)
+        elif op == "relu":
+            h = np.maximum(h, 0.0)
+        elif op == "tanh":
+            h = np.tanh(h)
+    return h
 
 
 def read_idx(directory, name):
@@ -134,14 +241,10 @@ def mnist_test(directory):
     return images, labels
 
 
-def forward(params, x):
-    """Linear, ReLU, ..., Linear (PyTorch: y = x W^T + b), in float64."""
-    h = x.astype(np.float64)
-    for i, (w, b) in enumerate(params):
-        h = h @ w.astype(np.float64).T + b.astype(np.float64)
-        if i + 1 < len(params):
-            h = np.maximum(h, 0.0)
-    return h
+def forward(params, shape, x):
+    """The logits of images x [n, 784], in float64, 500 at a time."""
+    x = x.reshape([x.shape[0]] + list(shape))
+    return np.concatenate([forward_batch(params, x[i : i + 500]) for i in range(0, x.shape[0], 500)])
 
 
 def main(argv):
@@ -154,15 +257,15 @@ def main(argv):
         arch = metadata.get("arch")
         if not isinstance(arch, str):
             raise CheckError(f"{model_path}: no \"arch\" string in the header's __metadata__")
-        dims = parse_arch(arch)
-        params = layers(tensors, dims)
-        if dims[0] != 784:
-            raise CheckError(f"{arch} takes {dims[0]} inputs; MNIST images have 784")
+        shape, seq = parse_arch(arch)
+        params = layers(tensors, shape, seq)
+        if int(np.prod(shape)) != 784:
+            raise CheckError(f"{arch} takes {shape} inputs; MNIST images have 784 values")
         images, labels = mnist_test(mnist_dir)
-    except (OSError, CheckError) as e:
+    except (OSError, CheckError, ValueError, IndexError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    logits = forward(params, images)
+    logits = forward(params, shape, images)
     # Ties go to the first class, as the project's argmax does.
     predicted = np.argmax(logits, axis=1)
     correct = int(np.sum(predicted == labels))

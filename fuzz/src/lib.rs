@@ -43,6 +43,7 @@ pub const TARGETS: &[Target] = &[
     targets::slot::SLOT_META,
     targets::files::CHECKPOINT,
     targets::files::SAFETENSORS,
+    targets::files::ARCH,
 ];
 
 /// The target called `name`.

@@ -1,22 +1,37 @@
-//! One training step of mlp:784-512-256-10 at batch 256: the whole model
-//! locally, three `Slot`s (which recompute forward in backward), and three
-//! `SlotWorker`s (which keep the tape); plus one slot's forward+backward.
+//! One training step of a model: the whole model locally, one `Slot` per
+//! stage (which recompute forward in backward), and one `SlotWorker` per
+//! stage (which keep the tape); for mlp:784-512-256-10 at batch 256 and
+//! LeNet-5 at batch 128. Plus one stage's forward and backward: the MLP's
+//! first linear layer, and LeNet-5's second convolution.
 //!
 //! `cargo bench -p mixnn-model --bench slot`
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use mixnn_model::{
-    softmax_cross_entropy, synthetic, Arch, InitSpec, InputGrad, LocalModel, OptimizerSpec, Slot,
-    SlotWorker,
+    softmax_cross_entropy, synthetic, Arch, HostTensor, InitSpec, InputGrad, LocalModel,
+    OptimizerSpec, Slot, SlotWorker, StageSpec,
 };
 
-fn bench(c: &mut Criterion) {
-    let arch = Arch::parse("mlp:784-512-256-10").expect("arch");
-    let opt = OptimizerSpec::Sgd { lr: 0.01 };
-    let data = synthetic(1, 256, 1);
-    let (x, labels) = data.train.batches(256, 0, 1).next().expect("batch");
+fn slot(stage: &StageSpec, i: usize, opt: OptimizerSpec) -> Slot {
+    Slot::new(
+        stage,
+        InitSpec {
+            seed: 1,
+            stage_index: i as u32,
+        },
+        opt,
+    )
+    .expect("slot")
+}
 
-    let mut g = c.benchmark_group("mlp784-512-256-10_b256");
+/// Whole model, slots and workers: one training step each.
+fn model(c: &mut Criterion, name: &str, arch: &str, batch: usize) {
+    let arch = Arch::parse(arch).expect("arch");
+    let opt = OptimizerSpec::Sgd { lr: 0.01 };
+    let data = synthetic(1, batch, 1);
+    let (x, labels) = data.train.batches(batch, 0, 1).next().expect("batch");
+
+    let mut g = c.benchmark_group(name);
     g.sample_size(30);
 
     let mut local = LocalModel::new(&arch, 1, opt).expect("model");
@@ -28,20 +43,10 @@ fn bench(c: &mut Criterion) {
     let mut slots: Vec<Slot> = stages
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            Slot::new(
-                s,
-                InitSpec {
-                    seed: 1,
-                    stage_index: i as u32,
-                },
-                opt,
-            )
-            .expect("slot")
-        })
+        .map(|(i, s)| slot(s, i, opt))
         .collect();
     let mut step = 0u64;
-    g.bench_function("three_slots_train_step", |b| {
+    g.bench_function("slots_train_step", |b| {
         b.iter(|| {
             let mut act = x.clone();
             for s in slots.iter_mut() {
@@ -58,21 +63,10 @@ fn bench(c: &mut Criterion) {
     let workers: Vec<SlotWorker> = stages
         .iter()
         .enumerate()
-        .map(|(i, s)| {
-            let slot = Slot::new(
-                s,
-                InitSpec {
-                    seed: 1,
-                    stage_index: i as u32,
-                },
-                opt,
-            )
-            .expect("slot");
-            SlotWorker::spawn(slot).expect("worker")
-        })
+        .map(|(i, s)| SlotWorker::spawn(slot(s, i, opt)).expect("worker"))
         .collect();
     let mut step = 0u64;
-    g.bench_function("three_slot_workers_train_step", |b| {
+    g.bench_function("slot_workers_train_step", |b| {
         b.iter(|| {
             let mut act = x.clone();
             for w in &workers {
@@ -87,26 +81,46 @@ fn bench(c: &mut Criterion) {
             step += 1;
         })
     });
+    g.finish();
+}
 
-    let mut first = Slot::new(
-        &stages[0],
-        InitSpec {
-            seed: 1,
-            stage_index: 0,
-        },
-        opt,
+/// One stage of `arch`: inference, and a training forward plus backward.
+fn stage(c: &mut Criterion, name: &str, arch: &str, index: usize, batch: usize) {
+    let arch = Arch::parse(arch).expect("arch");
+    let spec = &arch.stages()[index];
+    let opt = OptimizerSpec::Sgd { lr: 0.01 };
+    let x = HostTensor::new(
+        spec.input_features().batch_shape(batch),
+        (0..batch * spec.input_dim())
+            .map(|i| ((i * 31 % 97) as f32 - 48.0) / 48.0)
+            .collect(),
     )
-    .expect("slot");
-    let grad = mixnn_model::HostTensor::zeros(vec![256, 512]);
+    .expect("x");
+    let grad = HostTensor::new(
+        spec.output_features().batch_shape(batch),
+        vec![0.01; batch * spec.output_dim()],
+    )
+    .expect("grad");
+    let mut s = slot(spec, index, opt);
+    let mut g = c.benchmark_group(name);
+    g.sample_size(30);
+    g.bench_function("forward", |b| b.iter(|| s.infer(&x).expect("fwd")));
     let mut step = 0u64;
-    g.bench_function("slot0_784x512_forward_backward", |b| {
+    g.bench_function("forward_backward", |b| {
         b.iter(|| {
-            first.forward(step, &x).expect("fwd");
-            first.backward(step, &grad).expect("bwd");
+            s.forward(step, &x).expect("fwd");
+            s.backward(step, &grad).expect("bwd");
             step += 1;
         })
     });
     g.finish();
+}
+
+fn bench(c: &mut Criterion) {
+    model(c, "mlp784-512-256-10_b256", "mlp:784-512-256-10", 256);
+    model(c, "lenet5_b128", "lenet5", 128);
+    stage(c, "mlp_linear784x512_b256", "mlp:784-512-256-10", 0, 256);
+    stage(c, "lenet5_conv6to16_b128", "lenet5", 1, 128);
 }
 
 criterion_group!(benches, bench);

@@ -1,7 +1,8 @@
 //! MixNN model crate: the math one volunteer slot runs, and everything needed
 //! to check it against local training.
 //!
-//! - [`spec`]: architectures (`mlp:784-512-256-10`) and the stages they split into.
+//! - [`spec`]: architectures (`mlp:784-512-256-10`, `lenet5`, `seq:` layer
+//!   lists and model files) and the stages they split into.
 //! - [`tensor`]: [`HostTensor`] and its wire codec.
 //! - [`slot`]: one stage's parameters, optimizer state and forward/backward.
 //! - [`optim`]: our own optimizers (SGD, momentum, Adam) on plain `f32` slices.
@@ -18,6 +19,7 @@
 //! (`stage::StageCore`) and one optimizer, so a model trained slot by slot has
 //! the same parameters, bit for bit, as the same model trained locally.
 
+mod conv;
 pub mod data;
 pub mod digest;
 mod error;
@@ -38,7 +40,7 @@ pub use loss::{accuracy, softmax_cross_entropy};
 pub use optim::{OptimizerSpec, OptimizerState};
 pub use safetensors::{ModelParams, SafetensorsError, StageParams};
 pub use slot::{max_state_bytes, InitSpec, Slot, DEFAULT_MAX_IN_FLIGHT};
-pub use spec::{Arch, LayerSpec, SpecError, StageSpec};
+pub use spec::{Arch, Features, LayerSpec, SpecError, StageSpec, BUILTIN};
 pub use tensor::{CodecError, DecodeLimits, HostTensor};
 pub use train::{
     epoch_losses, train_local, train_local_model, LocalModel, StepInfo, TrainConfig, TrainReport,

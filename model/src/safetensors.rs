@@ -9,7 +9,9 @@
 //! Tensor names are those of `nn.Sequential`'s `state_dict`: the module's
 //! position in the sequence (activations and flattens count), then
 //! `.weight` or `.bias`. For `mlp:784-128-10` that is `0.weight`
-//! `[128, 784]`, `0.bias` `[128]`, `2.weight` `[10, 128]`, `2.bias` `[10]`.
+//! `[128, 784]`, `0.bias` `[128]`, `2.weight` `[10, 128]`, `2.bias` `[10]`;
+//! a convolution's weight is `[out_channels, in_channels, k, k]`, as in
+//! `nn.Conv2d`, and one without bias has no `.bias` tensor.
 //! The architecture string is in the metadata under `"arch"`, so that
 //! `model.load_state_dict(safetensors.torch.load_file(path), strict=True)`
 //! works on the matching `nn.Sequential`.
@@ -109,27 +111,36 @@ pub enum SafetensorsError {
 
 type Result<T, E = SafetensorsError> = std::result::Result<T, E>;
 
-/// One linear layer's tensors in the file.
+/// One stage's parameter tensors in the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TensorNames {
     pub weight: String,
-    pub bias: String,
-    /// `[outputs, inputs]`.
-    pub weight_shape: [usize; 2],
+    /// `None` for a convolution without bias.
+    pub bias: Option<String>,
+    /// `[outputs, inputs]`, or `[out, in, k, k]` for a convolution.
+    pub weight_shape: Vec<usize>,
 }
 
-/// The tensor names of each stage's linear layer, in stage order: the
-/// position of the layer in the `nn.Sequential` of all stages' layers.
+impl TensorNames {
+    /// The bias's shape (`[outputs]`).
+    pub fn bias_shape(&self) -> Vec<usize> {
+        vec![self.weight_shape[0]]
+    }
+}
+
+/// The tensor names of each stage's linear or convolution layer, in stage
+/// order: the position of the layer in the `nn.Sequential` of all stages'
+/// layers.
 pub fn tensor_names(arch: &Arch) -> Vec<TensorNames> {
     let mut position = 0usize;
     let mut out = Vec::with_capacity(arch.num_stages());
     for stage in arch.stages() {
         for layer in &stage.layers {
-            if let LayerSpec::Linear { inputs, outputs } = *layer {
+            if matches!(layer, LayerSpec::Linear { .. } | LayerSpec::Conv2d { .. }) {
                 out.push(TensorNames {
                     weight: format!("{position}.weight"),
-                    bias: format!("{position}.bias"),
-                    weight_shape: [outputs, inputs],
+                    bias: (stage.bias_len() > 0).then(|| format!("{position}.bias")),
+                    weight_shape: stage.weight_shape(),
                 });
             }
             position += 1;
@@ -164,13 +175,14 @@ impl ModelParams {
             )));
         }
         for (i, (p, s)) in stages.iter().zip(&specs).enumerate() {
-            let (inputs, outputs) = (s.input_dim(), s.output_dim());
-            if p.weight.len() != inputs * outputs || p.bias.len() != outputs {
+            if p.weight.len() != s.weight_len() || p.bias.len() != s.bias_len() {
                 return Err(SafetensorsError::Params(format!(
-                    "stage {i} has {}+{} parameters, {inputs}->{outputs} needs {}+{outputs}",
+                    "stage {i} has {}+{} parameters, a weight {:?} and bias need {}+{}",
                     p.weight.len(),
                     p.bias.len(),
-                    inputs * outputs
+                    s.weight_shape(),
+                    s.weight_len(),
+                    s.bias_len()
                 )));
             }
         }
@@ -280,9 +292,11 @@ impl ModelParams {
         for (n, p) in names.iter().zip(&self.stages) {
             header.insert(
                 n.weight.clone(),
-                entry(n.weight_shape.to_vec(), p.weight.len()),
+                entry(n.weight_shape.clone(), p.weight.len()),
             );
-            header.insert(n.bias.clone(), entry(vec![n.weight_shape[0]], p.bias.len()));
+            if let Some(bias) = &n.bias {
+                header.insert(bias.clone(), entry(n.bias_shape(), p.bias.len()));
+            }
         }
         let mut json = Value::Object(header).to_string().into_bytes();
         while !json.len().is_multiple_of(8) {
@@ -358,7 +372,7 @@ impl ModelParams {
         let names = tensor_names(&arch);
         let all: Vec<&str> = names
             .iter()
-            .flat_map(|n| [n.weight.as_str(), n.bias.as_str()])
+            .flat_map(|n| std::iter::once(n.weight.as_str()).chain(n.bias.as_deref()))
             .collect();
         let listing = all.join(", ");
         if let Some(extra) = tensors.keys().find(|k| !all.contains(&k.as_str())) {
@@ -404,8 +418,11 @@ impl ModelParams {
         };
         let mut stages = Vec::with_capacity(names.len());
         for n in &names {
-            let weight = take(&n.weight, n.weight_shape.to_vec())?;
-            let bias = take(&n.bias, vec![n.weight_shape[0]])?;
+            let weight = take(&n.weight, n.weight_shape.clone())?;
+            let bias = match &n.bias {
+                Some(bias) => take(bias, n.bias_shape())?,
+                None => Vec::new(),
+            };
             stages.push(StageParams { weight, bias });
         }
         ModelParams::new(arch, stages)
@@ -636,16 +653,51 @@ mod tests {
         let names = tensor_names(&Arch::parse("mlp:784-128-64-10").expect("arch"));
         let got: Vec<_> = names
             .iter()
-            .map(|n| (n.weight.as_str(), n.bias.as_str(), n.weight_shape))
+            .map(|n| (n.weight.as_str(), n.bias.as_deref(), n.weight_shape.clone()))
             .collect();
         assert_eq!(
             got,
             vec![
-                ("0.weight", "0.bias", [128, 784]),
-                ("2.weight", "2.bias", [64, 128]),
-                ("4.weight", "4.bias", [10, 64]),
+                ("0.weight", Some("0.bias"), vec![128, 784]),
+                ("2.weight", Some("2.bias"), vec![64, 128]),
+                ("4.weight", Some("4.bias"), vec![10, 64]),
             ]
         );
+        // LeNet-5 as nn.Sequential(Conv2d, ReLU, MaxPool2d, Conv2d, ReLU,
+        // MaxPool2d, Flatten, Linear, ReLU, Linear, ReLU, Linear).
+        let names = tensor_names(&Arch::parse("lenet5").expect("arch"));
+        let got: Vec<_> = names
+            .iter()
+            .map(|n| (n.weight.as_str(), n.weight_shape.clone()))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("0.weight", vec![6, 1, 5, 5]),
+                ("3.weight", vec![16, 6, 5, 5]),
+                ("7.weight", vec![120, 400]),
+                ("9.weight", vec![84, 120]),
+                ("11.weight", vec![10, 84]),
+            ]
+        );
+        let no_bias = tensor_names(
+            &Arch::parse("seq:1x8x8|conv(2,3,bias=false) relu|flatten linear(4)").expect("arch"),
+        );
+        assert_eq!(no_bias[0].bias, None);
+        assert_eq!(no_bias[1].bias.as_deref(), Some("3.bias"));
+    }
+
+    #[test]
+    fn convolutions_round_trip() {
+        for arch in [
+            "lenet5",
+            "seq:1x8x8|conv(2,3,bias=false) relu|flatten linear(4)",
+        ] {
+            let p = sample(arch);
+            let back = ModelParams::from_bytes(&p.to_bytes(), None).expect("reads");
+            assert_eq!(back, p);
+            assert_eq!(back.digest(), p.digest());
+        }
     }
 
     #[test]

@@ -160,13 +160,7 @@ impl Slot {
             .get(&step)
             .ok_or(ModelError::UnknownStep(step))?;
         let batch = x.shape().0;
-        if grad_out.shape != [batch, self.core.outputs()] {
-            return Err(ModelError::Shape {
-                what: "output gradient",
-                expected: format!("[{batch}, {}]", self.core.outputs()),
-                got: grad_out.shape.clone(),
-            });
-        }
+        check_grad_out(&self.core, grad_out, batch)?;
         let g = self.core.upload(grad_out, batch, self.core.outputs())?;
         let x = self
             .pending
@@ -174,10 +168,10 @@ impl Slot {
             .ok_or(ModelError::UnknownStep(step))?;
         let out = self.core.forward(x.trace(Gradients::leaky()));
         let grads = backprop(out, g);
-        let grad_in = grads.get(&x).as_vec();
+        let grad_in = crate::conv::values(&grads.get(&x));
         self.core.apply_grads(&grads);
         Ok(HostTensor {
-            shape: vec![batch, self.core.inputs()],
+            shape: self.core.input_shape(batch),
             data: grad_in,
         })
     }
@@ -189,12 +183,7 @@ impl Slot {
     }
 
     fn run(&self, x: Mat) -> HostTensor {
-        let y = self.core.forward(x);
-        let shape = y.shape();
-        HostTensor {
-            shape: vec![shape.0, shape.1],
-            data: y.as_vec(),
-        }
+        to_host(&self.core, &self.core.forward(x))
     }
 
     /// Digest of this stage's parameters (see [`crate::digest`]).
@@ -280,8 +269,7 @@ impl Slot {
 /// with `opt`, at any step (parameters and optimizer state are fixed in
 /// size; only varint counters grow).
 pub fn max_state_bytes(stage: &StageSpec, opt: &OptimizerSpec) -> usize {
-    let (inputs, outputs) = stage.linear().unwrap_or((0, 0));
-    let sizes = [inputs * outputs, outputs];
+    let sizes = [stage.weight_len(), stage.bias_len()];
     let empty = OptimizerState::new(opt, &[0, 0]);
     let buffers = match &empty {
         OptimizerState::Sgd => 0,
@@ -304,6 +292,36 @@ pub fn max_state_bytes(stage: &StageSpec, opt: &OptimizerSpec) -> usize {
     let floats: usize = sizes.iter().sum::<usize>() * (1 + buffers);
     // Magic, version, checksum; up to 9 more bytes per vector length.
     MAGIC.len() + 1 + CHECKSUM_LEN + base + 4 * floats + 9 * 2 * (1 + buffers)
+}
+
+/// A batch coming out of `core`, shaped `[rows, ...]` as the stage's
+/// output is (`[rows, channels, height, width]` for an image).
+pub(crate) fn to_host(core: &StageCore, y: &Mat) -> HostTensor {
+    HostTensor {
+        shape: core.output_shape(y.shape().0),
+        data: crate::conv::values(y),
+    }
+}
+
+/// Checks that `grad_out` fits the output of a `batch`-row step: `batch`
+/// rows of the stage's output values, in any shape that has them
+/// (`[batch, 400]` and `[batch, 16, 5, 5]` both fit a 16×5×5 output).
+pub(crate) fn check_grad_out(
+    core: &StageCore,
+    grad_out: &HostTensor,
+    batch: usize,
+) -> Result<(), ModelError> {
+    let fits = crate::stage::check_batch(grad_out, core.outputs(), "output gradient")
+        .is_ok_and(|rows| rows == batch);
+    if fits {
+        Ok(())
+    } else {
+        Err(ModelError::Shape {
+            what: "output gradient",
+            expected: format!("{:?}", core.output_shape(batch)),
+            got: grad_out.shape.clone(),
+        })
+    }
 }
 
 /// [`Slot::to_bytes`] of a slot holding `core` (also used by

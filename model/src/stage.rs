@@ -1,21 +1,35 @@
 //! One stage's math, shared by [`crate::Slot`] and [`crate::LocalModel`] so
 //! that both run exactly the same operations in the same order.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use dfdx::prelude::*;
 
+use crate::conv::{avg_pool2d, conv2d, max_pool2d, ConvGeom, PoolGeom};
 use crate::optim::{OptimizerSpec, OptimizerState};
-use crate::spec::{LayerSpec, StageSpec};
+use crate::spec::{window_out, Features, LayerSpec, StageSpec};
 use crate::tensor::HostTensor;
 use crate::ModelError;
 
 /// A `[batch, features]` matrix on the CPU backend.
 pub(crate) type Mat<T = NoneTape> = Tensor<(usize, usize), f32, Cpu, T>;
-type Vector = Tensor<(usize,), f32, Cpu>;
+pub(crate) type Vector = Tensor<(usize,), f32, Cpu>;
 
+/// The layer with parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Act {
+enum Param {
+    Linear,
+    Conv(ConvGeom),
+}
+
+/// A layer after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Post {
     Relu,
     Tanh,
+    MaxPool(PoolGeom),
+    AvgPool(PoolGeom),
 }
 
 /// Parameters, optimizer state and step counter of one stage.
@@ -24,10 +38,16 @@ pub(crate) struct StageCore {
     spec: StageSpec,
     inputs: usize,
     outputs: usize,
-    acts: Vec<Act>,
+    /// What one example looks like coming out.
+    out_features: Features,
+    param: Param,
+    post: Vec<Post>,
     dev: Cpu,
-    /// `[outputs, inputs]`, row-major, like PyTorch's `nn.Linear`.
+    /// `[outputs, inputs]` for a linear layer, like PyTorch's `nn.Linear`;
+    /// `[out_channels, in_channels·k·k]` for a convolution (PyTorch's
+    /// `[out, in, k, k]`, row-major). Row-major either way.
     weight: Mat,
+    /// Empty for a convolution without bias.
     bias: Vector,
     /// Host copies of `weight` and `bias`, always equal to them.
     host_w: Vec<f32>,
@@ -37,12 +57,16 @@ pub(crate) struct StageCore {
     steps: u64,
     /// Reused buffer for gradients read out of the tape.
     scratch: Vec<f32>,
+    /// Set while a backward pass needs no gradient for the stage's input
+    /// (the model's first stage): a convolution then skips it.
+    skip_input_grad: Arc<AtomicBool>,
 }
 
 impl StageCore {
-    /// Deterministic Kaiming-uniform init (PyTorch's `nn.Linear` default:
-    /// weight and bias uniform in `±1/sqrt(inputs)`), drawn from ChaCha20
-    /// seeded by `(seed, stage_index)`: weight row by row, then bias.
+    /// Deterministic Kaiming-uniform init (PyTorch's `nn.Linear` and
+    /// `nn.Conv2d` default: weight and bias uniform in `±1/sqrt(fan_in)`,
+    /// fan_in = inputs or in_channels·k·k), drawn from ChaCha20 seeded by
+    /// `(seed, stage_index)`: weight row by row, then bias.
     pub(crate) fn init(
         spec: &StageSpec,
         seed: u64,
@@ -51,16 +75,15 @@ impl StageCore {
     ) -> Result<StageCore, ModelError> {
         spec.validate()?;
         opt.validate()?;
-        let (inputs, outputs) = spec.linear().unwrap_or((0, 0));
         let mut rng = init_rng(seed, stage_index);
-        let bound = 1.0 / (inputs as f32).sqrt();
+        let bound = 1.0 / (spec.fan_in() as f32).sqrt();
         let mut sample = || {
             use rand::RngCore;
             let u = (rng.next_u32() >> 8) as f32 * (1.0 / 16_777_216.0);
             (2.0 * u - 1.0) * bound
         };
-        let w: Vec<f32> = (0..inputs * outputs).map(|_| sample()).collect();
-        let b: Vec<f32> = (0..outputs).map(|_| sample()).collect();
+        let w: Vec<f32> = (0..spec.weight_len()).map(|_| sample()).collect();
+        let b: Vec<f32> = (0..spec.bias_len()).map(|_| sample()).collect();
         let state = OptimizerState::new(&opt, &[w.len(), b.len()]);
         StageCore::from_parts(spec.clone(), w, b, opt, state, 0)
     }
@@ -76,12 +99,13 @@ impl StageCore {
     ) -> Result<StageCore, ModelError> {
         spec.validate()?;
         opt.validate()?;
-        let (inputs, outputs) = spec.linear().unwrap_or((0, 0));
-        if host_w.len() != inputs * outputs || host_b.len() != outputs {
+        let (wl, bl) = (spec.weight_len(), spec.bias_len());
+        if host_w.len() != wl || host_b.len() != bl {
             return Err(ModelError::SlotBytes(format!(
-                "parameter sizes {}+{} do not fit the stage {inputs}->{outputs}",
+                "parameter sizes {}+{} do not fit the stage (weight {:?}, bias {bl})",
                 host_w.len(),
-                host_b.len()
+                host_b.len(),
+                spec.weight_shape()
             )));
         }
         if !opt_state.matches(&opt, &[host_w.len(), host_b.len()]) {
@@ -89,23 +113,18 @@ impl StageCore {
                 "optimizer state does not fit the optimizer or the stage".into(),
             ));
         }
-        let acts = spec
-            .layers
-            .iter()
-            .filter_map(|l| match l {
-                LayerSpec::Relu => Some(Act::Relu),
-                LayerSpec::Tanh => Some(Act::Tanh),
-                _ => None,
-            })
-            .collect();
+        let (param, post) = plan(&spec);
         let dev = Cpu::default();
-        let weight = dev.try_tensor_from_vec(host_w.clone(), (outputs, inputs))?;
-        let bias = dev.try_tensor_from_vec(host_b.clone(), (outputs,))?;
+        let rows = spec.weight_shape().first().copied().unwrap_or(0);
+        let weight = dev.try_tensor_from_vec(host_w.clone(), (rows, wl / rows.max(1)))?;
+        let bias = dev.try_tensor_from_vec(host_b.clone(), (bl,))?;
         Ok(StageCore {
+            inputs: spec.input_dim(),
+            outputs: spec.output_dim(),
+            out_features: spec.output_features(),
             spec,
-            inputs,
-            outputs,
-            acts,
+            param,
+            post,
             dev,
             weight,
             bias,
@@ -115,6 +134,7 @@ impl StageCore {
             opt_state,
             steps,
             scratch: Vec::new(),
+            skip_input_grad: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -146,22 +166,51 @@ impl StageCore {
         &self.dev
     }
 
-    /// The stage's forward pass: linear, then its activations.
+    /// Whether backward passes from now on leave out the gradient with
+    /// respect to the stage's input (only a convolution saves work by it;
+    /// nothing may read that gradient meanwhile).
+    pub(crate) fn set_skip_input_grad(&self, skip: bool) {
+        self.skip_input_grad.store(skip, Ordering::Relaxed);
+    }
+
+    /// The shape of a batch of `rows` examples coming out.
+    pub(crate) fn output_shape(&self, rows: usize) -> Vec<usize> {
+        self.out_features.batch_shape(rows)
+    }
+
+    /// The shape of a batch of `rows` examples going in.
+    pub(crate) fn input_shape(&self, rows: usize) -> Vec<usize> {
+        self.spec.input_features().batch_shape(rows)
+    }
+
+    /// The stage's forward pass: its linear or convolution layer, then
+    /// the layers after it (flattens change nothing: a batch is always a
+    /// `[batch, values]` matrix, channels first).
     pub(crate) fn forward<T: Tape<f32, Cpu>>(&self, x: Mat<T>) -> Mat<T> {
-        let w = self
-            .weight
-            .retaped::<T>()
-            .permute::<(usize, usize), Axes2<1, 0>>();
-        let y = x.matmul(w);
-        let shape = *y.shape();
-        let mut y = y + self
-            .bias
-            .retaped::<T>()
-            .broadcast_like::<_, Axis<0>>(&shape);
-        for act in &self.acts {
-            y = match act {
-                Act::Relu => y.relu(),
-                Act::Tanh => y.tanh(),
+        let mut y = match &self.param {
+            Param::Linear => {
+                let w = self
+                    .weight
+                    .retaped::<T>()
+                    .permute::<(usize, usize), Axes2<1, 0>>();
+                let y = x.matmul(w);
+                let shape = *y.shape();
+                y + self
+                    .bias
+                    .retaped::<T>()
+                    .broadcast_like::<_, Axis<0>>(&shape)
+            }
+            Param::Conv(g) => {
+                let bias = (!self.host_b.is_empty()).then_some(&self.bias);
+                conv2d(g, x, &self.weight, bias, &self.skip_input_grad)
+            }
+        };
+        for op in &self.post {
+            y = match op {
+                Post::Relu => y.relu(),
+                Post::Tanh => y.tanh(),
+                Post::MaxPool(g) => max_pool2d(g, y),
+                Post::AvgPool(g) => avg_pool2d(g, y),
             };
         }
         y
@@ -214,10 +263,12 @@ impl StageCore {
         self.opt_state
             .update(&self.opt, 0, &mut self.host_w, &self.scratch);
         self.weight.copy_from(&self.host_w);
-        let gb = &mut self.scratch[..self.host_b.len()];
-        grads.get(&self.bias).copy_into(gb);
-        self.opt_state.update(&self.opt, 1, &mut self.host_b, gb);
-        self.bias.copy_from(&self.host_b);
+        if !self.host_b.is_empty() {
+            let gb = &mut self.scratch[..self.host_b.len()];
+            grads.get(&self.bias).copy_into(gb);
+            self.opt_state.update(&self.opt, 1, &mut self.host_b, gb);
+            self.bias.copy_from(&self.host_b);
+        }
         // Saturating, like Adam's count: a restored slot may claim any count.
         self.steps = self.steps.saturating_add(1);
     }
@@ -285,6 +336,66 @@ pub(crate) fn backprop(out: Mat<OwnedTape<f32, Cpu>>, grad: Mat) -> Gradients<f3
     });
     let root: Tensor<Rank0, f32, Cpu> = out.device().zeros();
     root.put_tape(tape).backward()
+}
+
+/// The stage's layers as operations, with their image shapes.
+fn plan(spec: &StageSpec) -> (Param, Vec<Post>) {
+    let mut param = Param::Linear;
+    let mut post = Vec::new();
+    // The image coming out of the layer before (a valid stage has one
+    // wherever it pools).
+    let mut image = (0, 0, 0);
+    for layer in &spec.layers {
+        match *layer {
+            LayerSpec::Linear { .. } | LayerSpec::Flatten => {}
+            LayerSpec::Conv2d {
+                in_channels,
+                out_channels,
+                kernel,
+                stride,
+                padding,
+                height,
+                width,
+                ..
+            } => {
+                let oh = window_out(height, kernel, stride, padding).unwrap_or(0);
+                let ow = window_out(width, kernel, stride, padding).unwrap_or(0);
+                param = Param::Conv(ConvGeom {
+                    c: in_channels,
+                    h: height,
+                    w: width,
+                    oc: out_channels,
+                    k: kernel,
+                    s: stride,
+                    p: padding,
+                    oh,
+                    ow,
+                });
+                image = (out_channels, oh, ow);
+            }
+            LayerSpec::Relu => post.push(Post::Relu),
+            LayerSpec::Tanh => post.push(Post::Tanh),
+            LayerSpec::MaxPool2d { kernel, stride } | LayerSpec::AvgPool2d { kernel, stride } => {
+                let (c, h, w) = image;
+                let g = PoolGeom {
+                    c,
+                    h,
+                    w,
+                    k: kernel,
+                    s: stride,
+                    oh: window_out(h, kernel, stride, 0).unwrap_or(0),
+                    ow: window_out(w, kernel, stride, 0).unwrap_or(0),
+                };
+                image = (c, g.oh, g.ow);
+                post.push(if matches!(layer, LayerSpec::MaxPool2d { .. }) {
+                    Post::MaxPool(g)
+                } else {
+                    Post::AvgPool(g)
+                });
+            }
+        }
+    }
+    (param, post)
 }
 
 fn init_rng(seed: u64, stage_index: u32) -> rand_chacha::ChaCha20Rng {

@@ -33,11 +33,7 @@ impl LocalModel {
             .enumerate()
             .map(|(i, s)| StageCore::init(s, seed, i as u32, opt))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(LocalModel {
-            arch: arch.clone(),
-            stages,
-            steps: 0,
-        })
+        Ok(LocalModel::with_stages(arch, stages, 0))
     }
 
     /// A model from its stages' states ([`Slot::to_bytes`], in stage
@@ -76,11 +72,19 @@ impl LocalModel {
             }
             stages.push(slot.into_core());
         }
-        Ok(LocalModel {
+        Ok(LocalModel::with_stages(arch, stages, steps.unwrap_or(0)))
+    }
+
+    fn with_stages(arch: &Arch, stages: Vec<StageCore>, steps: u64) -> LocalModel {
+        // Nothing reads the gradient with respect to the model's input.
+        if let Some(first) = stages.first() {
+            first.set_skip_input_grad(true);
+        }
+        LocalModel {
             arch: arch.clone(),
             stages,
-            steps: steps.unwrap_or(0),
-        })
+            steps,
+        }
     }
 
     /// Each stage's state, in the format of [`Slot::to_bytes`].
@@ -115,7 +119,7 @@ impl LocalModel {
         let (batch, classes) = *logits.shape();
         let host = HostTensor {
             shape: vec![batch, classes],
-            data: logits.as_vec(),
+            data: crate::conv::values(&logits),
         };
         let (loss, grad) = softmax_cross_entropy(&host, labels)?;
         let g = first
@@ -140,7 +144,7 @@ impl LocalModel {
         let (batch, classes) = *y.shape();
         Ok(HostTensor {
             shape: vec![batch, classes],
-            data: y.as_vec(),
+            data: crate::conv::values(&y),
         })
     }
 

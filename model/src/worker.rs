@@ -25,7 +25,7 @@ use std::thread::JoinHandle;
 use dfdx::prelude::*;
 
 use crate::optim::OptimizerSpec;
-use crate::slot::{core_to_bytes, Slot};
+use crate::slot::{check_grad_out, core_to_bytes, to_host, Slot};
 use crate::spec::StageSpec;
 use crate::stage::{backprop, Mat, StageCore};
 use crate::tensor::HostTensor;
@@ -99,7 +99,7 @@ impl TapedStage {
         }
         let x = self.core.upload_input_owned(input)?;
         let kept = trace(&self.core, x);
-        let out = to_host(&kept.out);
+        let out = to_host(&self.core, &kept.out);
         self.pending.insert(step, kept);
         Ok(out)
     }
@@ -118,33 +118,34 @@ impl TapedStage {
             .ok_or(ModelError::UnknownStep(step))?;
         let batch = kept.x.shape().0;
         let outputs = self.core.outputs();
-        if grad_out.shape != [batch, outputs] {
-            return Err(ModelError::Shape {
-                what: "output gradient",
-                expected: format!("[{batch}, {outputs}]"),
-                got: grad_out.shape,
-            });
-        }
+        check_grad_out(&self.core, &grad_out, batch)?;
         let g = self.core.upload_owned(grad_out, batch, outputs)?;
         let Kept { x, out, tape } = self
             .pending
             .remove(&step)
             .ok_or(ModelError::UnknownStep(step))?;
+        if input_grad == InputGrad::None {
+            self.core.set_skip_input_grad(true);
+            let grads = backprop(out.put_tape(tape), g);
+            self.core.set_skip_input_grad(false);
+            self.core.apply_grads(&grads);
+            return Ok(HostTensor::zeros(self.core.input_shape(batch)));
+        }
         let grads = backprop(out.put_tape(tape), g);
-        let mut grad_in = grads.get(&x).as_vec();
+        let mut grad_in = crate::conv::values(&grads.get(&x));
         if input_grad == InputGrad::SkipZeroInputs {
-            skip_zero_inputs(&mut grad_in, &x.as_vec());
+            skip_zero_inputs(&mut grad_in, &crate::conv::values(&x));
         }
         self.core.apply_grads(&grads);
         Ok(HostTensor {
-            shape: vec![batch, self.core.inputs()],
+            shape: self.core.input_shape(batch),
             data: grad_in,
         })
     }
 
     fn infer(&self, input: HostTensor) -> Result<HostTensor, ModelError> {
         let x = self.core.upload_input_owned(input)?;
-        Ok(to_host(&self.core.forward(x)))
+        Ok(to_host(&self.core, &self.core.forward(x)))
     }
 }
 
@@ -159,6 +160,9 @@ pub enum InputGrad {
     /// `+0.0` anyway. The gradient then has the input's zeros and encodes
     /// at a fraction of its dense size.
     SkipZeroInputs,
+    /// None at all: the model's first stage, whose input is the data. The
+    /// backward pass returns zeros and skips what only that gradient needs.
+    None,
 }
 
 impl InputGrad {
@@ -186,14 +190,6 @@ pub fn skip_zero_inputs(grad: &mut [f32], input: &[f32]) {
 fn trace(core: &StageCore, x: Mat) -> Kept {
     let (out, tape) = core.forward(x.trace(Gradients::leaky())).split_tape();
     Kept { x, out, tape }
-}
-
-fn to_host(y: &Mat) -> HostTensor {
-    let (rows, cols) = *y.shape();
-    HostTensor {
-        shape: vec![rows, cols],
-        data: y.as_vec(),
-    }
 }
 
 type Job = Box<dyn FnOnce(&mut TapedStage) + Send>;

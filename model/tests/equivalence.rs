@@ -21,6 +21,23 @@ fn slots_equal_local_on_synthetic() {
     }
 }
 
+/// Convolution and pooling stages driven slot by slot train like the
+/// local model, with every optimizer.
+#[test]
+fn conv_slots_equal_local_on_synthetic() {
+    let data = synthetic(14, 256, 10);
+    for opt in optimizers() {
+        assert_equivalent(
+            "seq:1x28x28|conv(4,5,s=2,p=2) relu maxpool(2)|conv(8,3) tanh avgpool(2,s=1)|flatten linear(10)",
+            opt,
+            3,
+            &data.train,
+            64,
+            2,
+        );
+    }
+}
+
 #[test]
 fn slots_equal_local_single_stage() {
     let data = synthetic(12, 200, 10);
@@ -45,6 +62,7 @@ fn slots_equal_local_on_mnist() {
     let train = data.train.limit(1024);
     for opt in optimizers() {
         assert_equivalent("mlp:784-128-64-10", opt, 7, &train, 128, 1);
+        assert_equivalent("lenet5", opt, 7, &train.clone().limit(512), 128, 1);
     }
 }
 

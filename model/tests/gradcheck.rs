@@ -57,3 +57,97 @@ fn input_gradient_matches_finite_differences() {
         assert!(((before - after) - col).abs() < 1e-6, "bias {j}");
     }
 }
+
+/// One SGD step at learning rate 1 through `slots`; returns the input
+/// gradient (each slot's parameters move by minus their gradient).
+fn sgd_step(slots: &mut [Slot], x: &HostTensor, labels: &[u8]) -> HostTensor {
+    let mut act = x.clone();
+    for s in slots.iter_mut() {
+        act = s.forward(0, &act).expect("forward");
+    }
+    let (_, mut grad) = softmax_cross_entropy(&act, labels).expect("loss");
+    for s in slots.iter_mut().rev() {
+        grad = s.backward(0, &grad).expect("backward");
+    }
+    grad
+}
+
+/// Convolutions (with stride and padding) and both poolings: the input
+/// gradient and every weight and bias gradient match finite differences.
+#[test]
+fn convolution_gradients_match_finite_differences() {
+    let arch = Arch::parse(
+        "seq:2x7x7|conv(3,3,p=1) tanh maxpool(2,s=1)|conv(2,2,s=2,p=1) tanh avgpool(2)|flatten linear(3)",
+    )
+    .expect("arch");
+    let opt = OptimizerSpec::Sgd { lr: 1.0 };
+    let reference = slots(&arch, 5, opt);
+    let mut trained = slots(&arch, 5, opt);
+    let n = 2 * 2 * 7 * 7;
+    let x = HostTensor::new(
+        vec![2, 2, 7, 7],
+        (0..n)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0 - 0.5) * 2.0)
+            .collect(),
+    )
+    .expect("x");
+    let labels = [1u8, 2];
+    let grad = sgd_step(&mut trained, &x, &labels);
+    assert_eq!(grad.shape, vec![2, 2, 7, 7]);
+
+    let h = 1e-2f32;
+    let close = |numeric: f64, analytic: f64, what: String| {
+        assert!(
+            (numeric - analytic).abs() < 2e-3 + 2e-2 * analytic.abs(),
+            "{what}: numeric {numeric} vs analytic {analytic}"
+        );
+    };
+    for i in 0..x.data.len() {
+        let (mut plus, mut minus) = (x.clone(), x.clone());
+        plus.data[i] += h;
+        minus.data[i] -= h;
+        let numeric = (loss_of(&reference, &plus, &labels) - loss_of(&reference, &minus, &labels))
+            / (2.0 * f64::from(h));
+        close(numeric, f64::from(grad.data[i]), format!("x[{i}]"));
+    }
+
+    // Parameters: SGD at lr 1 moved each by minus its gradient. A weight
+    // moves every output of its channel, so a smaller step keeps the
+    // max-pool windows' winners where they were.
+    let h = 2e-3f32;
+    for stage in 0..2 {
+        let spec = arch.stages()[stage].clone();
+        let (w0, b0) = (
+            reference[stage].weight().to_vec(),
+            reference[stage].bias().to_vec(),
+        );
+        let (w1, b1) = (trained[stage].weight(), trained[stage].bias());
+        let with = |w: Vec<f32>, b: Vec<f32>| {
+            let mut s: Vec<Slot> = slots(&arch, 5, opt);
+            s[stage] = Slot::from_params(&spec, w, b, opt).expect("slot");
+            loss_of(&s, &x, &labels)
+        };
+        for i in 0..w0.len() {
+            let (mut plus, mut minus) = (w0.clone(), w0.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            let numeric = (with(plus, b0.clone()) - with(minus, b0.clone())) / (2.0 * f64::from(h));
+            close(
+                numeric,
+                f64::from(w0[i] - w1[i]),
+                format!("stage {stage} weight[{i}]"),
+            );
+        }
+        for i in 0..b0.len() {
+            let (mut plus, mut minus) = (b0.clone(), b0.clone());
+            plus[i] += h;
+            minus[i] -= h;
+            let numeric = (with(w0.clone(), plus) - with(w0.clone(), minus)) / (2.0 * f64::from(h));
+            close(
+                numeric,
+                f64::from(b0[i] - b1[i]),
+                format!("stage {stage} bias[{i}]"),
+            );
+        }
+    }
+}

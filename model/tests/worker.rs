@@ -110,6 +110,20 @@ fn workers_equal_local_on_synthetic() {
     }
 }
 
+/// Convolution and pooling stages on workers train like the local model.
+#[test]
+fn conv_workers_equal_local_on_synthetic() {
+    let data = synthetic(14, 256, 10);
+    for opt in optimizers() {
+        assert_workers_equivalent(CONV, opt, 3, &data.train, 64, 2);
+    }
+}
+
+/// A small CNN with every new op: strided, padded convolutions, both
+/// poolings, flatten.
+const CONV: &str =
+    "seq:1x28x28|conv(4,5,s=2,p=2) relu maxpool(2)|conv(8,3) tanh avgpool(2,s=1)|flatten linear(10)";
+
 #[test]
 #[cfg_attr(
     not(mnist),
@@ -121,6 +135,7 @@ fn workers_equal_local_on_mnist() {
     let train = data.train.limit(1024);
     for opt in optimizers() {
         assert_workers_equivalent("mlp:784-128-64-10", opt, 7, &train, 128, 1);
+        assert_workers_equivalent("lenet5", opt, 7, &train.clone().limit(512), 128, 1);
     }
 }
 

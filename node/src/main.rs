@@ -5,6 +5,12 @@ mod cmd;
 
 use clap::{Parser, Subcommand};
 
+/// Keeps freed buffers for reuse instead of returning them to the kernel
+/// at once: a training step's activations are megabytes, taken and freed
+/// every step (see `mixnn_model`'s convolutions).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "mixnn",

@@ -739,7 +739,7 @@ async fn a_message_never_makes_a_node_allocate_past_its_budget() {
                 }),
             ) => {
                 assert!(
-                    detail.contains("where [1..=16, 784] was expected"),
+                    detail.contains("where 1..=16 rows of 784 values were expected"),
                     "{detail}"
                 );
                 refusals.push(detail);

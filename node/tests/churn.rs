@@ -253,6 +253,36 @@ async fn a_mix_and_then_two_hosts_lost_in_one_job_end_with_the_local_digest() {
     });
 }
 
+/// A convolution stage's host lost mid-job: the replay from the last
+/// checkpoint puts the stage on another volunteer and the CNN ends with
+/// the local parameters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_convolution_host_killed_mid_job_ends_with_the_local_digest() {
+    let data = data();
+    let cfg = TrainConfig {
+        arch: Arch::parse(
+            "seq:1x28x28|conv(4,5,s=2,p=2) relu maxpool(2)|conv(8,3) relu|flatten linear(10)",
+        )
+        .expect("arch"),
+        ..config(1)
+    };
+    let reference = local(&cfg, &data);
+    let mut net = common::testnet(9, 16, None).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map_path = dir.path().join("m.json");
+    let kills = [Kill {
+        after: 4,
+        delay: Duration::from_millis(3),
+        stage: Some(1),
+    }];
+    let report = train_with_kills(&mut net, &cfg, &data, &opts(3), &map_path, &kills)
+        .await
+        .expect("training through a lost convolution host");
+    assert!(report.failovers >= 1);
+    assert_eq!(report.params_digest, reference.params_digest_hex);
+    assert_eq!(report.losses, reference.losses);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_max_failovers_the_job_stops_and_resume_finishes_it() {
     let data = data();

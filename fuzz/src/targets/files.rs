@@ -1,5 +1,5 @@
-//! Files a user hands to the client: an owner's checkpoint and a
-//! safetensors model.
+//! Files a user hands to the client: an owner's checkpoint, a
+//! safetensors model, and a model's architecture (`--arch` or `--model`).
 
 use std::sync::OnceLock;
 
@@ -22,6 +22,13 @@ pub const SAFETENSORS: Target = Target {
     run: safetensors,
     seeds: safetensors_seeds,
     max_len: 4096,
+};
+
+pub const ARCH: Target = Target {
+    name: "arch",
+    run: arch,
+    seeds: arch_seeds,
+    max_len: 2048,
 };
 
 const RAW: u8 = 0;
@@ -111,6 +118,40 @@ fn safetensors_seeds() -> Vec<Vec<u8>> {
     ]
 }
 
+/// An architecture string, a TOML or a JSON model file: parsed or refused,
+/// and what parses displays as a string that parses to the same model.
+fn arch(data: &[u8]) {
+    let mut input = Input::new(data);
+    let kind = input.u8() % 3;
+    let Ok(text) = std::str::from_utf8(input.rest()) else {
+        return;
+    };
+    let parsed = match kind {
+        0 => Arch::parse(text).ok(),
+        1 => Arch::from_model_text(text, false).ok(),
+        _ => Arch::from_model_text(text, true).ok(),
+    };
+    let Some(a) = parsed else { return };
+    let shown = a.to_string();
+    assert_eq!(Arch::parse(&shown).ok(), Some(a.clone()), "{shown}");
+    assert_eq!(Arch::parse(&a.to_seq()).ok(), Some(a), "seq form");
+}
+
+fn arch_seeds() -> Vec<Vec<u8>> {
+    let toml = "input = [1, 8, 8]\n[[stage]]\nlayers = [{ op = \"conv2d\", out_channels = 2, kernel = 3, padding = 1 }, { op = \"relu\" }, { op = \"maxpool2d\", kernel = 2 }]\n[[stage]]\nlayers = [{ op = \"flatten\" }, { op = \"linear\", outputs = 3 }]\n";
+    let json = r#"{"input": [6], "stage": [{"layers": [{"op": "linear", "outputs": 4}, {"op": "tanh"}]}, {"layers": [{"op": "linear", "outputs": 3}]}]}"#;
+    vec![
+        seed(&[&[0], b"mlp:6-4-3"]),
+        seed(&[&[0], b"lenet5"]),
+        seed(&[
+            &[0],
+            b"seq:3x9x9|conv(4,3,s=2,p=1,bias=false) tanh avgpool(2,s=1)|flatten linear(5)",
+        ]),
+        seed(&[&[1], toml.as_bytes()]),
+        seed(&[&[2], json.as_bytes()]),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +162,16 @@ mod tests {
         assert!(c.digest().is_ok());
         for s in safetensors_seeds() {
             assert!(ModelParams::from_bytes(&s[1..], None).is_ok());
+        }
+        for s in arch_seeds() {
+            let text = std::str::from_utf8(&s[1..]).expect("utf-8");
+            let parsed = match s[0] {
+                0 => Arch::parse(text).is_ok(),
+                1 => Arch::from_model_text(text, false).is_ok(),
+                _ => Arch::from_model_text(text, true).is_ok(),
+            };
+            assert!(parsed, "{text}");
+            arch(&s);
         }
     }
 }

@@ -212,8 +212,8 @@ pub fn slot_resident_bytes(params: u64, buffers: u64, state_bytes: u64) -> u64 {
 
 /// One training step's activations at `batch` rows, from a forward pass
 /// to the end of its backward pass: the input and its gradient, their
-/// host copies, and each intermediate of the linear map and the
-/// activations with its gradient.
+/// host copies, and each intermediate of the linear map or convolution
+/// (with its unfolded input) and of the layers after it, with its gradient.
 pub fn step_bytes(stage: &StageSpec, batch: u32) -> u64 {
     let (inputs, outputs) = (stage.input_dim(), stage.output_dim());
     let acts = stage
@@ -221,7 +221,14 @@ pub fn step_bytes(stage: &StageSpec, batch: u32) -> u64 {
         .iter()
         .filter(|l| matches!(l, LayerSpec::Relu | LayerSpec::Tanh))
         .count() as u64;
-    let per_row = 4 * inputs as u64 + (6 + 2 * acts) * outputs as u64;
+    let per_row = if stage.is_conv() {
+        // Each layer's output and its gradient, the unfolded input and
+        // its gradient, the output gradient laid out by channel, and the
+        // input with its gradient and host copies.
+        4 * (inputs + outputs) as u64 + 3 * stage.work_per_example() as u64
+    } else {
+        4 * inputs as u64 + (6 + 2 * acts) * outputs as u64
+    };
     4u64.saturating_mul(batch as u64).saturating_mul(per_row)
 }
 

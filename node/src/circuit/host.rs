@@ -655,14 +655,9 @@ impl Host {
             self.touch(slot_id, &mut s, self.lease_secs(body), unix_now())?;
         }
         let check_rows = |t: &HostTensor, want: usize| -> Result<(), HostError> {
-            let rows = t.shape.first().copied().unwrap_or(0);
-            if t.shape.len() != 2
-                || t.shape[1] != want
-                || rows == 0
-                || rows > body.max_batch as usize
-            {
+            if batch_rows(&t.shape, want, body.max_batch).is_none() {
                 return Err(HostError::BadMessage(format!(
-                    "tensor of shape {:?} where [1..={}, {want}] was expected",
+                    "tensor of shape {:?} where 1..={} rows of {want} values were expected",
                     t.shape, body.max_batch
                 )));
             }
@@ -687,7 +682,10 @@ impl Host {
             }
             (JobMsg::Backward { step, tensor }, Direction::Backward) if !body.infer_only => {
                 check_rows(&tensor, s.slot.output_dim())?;
-                let input_grad = if body.skip_zero_inputs {
+                let input_grad = if body.first {
+                    // The first stage answers with an ack, not a gradient.
+                    InputGrad::None
+                } else if body.skip_zero_inputs {
                     InputGrad::SkipZeroInputs
                 } else {
                     InputGrad::Full
@@ -846,6 +844,18 @@ impl Expect {
     }
 }
 
+/// The rows of a tensor shaped `shape` when it holds 1..=`max_batch`
+/// rows of `want` values each: `[rows, want]`, or `[rows, c, h, w]` with
+/// `c·h·w = want` (a batch of images), rank 2 to 4.
+pub fn batch_rows(shape: &[usize], want: usize, max_batch: u32) -> Option<usize> {
+    let (&rows, rest) = shape.split_first()?;
+    let per_row = rest.iter().try_fold(1usize, |a, &d| a.checked_mul(d))?;
+    let ok = (1..=3).contains(&rest.len())
+        && per_row == want
+        && (1..=max_batch as usize).contains(&rows);
+    ok.then_some(rows)
+}
+
 /// Check a message's header against what its circuit may carry, before
 /// anything is decoded or computed, and give the decode limits for exactly
 /// that message (a sparse tensor decodes to `rows × columns` elements,
@@ -853,22 +863,22 @@ impl Expect {
 pub fn check_message(head: &MsgHead, e: &Expect) -> Result<DecodeLimits, HostError> {
     let tensor = |want: usize| -> Result<DecodeLimits, HostError> {
         let ok = match head.shape {
-            Some((2, [rows, cols, ..])) => {
-                (rows >= 1 && rows <= e.max_batch as usize && cols == want).then_some(rows * cols)
+            Some((rank, dims)) if rank <= dims.len() => {
+                batch_rows(&dims[..rank], want, e.max_batch).map(|rows| (rank, rows * want))
             }
             _ => None,
         };
-        let Some(n) = ok.filter(|&n| n <= MAX_TENSOR_ELEMENTS) else {
+        let Some((rank, n)) = ok.filter(|&(_, n)| n <= MAX_TENSOR_ELEMENTS) else {
             let shape = head.shape.map(|(r, d)| d[..r.min(d.len())].to_vec());
             return Err(HostError::BadMessage(format!(
-                "a {} tensor of shape {:?} where [1..={}, {want}] was expected",
+                "a {} tensor of shape {:?} where 1..={} rows of {want} values were expected",
                 head.kind.name(),
                 shape.unwrap_or_default(),
                 e.max_batch
             )));
         };
         Ok(DecodeLimits {
-            max_rank: 2,
+            max_rank: rank,
             max_elements: n,
         })
     };
@@ -1169,6 +1179,22 @@ mod tests {
         )
         .expect("fits");
         assert_eq!(ok.max_elements, 16 * 784);
+        // A batch of images with the slot's values per row fits too, and
+        // decodes at its own rank.
+        let images = check(
+            JobMsg::Forward {
+                step: 0,
+                tensor: HostTensor::zeros(vec![16, 1, 28, 28]),
+            },
+            &e,
+        )
+        .expect("images fit");
+        assert_eq!((images.max_rank, images.max_elements), (4, 16 * 784));
+        assert_eq!(batch_rows(&[3, 4, 14, 14], 784, 16), Some(3));
+        assert_eq!(batch_rows(&[3, 4, 14, 15], 784, 16), None);
+        assert_eq!(batch_rows(&[3, 1, 1, 1, 784], 784, 16), None);
+        assert_eq!(batch_rows(&[0, 784], 784, 16), None);
+        assert_eq!(batch_rows(&[2, usize::MAX, 2], 784, 16), None);
         for bad in [
             JobMsg::Forward {
                 step: 0,

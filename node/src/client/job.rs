@@ -372,7 +372,8 @@ pub(crate) fn limits(stages: &[StageSpec], max_batch: u32) -> (DecodeLimits, usi
     let max_elements = (max_batch as usize * width).min(MAX_TENSOR_ELEMENTS);
     (
         DecodeLimits {
-            max_rank: 2,
+            // `[rows, values]`, or `[rows, c, h, w]` around a convolution.
+            max_rank: mixnn_model::tensor::MAX_RANK,
             max_elements,
         },
         max_elements * 4 + 64 * 1024,

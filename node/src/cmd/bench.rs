@@ -52,6 +52,7 @@ struct ExperimentArgs {
     epochs: u32,
     #[arg(long, default_value_t = 256)]
     batch: usize,
+    /// `mlp:...`, `lenet5` or `seq:...` (see `mixnn train --help`).
     #[arg(long, default_value = "mlp:784-512-256-10")]
     arch: String,
     /// Mixes per segment.
@@ -110,6 +111,7 @@ impl ExperimentArgs {
     fn config(&self) -> anyhow::Result<mixnn_model::TrainConfig> {
         super::train::ModelArgs {
             arch: self.arch.clone(),
+            model_file: None,
             data: self.data.clone(),
             epochs: Some(self.epochs),
             batch: self.batch,

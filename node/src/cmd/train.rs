@@ -13,9 +13,15 @@ use mixnn_node::client::JobEvent;
 
 #[derive(Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Architecture: `mlp:IN-H1-...-OUT` (Linear+ReLU between layers, none after the last).
+    /// Architecture: `mlp:IN-H1-...-OUT` (Linear+ReLU between layers, none after the last),
+    /// `lenet5` (a CNN for 28x28 images, 5 stages), or `seq:INPUT|LAYERS|...`, e.g.
+    /// `seq:1x28x28|conv(6,5,p=2) relu maxpool(2)|flatten linear(10)` (README, "Models").
     #[arg(long, default_value = "mlp:784-128-10")]
     pub arch: String,
+    /// A model file (TOML, or JSON if it ends in .json) listing the input shape and each
+    /// stage's layers; instead of --arch (README, "Models").
+    #[arg(long = "model", value_name = "FILE", conflicts_with = "arch")]
+    pub model_file: Option<PathBuf>,
     /// `synthetic` (built in) or a directory with the four MNIST IDX files (gzipped or not).
     #[arg(long, default_value = "synthetic")]
     pub data: String,
@@ -40,7 +46,10 @@ pub struct ModelArgs {
 
 impl ModelArgs {
     pub fn config(&self) -> anyhow::Result<TrainConfig> {
-        let arch = Arch::parse(&self.arch).with_context(|| format!("--arch {}", self.arch))?;
+        let arch = match &self.model_file {
+            Some(path) => Arch::from_model_file(path)?,
+            None => Arch::parse(&self.arch).with_context(|| format!("--arch {}", self.arch))?,
+        };
         let optimizer = OptimizerSpec::from_name(&self.optimizer, self.lr)
             .with_context(|| format!("--optimizer {} --lr {}", self.optimizer, self.lr))?;
         let cfg = TrainConfig {

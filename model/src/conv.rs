@@ -1,0 +1,381 @@
+//! Convolution and pooling as dfdx tape operations, on stable Rust.
+//!
+//! dfdx 0.13 keeps its own convolution and pooling behind its `nightly`
+//! feature, so these are ours. A batch travels as a `[batch, C·H·W]`
+//! matrix (channels first, like PyTorch); each op knows its image shape.
+//!
+//! A convolution unfolds its input (im2col: one row of `C·k·k` values per
+//! output position) and multiplies by the weight with dfdx's matmul. Its
+//! backward pass, recorded on the tape like any dfdx op, multiplies the
+//! output gradient by the unfolded input (weight gradient) and by the
+//! weight (unfolded input gradient, folded back). Every sum runs in a
+//! fixed order, so the same inputs give the same bits on every run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use dfdx::prelude::*;
+use rayon::prelude::*;
+
+use crate::stage::{Mat, Vector};
+
+/// Shape of one convolution: input `[c, h, w]`, `oc` output channels,
+/// square kernel `k`, stride `s`, zero padding `p`, output `[oc, oh, ow]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ConvGeom {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub oc: usize,
+    pub k: usize,
+    pub s: usize,
+    pub p: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    /// Values in one unfolded row (`c·k·k`).
+    fn row(&self) -> usize {
+        self.c * self.k * self.k
+    }
+
+    /// Output positions per image (`oh·ow`).
+    fn positions(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    /// Walks the unfolded rows of one image in order: for each output
+    /// position, input channel and kernel row, calls `f(at, run)` where
+    /// `at` is where the kernel row starts in the unfolded row-major
+    /// `[positions, row]` matrix and `run` is the part of it inside the
+    /// image: `(kernel columns, input index of the first)`, or `None` when
+    /// the whole kernel row lies on padding. Within a kernel row the input
+    /// columns are consecutive, whatever the stride.
+    #[inline]
+    fn for_each_run(&self, mut f: impl FnMut(usize, Option<(std::ops::Range<usize>, usize)>)) {
+        let (k, s, p) = (self.k, self.s, self.p);
+        let row = self.row();
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                // Input column of kernel column kj: ox·s + kj - p.
+                let x0 = ox * s;
+                let lo = p.saturating_sub(x0).min(k);
+                let hi = (self.w + p).saturating_sub(x0).min(k).max(lo);
+                let mut at = (oy * self.ow + ox) * row;
+                for ci in 0..self.c {
+                    let plane = ci * self.h * self.w;
+                    for ki in 0..k {
+                        let iy = (oy * s + ki).wrapping_sub(p);
+                        if iy >= self.h || lo == hi {
+                            f(at, None);
+                        } else {
+                            f(at, Some((lo..hi, plane + iy * self.w + x0 + lo - p)));
+                        }
+                        at += k;
+                    }
+                }
+            }
+        }
+    }
+
+    /// im2col of one image: `cols` is `[positions, row]`, zero where the
+    /// kernel lies on padding.
+    fn unfold(&self, x: &[f32], cols: &mut [f32]) {
+        let k = self.k;
+        self.for_each_run(|at, run| {
+            let dst = &mut cols[at..at + k];
+            match run {
+                None => dst.fill(0.0),
+                Some((cols_in, start)) => {
+                    let n = cols_in.len();
+                    dst[..cols_in.start].fill(0.0);
+                    dst[cols_in.end..].fill(0.0);
+                    dst[cols_in].copy_from_slice(&x[start..start + n]);
+                }
+            }
+        });
+    }
+
+    /// col2im of one image: adds each unfolded gradient to the input value
+    /// it came from, in the order of the unfolded rows.
+    fn fold_add(&self, gcols: &[f32], gx: &mut [f32]) {
+        self.for_each_run(|at, run| {
+            if let Some((cols_in, start)) = run {
+                let n = cols_in.len();
+                let src = &gcols[at + cols_in.start..at + cols_in.end];
+                for (d, s) in gx[start..start + n].iter_mut().zip(src) {
+                    *d += s;
+                }
+            }
+        });
+    }
+}
+
+/// The values of a contiguous tensor (a memcpy; dfdx's `as_vec` walks
+/// them one index at a time).
+pub(crate) fn values(t: &Mat) -> Vec<f32> {
+    let (r, c) = *t.shape();
+    let mut v = vec![0.0f32; r * c];
+    t.copy_into(&mut v);
+    v
+}
+
+/// `y = conv2d(x, weight) + bias`: `x` is `[n, c·h·w]`, `weight` is
+/// `[oc, c·k·k]` (PyTorch's `[oc, c, k, k]`, row-major), `bias` `[oc]`;
+/// `y` is `[n, oc·oh·ow]`. While `skip_input_grad` is set, the backward
+/// pass leaves the input's gradient out (the first stage needs none).
+pub(crate) fn conv2d<T: Tape<f32, Cpu>>(
+    g: &ConvGeom,
+    x: Mat<T>,
+    weight: &Mat,
+    bias: Option<&Vector>,
+    skip_input_grad: &Arc<AtomicBool>,
+) -> Mat<T> {
+    let (x, mut tape) = x.split_tape();
+    let dev = x.device().clone();
+    let n = x.shape().0;
+    let (row, pos, oc) = (g.row(), g.positions(), g.oc);
+    let cols = {
+        let xs = values(&x);
+        let mut cols = vec![0.0f32; n * pos * row];
+        xs.par_chunks_exact(g.in_len())
+            .zip(cols.par_chunks_exact_mut(pos * row))
+            .for_each(|(img, c)| g.unfold(img, c));
+        cols
+    };
+    let cols: Mat = dev.tensor_from_vec(cols, (n * pos, row));
+    // [n·pos, oc] = cols · weightᵀ: the long side of the product is the
+    // one gemm's kernels tile best.
+    let yt = values(
+        &cols
+            .clone()
+            .matmul(weight.clone().permute::<(usize, usize), Axes2<1, 0>>()),
+    );
+    let mut b = vec![0.0f32; oc];
+    if let Some(bias) = bias {
+        bias.copy_into(&mut b);
+    }
+    let mut y = vec![0.0f32; n * oc * pos];
+    let with_bias = bias.is_some();
+    yt.par_chunks_exact(pos * oc)
+        .zip(y.par_chunks_exact_mut(oc * pos))
+        .for_each(|(src, dst)| {
+            for (p, vals) in src.chunks_exact(oc).enumerate() {
+                for (o, v) in vals.iter().enumerate() {
+                    dst[o * pos + p] = if with_bias { v + b[o] } else { *v };
+                }
+            }
+        });
+    let out: Mat = dev.tensor_from_vec(y, (n, oc * pos));
+    if T::OWNS_TAPE {
+        let geom = *g;
+        let (x_id, w_id, o_id) = (x.ghost(), weight.ghost(), out.ghost());
+        let b_id = bias.map(|b| b.ghost());
+        let weight = weight.clone();
+        let skip_input_grad = Arc::clone(skip_input_grad);
+        tape.add_backward_op(move |grads| {
+            // The output gradient, position-major: [n·pos, oc].
+            let mut gt = vec![0.0f32; n * pos * oc];
+            {
+                let gy = grads.get_or_alloc_mut(&o_id)?;
+                gy.par_chunks_exact(oc * pos)
+                    .zip(gt.par_chunks_exact_mut(pos * oc))
+                    .for_each(|(src, dst)| {
+                        for (o, run) in src.chunks_exact(pos).enumerate() {
+                            for (p, v) in run.iter().enumerate() {
+                                dst[p * oc + o] = *v;
+                            }
+                        }
+                    });
+            }
+            if let Some(b_id) = &b_id {
+                let mut sums = vec![0.0f32; oc];
+                for vals in gt.chunks_exact(oc) {
+                    for (s, v) in sums.iter_mut().zip(vals) {
+                        *s += v;
+                    }
+                }
+                let gb = grads.get_or_alloc_mut(b_id)?;
+                for (d, s) in gb.iter_mut().zip(&sums) {
+                    *d += s;
+                }
+            }
+            let dev = weight.device().clone();
+            let gt: Mat = dev.tensor_from_vec(gt, (n * pos, oc));
+            // Weight: [oc, row] = gtᵀ · cols.
+            let gw = values(
+                &gt.clone()
+                    .permute::<(usize, usize), Axes2<1, 0>>()
+                    .matmul(cols.clone()),
+            );
+            {
+                let dst = grads.get_or_alloc_mut(&w_id)?;
+                for (d, s) in dst.iter_mut().zip(&gw) {
+                    *d += s;
+                }
+            }
+            if skip_input_grad.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            // Input: [n·pos, row] = gt · weight, folded back.
+            let gcols = values(&gt.matmul(weight.clone()));
+            let gx = grads.get_or_alloc_mut(&x_id)?;
+            gx.par_chunks_exact_mut(geom.in_len())
+                .zip(gcols.par_chunks_exact(pos * row))
+                .for_each(|(gimg, gc)| geom.fold_add(gc, gimg));
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
+}
+
+/// Shape of one pooling layer: input `[c, h, w]`, square window `k`
+/// moved `s` at a time, output `[c, oh, ow]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PoolGeom {
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub s: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PoolGeom {
+    fn in_len(&self) -> usize {
+        self.c * self.h * self.w
+    }
+
+    fn out_len(&self) -> usize {
+        self.c * self.oh * self.ow
+    }
+
+    /// The input index of each window's top-left value, in output order.
+    fn corners(&self) -> Vec<usize> {
+        let mut out = Vec::with_capacity(self.out_len());
+        for ci in 0..self.c {
+            for oy in 0..self.oh {
+                for ox in 0..self.ow {
+                    out.push((ci * self.h + oy * self.s) * self.w + ox * self.s);
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The largest value of each window (the first one on ties); the backward
+/// pass sends each output's gradient to that value.
+pub(crate) fn max_pool2d<T: Tape<f32, Cpu>>(g: &PoolGeom, x: Mat<T>) -> Mat<T> {
+    let (x, mut tape) = x.split_tape();
+    let dev = x.device().clone();
+    let n = x.shape().0;
+    let xs = values(&x);
+    let (in_len, out_len) = (g.in_len(), g.out_len());
+    let mut y = vec![0.0f32; n * out_len];
+    // Index of the chosen value within its image, for the backward pass.
+    let mut arg = vec![0u32; if T::OWNS_TAPE { n * out_len } else { 0 }];
+    let corners = g.corners();
+    // One image: each window's largest value and where it is.
+    let pool = |xi: &[f32], yi: &mut [f32], mut ai: Option<&mut [u32]>| {
+        for (o, &corner) in corners.iter().enumerate() {
+            let mut best = corner;
+            for ki in 0..g.k {
+                for kj in 0..g.k {
+                    let i = corner + ki * g.w + kj;
+                    if xi[i] > xi[best] {
+                        best = i;
+                    }
+                }
+            }
+            yi[o] = xi[best];
+            if let Some(a) = ai.as_deref_mut() {
+                // Images hold at most MAX_FEATURES values: fits in u32.
+                a[o] = best as u32;
+            }
+        }
+    };
+    let images = xs
+        .par_chunks_exact(in_len)
+        .zip(y.par_chunks_exact_mut(out_len));
+    if arg.is_empty() {
+        images.for_each(|(xi, yi)| pool(xi, yi, None));
+    } else {
+        images
+            .zip(arg.par_chunks_exact_mut(out_len))
+            .for_each(|((xi, yi), ai)| pool(xi, yi, Some(ai)));
+    }
+    let out: Mat = dev.tensor_from_vec(y, (n, out_len));
+    if T::OWNS_TAPE {
+        let (x_id, o_id) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let gy = grads.get_or_alloc_mut(&o_id)?.to_vec();
+            let gx = grads.get_or_alloc_mut(&x_id)?;
+            gx.par_chunks_exact_mut(in_len)
+                .zip(
+                    gy.par_chunks_exact(out_len)
+                        .zip(arg.par_chunks_exact(out_len)),
+                )
+                .for_each(|(gxi, (gyi, ai))| {
+                    for (&a, g) in ai.iter().zip(gyi) {
+                        gxi[a as usize] += g;
+                    }
+                });
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
+}
+
+/// The mean of each window; the backward pass shares each output's
+/// gradient equally among its window.
+pub(crate) fn avg_pool2d<T: Tape<f32, Cpu>>(g: &PoolGeom, x: Mat<T>) -> Mat<T> {
+    let (x, mut tape) = x.split_tape();
+    let dev = x.device().clone();
+    let n = x.shape().0;
+    let xs = values(&x);
+    let (in_len, out_len) = (g.in_len(), g.out_len());
+    let area = (g.k * g.k) as f32;
+    let mut y = vec![0.0f32; n * out_len];
+    let corners = g.corners();
+    for img in 0..n {
+        let xi = &xs[img * in_len..][..in_len];
+        for (o, &corner) in corners.iter().enumerate() {
+            let mut sum = 0.0f32;
+            for ki in 0..g.k {
+                for v in &xi[corner + ki * g.w..][..g.k] {
+                    sum += v;
+                }
+            }
+            y[img * out_len + o] = sum / area;
+        }
+    }
+    let out: Mat = dev.tensor_from_vec(y, (n, out_len));
+    if T::OWNS_TAPE {
+        let geom = *g;
+        let (x_id, o_id) = (x.ghost(), out.ghost());
+        tape.add_backward_op(move |grads| {
+            let gy = grads.get_or_alloc_mut(&o_id)?.to_vec();
+            let gx = grads.get_or_alloc_mut(&x_id)?;
+            for img in 0..n {
+                let gxi = &mut gx[img * in_len..][..in_len];
+                for (o, &corner) in corners.iter().enumerate() {
+                    let share = gy[img * out_len + o] / area;
+                    for ki in 0..geom.k {
+                        for v in &mut gxi[corner + ki * geom.w..][..geom.k] {
+                            *v += share;
+                        }
+                    }
+                }
+            }
+            Ok(())
+        });
+    }
+    out.put_tape(tape)
+}
