@@ -13,11 +13,8 @@ mod procs;
 #[path = "common/cli.rs"]
 mod cli;
 
-use std::process::Command;
-
 use cli::{
-    check_script, correct_predictions, last_json, loopback_net, mixnn, mnist_dir, ok, python,
-    test_pngs,
+    correct_predictions, export_and_score, last_json, loopback_net, mixnn, mnist_dir, ok, test_pngs,
 };
 
 /// `mixnn train --arch lenet5` on MNIST with the recipe, plus `extra`.
@@ -80,26 +77,7 @@ fn lenet5_through_eleven_volunteers_equals_local_and_lives_on() {
 
     // Exported in nn.Sequential's layout and scored by numpy alone.
     let file = tmp.path().join("lenet.safetensors");
-    ok(
-        mixnn()
-            .args(["export", "--model-map"])
-            .arg(&map)
-            .arg("--out")
-            .arg(&file)
-            .output()
-            .expect("export runs"),
-        "mixnn export",
-    );
-    let checked = last_json(&ok(
-        Command::new(python())
-            .arg(check_script())
-            .arg(&file)
-            .arg(mnist_dir())
-            .output()
-            .expect("python runs"),
-        "check_safetensors.py",
-    ));
-    let independent = checked["test_accuracy"].as_f64().expect("accuracy");
+    let independent = export_and_score(&map, &file);
     assert!(
         (independent - accuracy).abs() < 1e-4,
         "numpy scores {independent}, train reported {accuracy}"

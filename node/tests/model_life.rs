@@ -12,12 +12,11 @@ mod procs;
 #[path = "common/cli.rs"]
 mod cli;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use cli::{
-    check_script, correct_predictions, free_slots, last_json, loopback_net, mixnn, mnist_dir, ok,
-    python, test_pngs,
+    correct_predictions, export_and_score, free_slots, last_json, loopback_net, mixnn, mnist_dir,
+    ok, test_pngs,
 };
 
 #[test]
@@ -55,27 +54,7 @@ fn trained_exported_checked_used_and_released_on_loopback() {
 
     // Exported, and read by a reader that shares no code with ours.
     let file = tmp.path().join("model.safetensors");
-    ok(
-        mixnn()
-            .args(["export", "--model-map"])
-            .arg(&map)
-            .arg("--out")
-            .arg(&file)
-            .output()
-            .expect("export runs"),
-        "mixnn export",
-    );
-    let script = check_script();
-    let checked = last_json(&ok(
-        Command::new(python())
-            .arg(&script)
-            .arg(&file)
-            .arg(&mnist)
-            .output()
-            .expect("python runs"),
-        "check_safetensors.py",
-    ));
-    let independent = checked["test_accuracy"].as_f64().expect("accuracy");
+    let independent = export_and_score(&map, &file);
     assert!(
         (independent - accuracy).abs() < 1e-4,
         "the independent reader scores {independent}, train reported {accuracy}"

@@ -22,6 +22,32 @@ pub fn check_script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../testnet/check_safetensors.py")
 }
 
+/// `mixnn export` of the model map `map` to `file`, then the test
+/// accuracy `check_safetensors.py` (numpy only, no code of ours) gives it
+/// on MNIST.
+pub fn export_and_score(map: &Path, file: &Path) -> f64 {
+    ok(
+        mixnn()
+            .args(["export", "--model-map"])
+            .arg(map)
+            .arg("--out")
+            .arg(file)
+            .output()
+            .expect("export runs"),
+        "mixnn export",
+    );
+    let checked = last_json(&ok(
+        Command::new(python())
+            .arg(check_script())
+            .arg(file)
+            .arg(mnist_dir())
+            .output()
+            .expect("python runs"),
+        "check_safetensors.py",
+    ));
+    checked["test_accuracy"].as_f64().expect("accuracy")
+}
+
 /// The Python 3 with numpy that build.rs found (`cfg(python_numpy)`).
 pub fn python() -> &'static str {
     option_env!("MIXNN_TEST_PYTHON").unwrap_or("python3")
