@@ -112,7 +112,7 @@ use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{train_network, Inference, JobError, JobEvent, JobOptions, ModelMap, TrainJob};
-use crate::discovery::{discover_sample, join_as_client};
+use crate::discovery::{discover_for_route, join_as_client};
 use crate::local_net::short_peer;
 use crate::local_net::LocalNet;
 use crate::network::{NetworkError, TransportKind};
@@ -601,7 +601,8 @@ pub async fn discovery_at(n: usize, want: usize) -> Result<ScalingPoint, BenchEr
     .await?;
     let before = network.metrics().dht_requests.get();
     let t = Instant::now();
-    let (found, _) = discover_sample(&network, want, Duration::from_secs(10)).await;
+    // The same discovery as `mixnn train`'s.
+    let (found, _) = discover_for_route(&network, want, Duration::from_secs(10)).await;
     let discovery_ms = t.elapsed().as_secs_f64() * 1000.0;
     let dht_requests = network.metrics().dht_requests.get() - before;
     cancel.cancel();
