@@ -194,6 +194,11 @@ pub async fn run_paper(
         None => data.train.clone(),
     };
     let examples = tc.epochs as u64 * train.len() as u64;
+    // dfdx multiplies matrices on rayon's pool, which every slot worker of
+    // the process shares: named, its CPU can be told from the client's.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("{COMPUTE_POOL}-{i}"))
+        .build_global();
     let repeat = cfg.repeat.max(1);
     let mut runs = Vec::with_capacity(repeat);
     for i in 0..repeat {
@@ -415,9 +420,14 @@ fn cpu_seconds(before: Option<u64>, after: Option<u64>) -> Option<f64> {
     Some(after?.saturating_sub(before?) as f64 / 1e9)
 }
 
+/// The names of rayon's threads in `mixnn bench paper` (with `-N`).
+const COMPUTE_POOL: &str = "mixnn-compute";
+
 /// What the process and each volunteer had used at one moment.
 struct Usage {
     process: Option<u64>,
+    /// rayon's threads (the slot workers' matrix products).
+    pool: Option<u64>,
     /// Per volunteer: its threads' CPU (ns), its slot workers' CPU
     /// (seconds), bytes it relayed or sent.
     threads: Option<Vec<u64>>,
@@ -427,8 +437,15 @@ struct Usage {
 
 impl Usage {
     fn read(net: &LocalNet) -> Usage {
+        let pool = crate::cpu::threads_cpu_ns().map(|t| {
+            t.iter()
+                .filter(|(name, _)| name.starts_with(COMPUTE_POOL))
+                .map(|(_, ns)| ns)
+                .sum()
+        });
         Usage {
             process: crate::cpu::process_cpu_ns(),
+            pool,
             threads: net.party_cpu_ns(),
             workers: net
                 .volunteers
@@ -446,7 +463,9 @@ impl Usage {
 
 /// Each party's CPU and bytes per step between `before` and `after`: the
 /// volunteers on the rings (layer hosts by stage, then mixes), then the
-/// client, which is the rest of the process.
+/// client, which is the rest of the process. The shared matrix-product
+/// pool's CPU goes to the layer hosts in proportion to their slot workers'
+/// own CPU (only slot workers multiply matrices while the job runs).
 fn party_costs(
     net: &LocalNet,
     report: &crate::client::NetworkReport,
@@ -458,6 +477,13 @@ fn party_costs(
     let hops: Vec<_> = rings.forward.iter().chain(&rings.backward).collect();
     let mut parties: Vec<(Option<usize>, PartyCost)> = Vec::new();
     let mut volunteers_ns = 0u64;
+    let pool_ns = match (before.pool, after.pool) {
+        (Some(b), Some(a)) => a.saturating_sub(b) as f64,
+        _ => 0.0,
+    };
+    let worker_total: f64 = (0..net.volunteers.len())
+        .map(|i| (after.workers[i] - before.workers[i]).max(0.0))
+        .sum();
     for (i, node) in net.volunteers.iter().enumerate() {
         let peer = node.network.peer_id();
         let on_ring: Vec<_> = hops.iter().filter(|h| h.peer == peer).collect();
@@ -465,8 +491,13 @@ fn party_costs(
             (Some(b), Some(a)) => a[i].saturating_sub(b[i]),
             _ => 0,
         };
-        let workers = ((after.workers[i] - before.workers[i]).max(0.0) * 1e9) as u64;
-        let ns = threads + workers;
+        let worker_s = (after.workers[i] - before.workers[i]).max(0.0);
+        let pool_share = if worker_total > 0.0 {
+            pool_ns * worker_s / worker_total
+        } else {
+            0.0
+        };
+        let ns = threads + (worker_s * 1e9 + pool_share) as u64;
         volunteers_ns += ns;
         if on_ring.is_empty() {
             continue;

@@ -2,8 +2,9 @@
 //! one machine per party.
 //!
 //! `mixnn bench paper` runs every volunteer on threads of its own, so the
-//! CPU each one used can be read off its threads (and its slot workers'),
-//! and the client's is the rest of the process. From the CPU per step, the
+//! CPU each one used can be read off its threads (and its slot workers',
+//! with their share of the process's matrix-product pool), and the
+//! client's is the rest of the process. From the CPU per step, the
 //! bytes each party sends per step and the route, [`project`] gives the
 //! step time if every party had its own core and the links between them had
 //! a given latency and bandwidth. It is a projection, not a measurement:
