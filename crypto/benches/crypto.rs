@@ -82,6 +82,11 @@ fn setup(c: &mut Criterion) {
     g.finish();
 }
 
+/// Seals a chunk in place under the nonce for a counter; returns the tag.
+type SealFn<'a> = dyn Fn(&mut [u8], u64) -> [u8; 16] + 'a;
+/// Opens a chunk in place; false if it does not authenticate.
+type OpenFn<'a> = dyn Fn(&mut [u8], u64, &[u8; 16]) -> bool + 'a;
+
 fn cells(c: &mut Criterion) {
     // Fills a 16-cell bucket exactly: 16 * CELL_PAYLOAD minus the length prefix.
     let msg = vec![0x5Au8; 16 * CELL_PAYLOAD - 8];
@@ -150,8 +155,8 @@ fn cells(c: &mut Criterion) {
     // place with a detached tag as cells use them.
     let raw = |g: &mut criterion::BenchmarkGroup<'_, _>,
                name: &str,
-               seal: &dyn Fn(&mut [u8], u64) -> [u8; 16],
-               open: &dyn Fn(&mut [u8], u64, &[u8; 16]) -> bool| {
+               seal: &SealFn<'_>,
+               open: &OpenFn<'_>| {
         let mut buf = msg.clone();
         g.bench_function(format!("{name}/seal"), |b| {
             b.iter(|| {
