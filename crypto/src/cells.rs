@@ -15,6 +15,8 @@
 //! one after a later one has been seen a [`CellError::Reordered`]. Refused
 //! cells are not decrypted and do not move the opener. Keys are per segment
 //! and per direction ([`CellKey::derive`]); never use one key in two sealers.
+//! The AEAD runs through [`crate::aead`]: assembly, and the same bytes as
+//! the RustCrypto crate.
 //!
 //! # Messages
 //!
@@ -32,13 +34,13 @@
 //! the message buffer, which can be handed back with
 //! [`MessageReader::recycle`].
 
-use chacha20poly1305::aead::{AeadInPlace, KeyInit};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use hkdf::Hkdf;
 use rand::rngs::OsRng;
 use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroize;
+
+use crate::aead::{CellAead, NONCE_BYTES, TAG_BYTES};
 
 /// Bytes of one cell on the wire, not counting the node's circuit id.
 pub const CELL_BYTES: usize = 64 * 1024;
@@ -110,8 +112,8 @@ impl CellKey {
         &self.0
     }
 
-    fn cipher(&self) -> ChaCha20Poly1305 {
-        ChaCha20Poly1305::new(&self.0.into())
+    fn cipher(&self) -> CellAead {
+        CellAead::new(&self.0)
     }
 }
 
@@ -127,10 +129,10 @@ impl std::fmt::Debug for CellKey {
     }
 }
 
-fn nonce(seq: u64) -> Nonce {
-    let mut n = [0u8; 12];
+fn nonce(seq: u64) -> [u8; NONCE_BYTES] {
+    let mut n = [0u8; NONCE_BYTES];
     n[4..].copy_from_slice(&seq.to_le_bytes());
-    n.into()
+    n
 }
 
 fn check_cell_len(len: usize) -> Result<(), CellError> {
@@ -146,7 +148,7 @@ fn check_cell_len(len: usize) -> Result<(), CellError> {
 
 /// Seals cells with consecutive sequence numbers starting at 0.
 pub struct CellSealer {
-    cipher: ChaCha20Poly1305,
+    cipher: CellAead,
     next_seq: u64,
 }
 
@@ -178,8 +180,8 @@ impl CellSealer {
         let (body, tag_out) = rest.split_at_mut(CELL_PAYLOAD);
         let tag = self
             .cipher
-            .encrypt_in_place_detached(&nonce(seq), &[], body)
-            .map_err(|_| CellError::Length {
+            .seal_in_place(&nonce(seq), &[], body)
+            .ok_or(CellError::Length {
                 expected: CELL_PAYLOAD,
                 got: body.len(),
             })?;
@@ -203,7 +205,7 @@ impl CellSealer {
 
 /// Opens cells, accepting only the next sequence number.
 pub struct CellOpener {
-    cipher: ChaCha20Poly1305,
+    cipher: CellAead,
     next_seq: u64,
     /// Highest sequence number seen beyond `next_seq`, once order is broken.
     ahead: Option<u64>,
@@ -250,10 +252,12 @@ impl CellOpener {
         if seq == u64::MAX {
             return Err(CellError::SequenceExhausted);
         }
-        let (body, tag) = rest.split_at_mut(CELL_PAYLOAD);
-        self.cipher
-            .decrypt_in_place_detached(&nonce(seq), &[], body, Tag::from_slice(tag))
-            .map_err(|_| CellError::Auth)?;
+        let (body, tag_in) = rest.split_at_mut(CELL_PAYLOAD);
+        let mut tag = [0u8; TAG_BYTES];
+        tag.copy_from_slice(tag_in);
+        if !self.cipher.open_in_place(&nonce(seq), &[], body, &tag) {
+            return Err(CellError::Auth);
+        }
         self.next_seq = seq + 1;
         Ok(body)
     }
@@ -495,6 +499,8 @@ fn is_zero(b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+    use chacha20poly1305::ChaCha20Poly1305;
 
     #[test]
     fn layout_constants() {
@@ -513,7 +519,7 @@ mod tests {
     #[test]
     fn nonce_is_seq_le_after_four_zero_bytes() {
         let n = nonce(0x0102_0304_0506_0708);
-        assert_eq!(n.as_slice(), &[0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]);
+        assert_eq!(n, [0, 0, 0, 0, 8, 7, 6, 5, 4, 3, 2, 1]);
     }
 
     #[test]
@@ -555,7 +561,7 @@ mod tests {
         // Matches a plain ChaCha20-Poly1305 seal with nonce 0^4 || seq.
         let mut body = pt.to_vec();
         let tag = ChaCha20Poly1305::new(&[1u8; 32].into())
-            .encrypt_in_place_detached(&nonce(1), &[], &mut body)
+            .encrypt_in_place_detached(&nonce(1).into(), &[], &mut body)
             .expect("seal");
         assert_eq!(&cell[8..8 + CELL_PAYLOAD], &body[..]);
         assert_eq!(&cell[8 + CELL_PAYLOAD..], tag.as_slice());

@@ -4,6 +4,7 @@
 //!
 //! Pure code: no I/O beyond key files, no async runtime, no network.
 
+pub mod aead;
 pub mod cells;
 pub mod descriptor;
 #[cfg(feature = "fuzzing")]

@@ -402,6 +402,56 @@ impl SlotWorker {
                 .unwrap_or_else(|| "the slot worker thread has stopped".into()),
         )
     }
+
+    /// [`SlotWorker::forward_owned`], [`SlotWorker::backward_owned`] or
+    /// [`SlotWorker::infer_owned`] without blocking, for async callers:
+    /// queues `op` and returns at once; `reply` then runs on the worker
+    /// thread with the result (a panic there comes back as
+    /// [`ModelError::WorkerGone`]). Queued work runs in order with every
+    /// other call. An error (the worker is gone, or its queue is full) means
+    /// nothing was queued and `reply` is dropped unrun.
+    pub fn submit<F>(&self, op: SlotOp, reply: F) -> Result<(), ModelError>
+    where
+        F: FnOnce(Result<HostTensor, ModelError>) + Send + 'static,
+    {
+        let tx = self.tx.as_ref().ok_or_else(|| self.gone())?;
+        let job: Job = Box::new(move |st: &mut TapedStage| {
+            let result = catch_unwind(AssertUnwindSafe(|| match op {
+                SlotOp::Forward { step, input } => st.forward(step, input),
+                SlotOp::Backward {
+                    step,
+                    grad_out,
+                    input_grad,
+                } => st.backward(step, grad_out, input_grad),
+                SlotOp::Infer { input } => st.infer(input),
+            }));
+            reply(result.unwrap_or_else(|payload| {
+                let why = format!("the slot worker panicked: {}", panic_text(&*payload));
+                let _ = st.death.set(why.clone());
+                Err(ModelError::WorkerGone(why))
+            }));
+        });
+        tx.try_send(Command::Run(job)).map_err(|e| match e {
+            std::sync::mpsc::TrySendError::Full(_) => {
+                ModelError::WorkerGone("the slot worker's queue is full".into())
+            }
+            std::sync::mpsc::TrySendError::Disconnected(_) => self.gone(),
+        })
+    }
+}
+
+/// One step for [`SlotWorker::submit`].
+pub enum SlotOp {
+    /// As [`SlotWorker::forward_owned`].
+    Forward { step: u64, input: HostTensor },
+    /// As [`SlotWorker::backward_owned`].
+    Backward {
+        step: u64,
+        grad_out: HostTensor,
+        input_grad: InputGrad,
+    },
+    /// As [`SlotWorker::infer_owned`].
+    Infer { input: HostTensor },
 }
 
 impl Drop for SlotWorker {

@@ -276,6 +276,39 @@ pub async fn discover_at_least(
     discover_settling(network, want, deadline, SETTLE_AFTER).await
 }
 
+/// Volunteers for a client's route, as `mixnn train`, `infer` and the
+/// bench find them: [`discover_sample`] walks (O(want · log N) DHT
+/// requests, not O(N)) for `want` volunteers and a third more to choose
+/// among and to spare for peers that fail their liveness check, repeated
+/// as in [`discover_at_least`] until at least `want` verify, the walks
+/// settle short of it, or `deadline` passes.
+pub async fn discover_for_route(
+    network: &Network,
+    want: usize,
+    deadline: Duration,
+) -> (Vec<Volunteer>, DiscoveryStats) {
+    let start = tokio::time::Instant::now();
+    let with_spares = want + want.div_ceil(3).max(1);
+    let mut walks = Walks::new(want, start + deadline, SETTLE_AFTER);
+    let mut total = DiscoveryStats::default();
+    loop {
+        let (found, stats) = discover_sample(network, with_spares, Duration::from_secs(5)).await;
+        total.providers_found = stats.providers_found;
+        total.descriptors_verified = stats.descriptors_verified;
+        total.descriptors_missing += stats.descriptors_missing;
+        total.descriptors_withdrawn += stats.descriptors_withdrawn;
+        let ids: HashSet<PeerId> = found.iter().map(|v| v.peer_id).collect();
+        let verdict = walks.after_walk(ids, tokio::time::Instant::now());
+        total.walks = walks.count;
+        match verdict {
+            WalkVerdict::Again => tokio::time::sleep(WALK_PAUSE).await,
+            WalkVerdict::Enough | WalkVerdict::Settled | WalkVerdict::OutOfTime => {
+                return (found, total)
+            }
+        }
+    }
+}
+
 /// [`discover_at_least`] with the settling time given: how long the set
 /// found must stay the same before a short result is final.
 pub async fn discover_settling(

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod circuit;
 pub mod client;
 pub mod config;
+pub mod cpu;
 pub mod dataset;
 pub mod discovery;
 pub mod input;

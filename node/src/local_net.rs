@@ -36,6 +36,78 @@ pub struct LocalNet {
     pub volunteers: Vec<RunningNode>,
     _dir: tempfile::TempDir,
     cancel: CancellationToken,
+    /// Volunteers on threads of their own ([`LocalNet::start_parties`]).
+    threads: Vec<PartyThread>,
+}
+
+/// The name of the threads of volunteer `i` started by
+/// [`LocalNet::start_parties`].
+pub fn party_thread_name(i: usize) -> String {
+    format!("mixnn-party-{i}")
+}
+
+/// A node running on a thread of its own: a current-thread runtime that
+/// serves the node's tasks until stopped (its blocking threads carry the
+/// same name), so its CPU time can be read per thread name.
+struct PartyThread {
+    stop: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PartyThread {
+    async fn start(
+        name: String,
+        c: NodeConfig,
+        cancel: CancellationToken,
+        tap: Option<Arc<dyn HopTap>>,
+    ) -> Result<(RunningNode, PartyThread), NodeError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let thread_name = name.clone();
+        let thread = std::thread::Builder::new()
+            .name(name.clone())
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .thread_name(thread_name)
+                    .build();
+                let rt = match rt {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(NodeError::Thread(e.to_string())));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let node = RunningNode::start_with_tap(c, cancel, tap).await;
+                    let failed = node.is_err();
+                    let _ = tx.send(node);
+                    if !failed {
+                        stopped.cancelled().await;
+                    }
+                });
+            })
+            .map_err(|e| NodeError::Thread(format!("{name}: {e}")))?;
+        let party = PartyThread {
+            stop,
+            thread: Some(thread),
+        };
+        match rx.await {
+            Ok(Ok(node)) => Ok((node, party)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(NodeError::Thread(format!("{name} stopped while starting"))),
+        }
+    }
+}
+
+impl Drop for PartyThread {
+    fn drop(&mut self) {
+        // The runtime ends its tasks when its thread returns; not joined
+        // here, so a drop never blocks an async caller.
+        self.stop.cancel();
+        drop(self.thread.take());
+    }
 }
 
 fn config(
@@ -75,6 +147,31 @@ impl LocalNet {
         Self::start_tapped(volunteers, transport, republish_secs, None).await
     }
 
+    /// As [`LocalNet::start`], each volunteer on a thread of its own named
+    /// [`party_thread_name`] (see [`LocalNet::party_cpu_ns`]), the
+    /// bootstrap on the caller's runtime.
+    pub async fn start_parties(
+        volunteers: usize,
+        transport: TransportKind,
+    ) -> Result<Self, NodeError> {
+        Self::start_inner(volunteers, transport, 5, None, true).await
+    }
+
+    /// CPU nanoseconds each volunteer's threads have used so far (its slot
+    /// workers' not included: see the `host_worker_cpu_seconds` metric);
+    /// `None` unless started with [`LocalNet::start_parties`] on Linux.
+    pub fn party_cpu_ns(&self) -> Option<Vec<u64>> {
+        if self.threads.len() != self.volunteers.len() {
+            return None;
+        }
+        let by_name = crate::cpu::threads_cpu_ns()?;
+        Some(
+            (0..self.volunteers.len())
+                .map(|i| by_name.get(&party_thread_name(i)).copied().unwrap_or(0))
+                .collect(),
+        )
+    }
+
     /// As [`LocalNet::start_with`], every volunteer reporting what it sees
     /// on circuits to `tap` (`mixnn demo` shows it).
     pub async fn start_tapped(
@@ -82,6 +179,16 @@ impl LocalNet {
         transport: TransportKind,
         republish_secs: u64,
         tap: Option<Arc<dyn HopTap>>,
+    ) -> Result<Self, NodeError> {
+        Self::start_inner(volunteers, transport, republish_secs, tap, false).await
+    }
+
+    async fn start_inner(
+        volunteers: usize,
+        transport: TransportKind,
+        republish_secs: u64,
+        tap: Option<Arc<dyn HopTap>>,
+        own_threads: bool,
     ) -> Result<Self, NodeError> {
         let dir = tempfile::Builder::new()
             .prefix("mixnn-local-net-")
@@ -106,6 +213,7 @@ impl LocalNet {
         .await?;
         let addrs = bootstrap.full_addrs();
         let mut nodes = Vec::with_capacity(volunteers);
+        let mut threads = Vec::new();
         for i in 0..volunteers {
             let c = config(
                 &dir.path().join(format!("node-{i}")),
@@ -114,7 +222,16 @@ impl LocalNet {
                 true,
                 republish_secs,
             );
-            nodes.push(RunningNode::start_with_tap(c, cancel.child_token(), tap.clone()).await?);
+            if own_threads {
+                let (node, thread) =
+                    PartyThread::start(party_thread_name(i), c, cancel.child_token(), tap.clone())
+                        .await?;
+                nodes.push(node);
+                threads.push(thread);
+            } else {
+                nodes
+                    .push(RunningNode::start_with_tap(c, cancel.child_token(), tap.clone()).await?);
+            }
         }
         // Discovery gives up once its walks settle: let every volunteer
         // publish first.
@@ -126,6 +243,7 @@ impl LocalNet {
             volunteers: nodes,
             _dir: dir,
             cancel,
+            threads,
         })
     }
 
@@ -159,6 +277,12 @@ impl LocalNet {
         }
         let _ = self.bootstrap.shutdown().await;
         self.cancel.cancel();
+        for mut t in self.threads {
+            t.stop.cancel();
+            if let Some(thread) = t.thread.take() {
+                let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+            }
+        }
     }
 }
 

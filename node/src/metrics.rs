@@ -38,6 +38,9 @@ pub struct Metrics {
     pub host_compute_seconds: Counter<f64, AtomicU64>,
     pub host_crypto_seconds: Counter<f64, AtomicU64>,
     pub host_codec_seconds: Counter<f64, AtomicU64>,
+    /// CPU seconds the slot workers' threads used on training steps and
+    /// inference (Linux only; zero elsewhere).
+    pub host_worker_cpu_seconds: Counter<f64, AtomicU64>,
     /// Kademlia requests sent by this node's own queries.
     pub dht_requests: Counter,
     /// Slots freed, by reason (expired, released, setup).
@@ -80,6 +83,7 @@ impl Metrics {
         let host_compute_seconds = Counter::<f64, AtomicU64>::default();
         let host_crypto_seconds = Counter::<f64, AtomicU64>::default();
         let host_codec_seconds = Counter::<f64, AtomicU64>::default();
+        let host_worker_cpu_seconds = Counter::<f64, AtomicU64>::default();
         let dht_requests = Counter::default();
         let slots_freed = Family::<Reason, Counter>::default();
         let slot_owner_refused = Counter::default();
@@ -139,6 +143,11 @@ impl Metrics {
             "host_compute_seconds",
             "Seconds spent in layer computations",
             host_compute_seconds.clone(),
+        );
+        registry.register(
+            "host_worker_cpu_seconds",
+            "CPU seconds of slot worker threads on steps and inference",
+            host_worker_cpu_seconds.clone(),
         );
         registry.register(
             "host_crypto_seconds",
@@ -210,6 +219,7 @@ impl Metrics {
             host_compute_seconds,
             host_crypto_seconds,
             host_codec_seconds,
+            host_worker_cpu_seconds,
             dht_requests,
             slots_freed,
             slot_owner_refused,

@@ -42,6 +42,8 @@ pub enum NodeError {
          slots changed since their last checkpoint may be lost"
     )]
     FlushTimeout(Duration),
+    #[error("cannot run the node on a thread of its own: {0}")]
+    Thread(String),
 }
 
 /// Longest wait for the database to reach the disk at shutdown.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use libp2p::kad;
 use libp2p::PeerId;
 use mixnn_crypto::{Capacity, Descriptor, Identity, Roles};
-use mixnn_node::discovery::{discover_at_least, join_as_client};
+use mixnn_node::discovery::{discover_at_least, discover_for_route, join_as_client};
 use mixnn_node::network::records::{descriptor_key, unix_now, Role};
 use mixnn_node::network::{Network, NetworkConfig, TransportKind};
 use mixnn_node::store::{Lease, SlotStore, StoredSlot};
@@ -182,6 +182,23 @@ async fn twenty_nodes_are_found_and_forgeries_are_not() {
         "each forger's descriptor must be refused: {stats:?}"
     );
     assert_eq!(stats.descriptors_withdrawn, 0, "{stats:?}");
+
+    // A client's route discovery (train's and the bench's) samples: it
+    // verifies what a route of 7 needs and a third more, never a forger,
+    // with fewer DHT requests than the walk over everyone.
+    let before = client.metrics().dht_requests.get();
+    let _ = discover_at_least(&client, 20, Duration::from_secs(30)).await;
+    let full = client.metrics().dht_requests.get() - before;
+    let before = client.metrics().dht_requests.get();
+    let (route, route_stats) = discover_for_route(&client, 7, Duration::from_secs(30)).await;
+    let sampled = client.metrics().dht_requests.get() - before;
+    assert_eq!(route.len(), 10, "7 and 3 to spare: {route_stats:?}");
+    let volunteers: HashSet<PeerId> = nodes.iter().map(|n| n.peer_id()).collect();
+    assert!(route.iter().all(|v| volunteers.contains(&v.peer_id)));
+    assert!(
+        sampled < full,
+        "sampling sent {sampled} DHT requests, the full walk {full}"
+    );
 
     for n in nodes {
         n.shutdown().await.expect("shutdown");

@@ -1,6 +1,7 @@
 //! `mixnn bench paper`: the MixNN paper's experiment, reproduced here.
 
 pub mod churn;
+pub mod parties;
 pub mod report;
 
 use serde::Serialize;
@@ -57,8 +58,17 @@ pub struct PaperReport {
     pub test_examples: usize,
     pub local_seconds: f64,
     pub network_seconds: f64,
-    /// network_seconds / local_seconds.
+    /// network_seconds / local_seconds (of the run with the median ratio).
     pub ratio: f64,
+    /// Local and network runs made (`--repeat`), each run's ratio, and
+    /// their smallest, median and largest.
+    pub repeats: usize,
+    pub ratios: Vec<f64>,
+    pub ratio_min: f64,
+    pub ratio_median: f64,
+    pub ratio_max: f64,
+    /// Every run's parameters equal its local training's.
+    pub all_digests_equal: bool,
     pub local_accuracy: f32,
     pub network_accuracy: f32,
     /// Accuracy of inference through fresh circuits with the model map.
@@ -66,6 +76,21 @@ pub struct PaperReport {
     pub digest_equal: bool,
     pub rows: Vec<Row>,
     pub breakdown: StepBreakdown,
+    /// A local training step, milliseconds.
+    pub local_step_ms: f64,
+    /// CPU and bytes per step of each party: the client, then the
+    /// volunteers on the rings.
+    pub parties: Vec<PartyCost>,
+    /// The step time with one machine per party (a projection, see
+    /// [`parties`]), and it over the local step time.
+    pub projection: Projection,
+    pub projected_ratio: f64,
+    /// Core-seconds per example through the network over core-seconds per
+    /// example locally (`None` where CPU time cannot be read).
+    pub cpu_cost_ratio: Option<f64>,
+    /// Inference batches through a circuit and locally.
+    pub infer_network: Option<Latency>,
+    pub infer_local: Option<Latency>,
     pub scaling: Vec<ScalingPoint>,
     /// Why the discovery simulation stopped early, if it did (the training
     /// results stand without it).
@@ -86,13 +111,13 @@ use mixnn_model::{train_local, Dataset, StepInfo, TrainConfig};
 use thiserror::Error;
 use tokio_util::sync::CancellationToken;
 
-use crate::client::{
-    infer_network, train_network, JobError, JobEvent, JobOptions, ModelMap, TrainJob,
-};
-use crate::discovery::{discover_sample, join_as_client};
+use crate::client::{train_network, Inference, JobError, JobEvent, JobOptions, ModelMap, TrainJob};
+use crate::discovery::{discover_for_route, join_as_client};
+use crate::local_net::short_peer;
 use crate::local_net::LocalNet;
 use crate::network::{NetworkError, TransportKind};
 use crate::node::NodeError;
+use parties::{Latency, Links, PartyCost, Projection};
 
 /// The paper's figures (arXiv 2203.14803, MNIST on AWS EC2).
 pub const PAPER_RATIO: f64 = 7.5;
@@ -121,12 +146,39 @@ pub struct PaperConfig {
     /// Network sizes for the discovery simulation (empty: skip it).
     pub scaling: Vec<usize>,
     pub environment: String,
+    /// Local and network training, this many times each (alternating);
+    /// the report's figures are the run with the median ratio.
+    pub repeat: usize,
+    /// The links the one-machine-per-party projection assumes.
+    pub links: Links,
 }
 
 /// Progress callbacks: a phase name, then steps.
 pub trait Progress {
     fn phase(&mut self, name: &str, total_examples: u64);
     fn step(&mut self, info: StepInfo);
+}
+
+/// One local run and one network run.
+struct Run {
+    local: mixnn_model::TrainReport,
+    local_seconds: f64,
+    /// CPU of the whole process during local training, seconds.
+    local_cpu: Option<f64>,
+    net: crate::client::NetworkReport,
+    breakdown: StepBreakdown,
+    /// CPU of the whole process during network training, seconds.
+    network_cpu: Option<f64>,
+    parties: Vec<PartyCost>,
+    links_per_step: usize,
+    /// Inference through a circuit and locally, and the circuit's accuracy.
+    inference: Option<(Latency, Latency, f32)>,
+}
+
+impl Run {
+    fn ratio(&self) -> f64 {
+        self.net.seconds / self.local_seconds.max(1e-9)
+    }
 }
 
 /// Run the experiment: local training, training through an in-process
@@ -142,16 +194,147 @@ pub async fn run_paper(
         None => data.train.clone(),
     };
     let examples = tc.epochs as u64 * train.len() as u64;
+    // dfdx multiplies matrices on rayon's pool, which every slot worker of
+    // the process shares: named, its CPU can be told from the client's.
+    let _ = rayon::ThreadPoolBuilder::new()
+        .thread_name(|i| format!("{COMPUTE_POOL}-{i}"))
+        .build_global();
+    let repeat = cfg.repeat.max(1);
+    let mut runs = Vec::with_capacity(repeat);
+    for i in 0..repeat {
+        let last = i + 1 == repeat;
+        let label = |what: &str| {
+            if repeat > 1 {
+                format!("{what} ({} of {repeat})", i + 1)
+            } else {
+                what.to_string()
+            }
+        };
+        runs.push(one_run(cfg, data, &train, examples, progress, last, &label).await?);
+    }
+    let ratios: Vec<f64> = runs.iter().map(Run::ratio).collect();
+    let (ratio_min, ratio_median, ratio_max) = parties::spread(&ratios);
+    let digests_equal = runs
+        .iter()
+        .all(|r| r.net.params_digest == r.local.params_digest_hex);
+    let inference = runs.iter().rev().find_map(|r| r.inference.clone());
+    // The report's figures: the run whose ratio is the median (the lower
+    // middle one for an even count).
+    let mut order: Vec<usize> = (0..runs.len()).collect();
+    order.sort_by(|&a, &b| ratios[a].total_cmp(&ratios[b]));
+    let pick = order[(runs.len() - 1) / 2];
+    let run = runs.swap_remove(pick);
 
-    progress.phase("local", examples);
+    let want = tc.arch.num_stages() + (tc.arch.num_stages() + 1) * cfg.mixes;
+    let (scaling, scaling_error) =
+        scaling_points(&cfg.scaling, progress, |n| discovery_at(n, want)).await;
+
+    let stages = tc.arch.num_stages();
+    let local_step_ms = run.local_seconds * 1000.0 / run.local.steps.max(1) as f64;
+    let projection = parties::project(
+        &run.parties,
+        run.links_per_step,
+        mixnn_crypto::cells::CELL_BYTES,
+        cfg.links,
+    );
+    let projected_ratio = projection.step_ms / local_step_ms.max(1e-9);
+    let cpu_cost_ratio = match (run.network_cpu, run.local_cpu) {
+        (Some(n), Some(l)) if l > 0.0 => Some(n / l),
+        _ => None,
+    };
+    let digest_equal = run.net.params_digest == run.local.params_digest_hex;
+    let eps = |seconds: f64| examples as f64 / seconds.max(1e-9);
+    let rows = vec![
+        Row {
+            setting: "local (one process)".into(),
+            test_accuracy: run.local.test_accuracy,
+            seconds: run.local_seconds,
+            examples_per_second: eps(run.local_seconds),
+            ratio: 1.0,
+            digest_equal: true,
+            params_digest: run.local.params_digest_hex.clone(),
+        },
+        Row {
+            setting: format!(
+                "MixNN network ({stages} layer hosts, {} mix per segment, loopback)",
+                cfg.mixes
+            ),
+            test_accuracy: run.net.test_accuracy,
+            seconds: run.net.seconds,
+            examples_per_second: eps(run.net.seconds),
+            ratio: run.ratio(),
+            digest_equal,
+            params_digest: run.net.params_digest.clone(),
+        },
+    ];
+    let (infer_network, infer_local, infer_accuracy) = match inference {
+        Some((n, l, a)) => (Some(n), Some(l), a),
+        None => (None, None, f32::NAN),
+    };
+    Ok(PaperReport {
+        arch: tc.arch.to_string(),
+        data: cfg.data_name.clone(),
+        epochs: tc.epochs,
+        batch: tc.batch,
+        mixes: cfg.mixes,
+        train_examples: train.len(),
+        test_examples: data.test.len(),
+        local_seconds: run.local_seconds,
+        network_seconds: run.net.seconds,
+        ratio: run.ratio(),
+        repeats: ratios.len(),
+        ratios: ratios.clone(),
+        ratio_min,
+        ratio_median,
+        ratio_max,
+        all_digests_equal: digests_equal,
+        local_accuracy: run.local.test_accuracy,
+        network_accuracy: run.net.test_accuracy,
+        infer_accuracy,
+        digest_equal,
+        rows,
+        breakdown: run.breakdown,
+        local_step_ms,
+        parties: run.parties,
+        projection,
+        projected_ratio,
+        cpu_cost_ratio,
+        infer_network,
+        infer_local,
+        scaling,
+        scaling_error,
+        local_losses: run.local.losses,
+        network_losses: run.net.losses,
+        paper_accuracy_difference: PAPER_ACCURACY_DIFFERENCE,
+        paper_ratio: PAPER_RATIO,
+        environment: cfg.environment.clone(),
+    })
+}
+
+/// One local training, then one through a fresh in-process network (each
+/// volunteer on threads of its own), with each party's CPU; with
+/// `inference`, batch latencies through a circuit and locally as well.
+async fn one_run(
+    cfg: &PaperConfig,
+    data: &Dataset,
+    train: &mixnn_model::Split,
+    examples: u64,
+    progress: &mut (dyn Progress + Send),
+    inference: bool,
+    label: &(dyn Fn(&str) -> String + Sync),
+) -> Result<Run, BenchError> {
+    let tc = &cfg.train;
+    progress.phase(&label("local"), examples);
+    let cpu0 = crate::cpu::process_cpu_ns();
     let t = Instant::now();
     let local = train_local(tc, data, &mut |s| progress.step(s))?;
     let local_seconds = t.elapsed().as_secs_f64();
+    let local_cpu = cpu_seconds(cpu0, crate::cpu::process_cpu_ns());
 
     let stages = tc.arch.num_stages();
     let volunteers = stages + (stages + 1) * cfg.mixes;
     progress.phase(&format!("starting {volunteers} volunteers"), 0);
-    let net = LocalNet::start(volunteers, TransportKind::Tcp).await?;
+    let net = LocalNet::start_parties(volunteers, TransportKind::Tcp).await?;
     let cancel = CancellationToken::new();
     let _stop = cancel.clone().drop_guard();
     let (client, found) = net
@@ -164,13 +347,14 @@ pub async fn run_paper(
         mixes: cfg.mixes,
         ..JobOptions::default()
     };
-    progress.phase("network", examples);
+    progress.phase(&label("network"), examples);
+    let before = Usage::read(&net);
     let net_report = train_network(
         &client,
         &found,
         TrainJob {
             cfg: tc,
-            train: &train,
+            train,
             test: &data.test,
             opts: &opts,
             map_path: &map_path,
@@ -184,17 +368,14 @@ pub async fn run_paper(
         },
     )
     .await?;
+    let after = Usage::read(&net);
+    let network_cpu = cpu_seconds(before.process, after.process);
     let hosts = |f: &dyn Fn(&crate::metrics::Metrics) -> f64| -> f64 {
         net.volunteers.iter().map(|n| f(&n.state.metrics)).sum()
     };
     let host_compute = hosts(&|m| m.host_compute_seconds.get());
     let host_crypto = hosts(&|m| m.host_crypto_seconds.get());
     let host_codec = hosts(&|m| m.host_codec_seconds.get());
-    progress.phase("inference", 0);
-    let map = ModelMap::load(&map_path).map_err(|e| BenchError::Other(e.to_string()))?;
-    let inferred = infer_network(&client, &found, &map, &data.test, &opts).await?;
-    drop(client);
-    net.shutdown().await;
 
     let steps = net_report.steps.max(1) as f64;
     let b = &net_report.breakdown;
@@ -210,61 +391,193 @@ pub async fn run_paper(
         network_ms: (total_ms - compute_ms - crypto_ms - serialization_ms).max(0.0),
         total_ms,
     };
+    let parties = party_costs(&net, &net_report, &before, &after, steps);
+    let links_per_step = net_report.rings.forward.len() + net_report.rings.backward.len() + 2;
 
-    let want = stages + (stages + 1) * cfg.mixes;
-    let (scaling, scaling_error) =
-        scaling_points(&cfg.scaling, progress, |n| discovery_at(n, want)).await;
-
-    let digest_equal = net_report.params_digest == local.params_digest_hex;
-    let eps = |seconds: f64| examples as f64 / seconds.max(1e-9);
-    let rows = vec![
-        Row {
-            setting: "local (one process)".into(),
-            test_accuracy: local.test_accuracy,
-            seconds: local_seconds,
-            examples_per_second: eps(local_seconds),
-            ratio: 1.0,
-            digest_equal: true,
-            params_digest: local.params_digest_hex.clone(),
-        },
-        Row {
-            setting: format!(
-                "MixNN network ({stages} layer hosts, {} mix per segment, loopback)",
-                cfg.mixes
-            ),
-            test_accuracy: net_report.test_accuracy,
-            seconds: net_report.seconds,
-            examples_per_second: eps(net_report.seconds),
-            ratio: net_report.seconds / local_seconds.max(1e-9),
-            digest_equal,
-            params_digest: net_report.params_digest.clone(),
-        },
-    ];
-    Ok(PaperReport {
-        arch: tc.arch.to_string(),
-        data: cfg.data_name.clone(),
-        epochs: tc.epochs,
-        batch: tc.batch,
-        mixes: cfg.mixes,
-        train_examples: train.len(),
-        test_examples: data.test.len(),
+    let inference = if inference {
+        progress.phase("inference", 0);
+        let map = ModelMap::load(&map_path).map_err(|e| BenchError::Other(e.to_string()))?;
+        Some(infer_timed(&client, &found, &map, tc, &data.test, &opts).await?)
+    } else {
+        None
+    };
+    drop(client);
+    net.shutdown().await;
+    Ok(Run {
+        local,
         local_seconds,
-        network_seconds: net_report.seconds,
-        ratio: net_report.seconds / local_seconds.max(1e-9),
-        local_accuracy: local.test_accuracy,
-        network_accuracy: net_report.test_accuracy,
-        infer_accuracy: inferred.test_accuracy,
-        digest_equal,
-        rows,
+        local_cpu,
+        net: net_report,
         breakdown,
-        scaling,
-        scaling_error,
-        local_losses: local.losses,
-        network_losses: net_report.losses,
-        paper_accuracy_difference: PAPER_ACCURACY_DIFFERENCE,
-        paper_ratio: PAPER_RATIO,
-        environment: cfg.environment.clone(),
+        network_cpu,
+        parties,
+        links_per_step,
+        inference,
     })
+}
+
+fn cpu_seconds(before: Option<u64>, after: Option<u64>) -> Option<f64> {
+    Some(after?.saturating_sub(before?) as f64 / 1e9)
+}
+
+/// The names of rayon's threads in `mixnn bench paper` (with `-N`).
+const COMPUTE_POOL: &str = "mixnn-compute";
+
+/// What the process and each volunteer had used at one moment.
+struct Usage {
+    process: Option<u64>,
+    /// rayon's threads (the slot workers' matrix products).
+    pool: Option<u64>,
+    /// Per volunteer: its threads' CPU (ns), its slot workers' CPU
+    /// (seconds), bytes it relayed or sent.
+    threads: Option<Vec<u64>>,
+    workers: Vec<f64>,
+    relayed: Vec<u64>,
+}
+
+impl Usage {
+    fn read(net: &LocalNet) -> Usage {
+        let pool = crate::cpu::threads_cpu_ns().map(|t| {
+            t.iter()
+                .filter(|(name, _)| name.starts_with(COMPUTE_POOL))
+                .map(|(_, ns)| ns)
+                .sum()
+        });
+        Usage {
+            process: crate::cpu::process_cpu_ns(),
+            pool,
+            threads: net.party_cpu_ns(),
+            workers: net
+                .volunteers
+                .iter()
+                .map(|n| n.state.metrics.host_worker_cpu_seconds.get())
+                .collect(),
+            relayed: net
+                .volunteers
+                .iter()
+                .map(|n| n.state.metrics.bytes_relayed.get())
+                .collect(),
+        }
+    }
+}
+
+/// Each party's CPU and bytes per step between `before` and `after`: the
+/// volunteers on the rings (layer hosts by stage, then mixes), then the
+/// client, which is the rest of the process. The shared matrix-product
+/// pool's CPU goes to the layer hosts in proportion to their slot workers'
+/// own CPU (only slot workers multiply matrices while the job runs).
+fn party_costs(
+    net: &LocalNet,
+    report: &crate::client::NetworkReport,
+    before: &Usage,
+    after: &Usage,
+    steps: f64,
+) -> Vec<PartyCost> {
+    let rings = &report.rings;
+    let hops: Vec<_> = rings.forward.iter().chain(&rings.backward).collect();
+    let mut parties: Vec<(Option<usize>, PartyCost)> = Vec::new();
+    let mut volunteers_ns = 0u64;
+    let pool_ns = match (before.pool, after.pool) {
+        (Some(b), Some(a)) => a.saturating_sub(b) as f64,
+        _ => 0.0,
+    };
+    let worker_total: f64 = (0..net.volunteers.len())
+        .map(|i| (after.workers[i] - before.workers[i]).max(0.0))
+        .sum();
+    for (i, node) in net.volunteers.iter().enumerate() {
+        let peer = node.network.peer_id();
+        let on_ring: Vec<_> = hops.iter().filter(|h| h.peer == peer).collect();
+        let threads = match (&before.threads, &after.threads) {
+            (Some(b), Some(a)) => a[i].saturating_sub(b[i]),
+            _ => 0,
+        };
+        let worker_s = (after.workers[i] - before.workers[i]).max(0.0);
+        let pool_share = if worker_total > 0.0 {
+            pool_ns * worker_s / worker_total
+        } else {
+            0.0
+        };
+        let ns = threads + (worker_s * 1e9 + pool_share) as u64;
+        volunteers_ns += ns;
+        if on_ring.is_empty() {
+            continue;
+        }
+        let stage = on_ring.iter().find_map(|h| h.stage);
+        let party = match stage {
+            Some(s) => format!("layer host L{} {}", s + 1, short_peer(&peer)),
+            None => format!("mix {}", short_peer(&peer)),
+        };
+        parties.push((
+            stage,
+            PartyCost {
+                party,
+                cpu_ms: ns as f64 / 1e6 / steps,
+                bytes_sent: after.relayed[i].saturating_sub(before.relayed[i]) as f64 / steps,
+                relayed_messages: if stage.is_none() {
+                    on_ring.len() as f64
+                } else {
+                    0.0
+                },
+            },
+        ));
+    }
+    parties.sort_by_key(|(stage, _)| stage.unwrap_or(usize::MAX));
+    let client_ns = match (before.process, after.process) {
+        (Some(b), Some(a)) => a.saturating_sub(b).saturating_sub(volunteers_ns),
+        _ => 0,
+    };
+    let mut out = vec![PartyCost {
+        party: "client (and the rest of the process)".into(),
+        cpu_ms: client_ns as f64 / 1e6 / steps,
+        bytes_sent: report.breakdown.bytes_sent as f64 / steps,
+        relayed_messages: 0.0,
+    }];
+    out.extend(parties.into_iter().map(|(_, p)| p));
+    out
+}
+
+/// Inference through a circuit with the model map, batch by batch at the
+/// training batch size, beside the same batches through a local model of
+/// the same architecture: latencies, throughputs, and the circuit's
+/// accuracy.
+async fn infer_timed(
+    client: &crate::client::Client,
+    found: &[crate::discovery::Volunteer],
+    map: &ModelMap,
+    tc: &TrainConfig,
+    test: &mixnn_model::Split,
+    opts: &JobOptions,
+) -> Result<(Latency, Latency, f32), BenchError> {
+    let batch = tc.batch.clamp(1, mixnn_model::EVAL_BATCH);
+    let mut inference = Inference::open(client, found, map, opts).await?;
+    let local = mixnn_model::LocalModel::new(&tc.arch, tc.seed, tc.optimizer)?;
+    let (mut net_s, mut local_s) = (Vec::new(), Vec::new());
+    let mut hits = 0.0f64;
+    let mut start = 0;
+    while start < test.len() {
+        let n = batch.min(test.len() - start);
+        let (x, labels) = test.slice(start, n);
+        let t = Instant::now();
+        let y = local.infer(&x)?;
+        local_s.push(t.elapsed().as_secs_f64());
+        std::hint::black_box(y);
+        let t = Instant::now();
+        let logits = inference.logits(client.network(), x).await?;
+        net_s.push(t.elapsed().as_secs_f64());
+        hits += f64::from(mixnn_model::accuracy(&logits, labels)) * n as f64;
+        start += n;
+    }
+    inference.close().await;
+    let acc = if test.is_empty() {
+        f32::NAN
+    } else {
+        (hits / test.len() as f64) as f32
+    };
+    Ok((
+        Latency::from_batches(&net_s, test.len()),
+        Latency::from_batches(&local_s, test.len()),
+        acc,
+    ))
 }
 
 /// Start `n` volunteers on the memory transport, let them publish, then
@@ -319,7 +632,8 @@ pub async fn discovery_at(n: usize, want: usize) -> Result<ScalingPoint, BenchEr
     .await?;
     let before = network.metrics().dht_requests.get();
     let t = Instant::now();
-    let (found, _) = discover_sample(&network, want, Duration::from_secs(10)).await;
+    // The same discovery as `mixnn train`'s.
+    let (found, _) = discover_for_route(&network, want, Duration::from_secs(10)).await;
     let discovery_ms = t.elapsed().as_secs_f64() * 1000.0;
     let dht_requests = network.metrics().dht_requests.get() - before;
     cancel.cancel();

@@ -162,6 +162,102 @@ pub fn comparison(report: &PaperReport) -> String {
     )
 }
 
+/// The runs' ratios, each party's CPU per step, the one-machine-per-party
+/// projection, the CPU cost ratio and inference latencies: what `mixnn
+/// bench paper` prints after the table, and report.md's "Deployment"
+/// section.
+pub fn deployment(report: &PaperReport) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "Network over local wall time, {} run{}: min {} / median {} / max {} (each run: {}); \
+         parameters equal to local training's in every run: {}.\n",
+        report.repeats,
+        if report.repeats == 1 { "" } else { "s" },
+        ratio(report.ratio_min),
+        ratio(report.ratio_median),
+        ratio(report.ratio_max),
+        report
+            .ratios
+            .iter()
+            .map(|r| ratio(*r))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if report.all_digests_equal {
+            "yes"
+        } else {
+            "no"
+        },
+    );
+    s.push_str("CPU per training step, by party (the run with the median ratio):\n\n");
+    s.push_str("| party | CPU ms per step | kB sent per step |\n|---|---:|---:|\n");
+    let mut total = 0.0;
+    for p in &report.parties {
+        total += p.cpu_ms;
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} |",
+            cell(&p.party),
+            fixed(p.cpu_ms, 2),
+            fixed(p.bytes_sent / 1000.0, 1)
+        );
+    }
+    let _ = writeln!(
+        s,
+        "| all parties | {} | |\n| local training (one process) | {} wall | |\n",
+        fixed(total, 2),
+        fixed(report.local_step_ms, 2)
+    );
+    let p = &report.projection;
+    let _ = writeln!(
+        s,
+        "Projection, one machine per party (not measured): {} ms per step = CPU {} + latency {} \
+         ({} links x {} ms) + transfers {} at {} Gbit/s; {} of local training's step, \
+         beside {} measured with every party on this machine's {}. Assumes each party's CPU \
+         per step as measured here, one after another (no overlap between parties), whole \
+         messages sent store-and-forward by the client and the layer hosts, cell by cell \
+         by the mixes.\n",
+        fixed(p.step_ms, 2),
+        fixed(p.cpu_ms, 2),
+        fixed(p.latency_ms, 2),
+        p.links_per_step,
+        plain(p.links.latency_ms),
+        fixed(p.transfer_ms, 2),
+        plain(p.links.bandwidth_bits / 1e9),
+        ratio(report.projected_ratio),
+        ratio(report.ratio),
+        cores(),
+    );
+    let _ = writeln!(
+        s,
+        "CPU cost: core-seconds per example through the network over local: {}.\n",
+        report.cpu_cost_ratio.map_or("n/a".to_string(), ratio)
+    );
+    match (&report.infer_network, &report.infer_local) {
+        (Some(n), Some(l)) => {
+            let _ = writeln!(
+                s,
+                "Inference, batches of {}: through a circuit median {} ms, p99 {} ms, {} examples/s; \
+                 local median {} ms, p99 {} ms, {} examples/s.",
+                report.batch.min(mixnn_model::EVAL_BATCH),
+                fixed(n.median_ms, 2),
+                fixed(n.p99_ms, 2),
+                rate(n.examples_per_second),
+                fixed(l.median_ms, 2),
+                fixed(l.p99_ms, 2),
+                rate(l.examples_per_second),
+            );
+        }
+        _ => s.push_str("Inference: not measured.\n"),
+    }
+    s
+}
+
+fn cores() -> String {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get());
+    format!("{n} core{}", if n == 1 { "" } else { "s" })
+}
+
 fn markdown(report: &PaperReport, plot_name: &str) -> String {
     let mut s = String::new();
     s.push_str("# MixNN: the paper's experiment, reproduced\n\n");
@@ -228,6 +324,10 @@ fn markdown(report: &PaperReport, plot_name: &str) -> String {
         };
         let _ = writeln!(s, "| {name} | {} | {share} |", fixed(ms, 2));
     }
+    s.push('\n');
+
+    s.push_str("## Deployment: runs, parties, projection, inference\n\n");
+    s.push_str(&deployment(report));
     s.push('\n');
 
     s.push_str("## Route discovery as the network grows\n\n");
@@ -527,6 +627,7 @@ fn ranges(a: &[(f64, f64)], b: &[(f64, f64)]) -> (Range<f64>, Range<f64>) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::parties::{Latency, Links, PartyCost, Projection};
     use super::super::{Row, ScalingPoint, StepBreakdown};
     use super::*;
 
@@ -545,6 +646,12 @@ mod tests {
             local_seconds: 12.345_678,
             network_seconds: 40.123_456,
             ratio: 40.123_456 / 12.345_678,
+            repeats: 3,
+            ratios: vec![3.1, 3.25, 3.4],
+            ratio_min: 3.1,
+            ratio_median: 3.25,
+            ratio_max: 3.4,
+            all_digests_equal: true,
             local_accuracy: 0.971_23,
             network_accuracy: 0.971_23,
             infer_accuracy: 0.971_23,
@@ -576,6 +683,43 @@ mod tests {
                 network_ms: 2.1,
                 total_ms: 4.0,
             },
+            local_step_ms: 1.3,
+            parties: vec![
+                PartyCost {
+                    party: "client".into(),
+                    cpu_ms: 0.9,
+                    bytes_sent: 220_000.0,
+                    relayed_messages: 0.0,
+                },
+                PartyCost {
+                    party: "mix …abc123".into(),
+                    cpu_ms: 0.4,
+                    bytes_sent: 440_000.0,
+                    relayed_messages: 2.0,
+                },
+            ],
+            projection: Projection {
+                links: Links::default(),
+                links_per_step: 8,
+                cpu_ms: 1.3,
+                latency_ms: 8.0,
+                transfer_ms: 2.8,
+                step_ms: 12.1,
+            },
+            projected_ratio: 12.1 / 1.3,
+            cpu_cost_ratio: Some(2.5),
+            infer_network: Some(Latency {
+                batches: 10,
+                median_ms: 3.5,
+                p99_ms: 6.0,
+                examples_per_second: 18_000.0,
+            }),
+            infer_local: Some(Latency {
+                batches: 10,
+                median_ms: 0.5,
+                p99_ms: 0.9,
+                examples_per_second: 120_000.0,
+            }),
             scaling_error: None,
             scaling: vec![
                 ScalingPoint {
@@ -648,8 +792,36 @@ mod tests {
         assert!(md.contains(&table(&report)));
         assert!(md.contains("loss.png"));
         assert!(md.contains("| compute | 1.20 | 30.0% |"));
+        assert!(md.contains(&deployment(&report)));
+        assert!(json["parties"].as_array().is_some_and(|p| p.len() == 2));
+        assert!(json["projection"]["step_ms"].is_number());
         assert!(md.contains("| crypto | 0.40 | 10.0% |"));
         assert!(md.contains("| 256 | 80.9 | 21 | 2.62 |"));
+    }
+
+    #[test]
+    fn deployment_names_every_figure() {
+        let d = deployment(&sample());
+        for want in [
+            "3 runs: min 3.10x / median 3.25x / max 3.40x (each run: 3.10x, 3.25x, 3.40x)",
+            "| mix …abc123 | 0.40 | 440.0 |",
+            "| all parties | 1.30 | |",
+            "12.10 ms per step = CPU 1.30 + latency 8.00 (8 links x 1 ms) + transfers 2.80 at 1 Gbit/s",
+            "9.31x of local training's step",
+            "network over local: 2.50x",
+            "through a circuit median 3.50 ms, p99 6.00 ms",
+            "local median 0.50 ms, p99 0.90 ms",
+        ] {
+            assert!(d.contains(want), "missing {want:?} in:\n{d}");
+        }
+        let mut none = sample();
+        none.infer_network = None;
+        none.cpu_cost_ratio = None;
+        let d = deployment(&none);
+        assert!(
+            d.contains("Inference: not measured.") && d.contains("local: n/a."),
+            "{d}"
+        );
     }
 
     #[test]

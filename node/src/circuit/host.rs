@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mixnn_model::{DecodeLimits, HostTensor, InputGrad, Slot, SlotWorker};
+use mixnn_model::{DecodeLimits, HostTensor, InputGrad, ModelError, Slot, SlotOp, SlotWorker};
 use thiserror::Error;
 use tokio::sync::oneshot;
 
@@ -43,6 +43,85 @@ pub enum HostError {
     Compute(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// A tensor's shape against `[1..=max_batch, want]`.
+fn check_rows(t: &HostTensor, want: usize, max_batch: u32) -> Result<(), HostError> {
+    if batch_rows(&t.shape, want, max_batch).is_none() {
+        return Err(HostError::BadMessage(format!(
+            "tensor of shape {:?} where 1..={max_batch} rows of {want} values were expected",
+            t.shape
+        )));
+    }
+    Ok(())
+}
+
+/// What [`Host::start`] did with a message.
+pub enum Started {
+    /// On the slot's worker; [`Queued::output`] waits for it.
+    Queued(Queued),
+    /// Not a step: run it with [`Host::process`] on a blocking thread.
+    Blocking(JobMsg),
+}
+
+/// A step on its way through the slot's worker.
+pub struct Queued {
+    rx: oneshot::Receiver<Result<HostTensor, ModelError>>,
+    then: Then,
+}
+
+enum Then {
+    Forward(u64),
+    Infer(u64),
+    Backward { step: u64, first: bool },
+}
+
+impl Queued {
+    /// The message for the next hop, once the worker has computed it.
+    pub async fn output(self) -> Result<JobMsg, HostError> {
+        let out = self
+            .rx
+            .await
+            .map_err(|_| HostError::Compute("the slot worker stopped".into()))?
+            .map_err(|e| HostError::Compute(e.to_string()))?;
+        Ok(match self.then {
+            Then::Forward(step) => JobMsg::Forward { step, tensor: out },
+            Then::Infer(step) => JobMsg::Infer { step, tensor: out },
+            Then::Backward { step, first: true } => JobMsg::Ack { step },
+            Then::Backward { step, first: false } => JobMsg::Backward { step, tensor: out },
+        })
+    }
+}
+
+/// CPU time a slot's worker threads spent, read on the worker thread each
+/// time it answers (the CPU it used since its previous answer).
+#[derive(Default)]
+pub struct WorkerCpu {
+    /// The thread's CPU clock at its last answer, nanoseconds.
+    last: std::sync::atomic::AtomicU64,
+    /// CPU time between answers, nanoseconds, summed.
+    total: std::sync::atomic::AtomicU64,
+}
+
+impl WorkerCpu {
+    /// Called on the worker thread as it answers: the nanoseconds it used
+    /// since its previous answer.
+    fn record(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        let Some(now) = crate::cpu::thread_cpu_ns() else {
+            return 0;
+        };
+        let last = self.last.swap(now, Relaxed);
+        // A new worker thread (after a restore) starts its clock again.
+        let used = if now >= last { now - last } else { now };
+        self.total.fetch_add(used, Relaxed);
+        used
+    }
+
+    /// Seconds of CPU the worker threads used for the steps so far.
+    pub fn seconds(&self) -> f64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9
+    }
 }
 
 /// A slot in memory with what the host knows about it.
@@ -91,6 +170,8 @@ pub struct SlotCell {
     /// What this copy holds in the node's memory budget, and the largest
     /// batch that covers; returned when the copy is dropped.
     memory: Mutex<(Reservation, u32)>,
+    /// CPU its worker used on steps started with [`Host::start`].
+    pub worker_cpu: Arc<WorkerCpu>,
 }
 
 impl SlotCell {
@@ -103,6 +184,7 @@ impl SlotCell {
             }),
             session,
             memory: Mutex::new((memory, batch)),
+            worker_cpu: Arc::default(),
         }
     }
 
@@ -625,6 +707,74 @@ impl Host {
         self.evict(id, slot)
     }
 
+    /// Start one message on the slot without blocking: a training step or
+    /// an inference goes to the slot's worker thread at once (with the same
+    /// checks, under the same lock, as in [`Host::process`]) and its result
+    /// comes back on a channel; every other message is handed back for
+    /// [`Host::process`] on a blocking thread (it may touch storage).
+    pub fn start(
+        &self,
+        slot_id: &SlotId,
+        shared: &SharedSlot,
+        a: &Assignment,
+        msg: JobMsg,
+    ) -> Result<Started, HostError> {
+        let body = &a.body;
+        let (op, then) = match (msg, body.direction) {
+            (JobMsg::Forward { step, tensor }, Direction::Forward) if !body.infer_only => (
+                SlotOp::Forward {
+                    step,
+                    input: tensor,
+                },
+                Then::Forward(step),
+            ),
+            (JobMsg::Infer { step, tensor }, Direction::Forward) => {
+                (SlotOp::Infer { input: tensor }, Then::Infer(step))
+            }
+            (JobMsg::Backward { step, tensor }, Direction::Backward) if !body.infer_only => (
+                SlotOp::Backward {
+                    step,
+                    grad_out: tensor,
+                    input_grad: if body.first {
+                        // The first stage answers with an ack, not a gradient.
+                        InputGrad::None
+                    } else if body.skip_zero_inputs {
+                        InputGrad::SkipZeroInputs
+                    } else {
+                        InputGrad::Full
+                    },
+                },
+                Then::Backward {
+                    step,
+                    first: body.first,
+                },
+            ),
+            (m, _) => return Ok(Started::Blocking(m)),
+        };
+        let mut s = shared.lock();
+        if shared.is_retired() {
+            return Err(HostError::Refused(
+                "a later run of the job took this slot over".into(),
+            ));
+        }
+        self.touch(slot_id, &mut s, self.lease_secs(body), unix_now())?;
+        let (tensor, want) = match &op {
+            SlotOp::Forward { input, .. } | SlotOp::Infer { input } => (input, s.slot.input_dim()),
+            SlotOp::Backward { grad_out, .. } => (grad_out, s.slot.output_dim()),
+        };
+        check_rows(tensor, want, body.max_batch)?;
+        let (tx, rx) = oneshot::channel();
+        let cpu = shared.worker_cpu.clone();
+        let cpu_metric = self.metrics.host_worker_cpu_seconds.clone();
+        s.slot
+            .submit(op, move |r| {
+                cpu_metric.inc_by(cpu.record() as f64 / 1e9);
+                let _ = tx.send(r);
+            })
+            .map_err(|e| HostError::Compute(e.to_string()))?;
+        Ok(Started::Queued(Queued { rx, then }))
+    }
+
     /// Run one message through the slot. Returns the message for the next
     /// hop. Blocking (dfdx computes on this thread).
     pub fn process(
@@ -654,15 +804,7 @@ impl Host {
         if uses {
             self.touch(slot_id, &mut s, self.lease_secs(body), unix_now())?;
         }
-        let check_rows = |t: &HostTensor, want: usize| -> Result<(), HostError> {
-            if batch_rows(&t.shape, want, body.max_batch).is_none() {
-                return Err(HostError::BadMessage(format!(
-                    "tensor of shape {:?} where 1..={} rows of {want} values were expected",
-                    t.shape, body.max_batch
-                )));
-            }
-            Ok(())
-        };
+        let check_rows = |t: &HostTensor, want: usize| check_rows(t, want, body.max_batch);
         match (msg, body.direction) {
             (JobMsg::Forward { step, tensor }, Direction::Forward) if !body.infer_only => {
                 check_rows(&tensor, s.slot.input_dim())?;

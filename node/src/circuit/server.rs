@@ -30,7 +30,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::admission::{group_of, Admit, CircuitAdmission, CircuitId, CircuitLimits};
 use super::budget::{MemoryBudget, Reservation, CIRCUIT_BASE_BYTES};
-use super::host::{check_message, Expect, Host, HostError, OwnerKeys, SharedSlot};
+use super::host::{check_message, Expect, Host, HostError, OwnerKeys, SharedSlot, Started};
 use super::payload::{
     seal_error, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg, StateOp, ERROR_KEY,
     REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
@@ -810,30 +810,34 @@ impl CircuitServer {
                     ..
                 }
             );
-            let out = {
-                let (host, a, slot) = (host.clone(), a.clone(), slot.clone());
-                let compute = self.metrics().host_compute_seconds.clone();
-                tokio::task::spawn_blocking(move || {
-                    let t = Instant::now();
-                    let out = host.process(&a.body.slot_id, &slot, &a, job, &keys);
-                    compute.inc_by(t.elapsed().as_secs_f64());
-                    out
-                })
-                .await
+            // A step goes straight to the slot's worker thread and is
+            // awaited here; anything else may touch storage and runs on a
+            // blocking thread.
+            let t = Instant::now();
+            let out = match host.start(&a.body.slot_id, slot, a, job) {
+                Ok(Started::Queued(q)) => q.output().await,
+                Ok(Started::Blocking(job)) => {
+                    let (host, a, slot) = (host.clone(), a.clone(), slot.clone());
+                    tokio::task::spawn_blocking(move || {
+                        host.process(&a.body.slot_id, &slot, &a, job, &keys)
+                    })
+                    .await
+                    .unwrap_or_else(|e| Err(HostError::Compute(e.to_string())))
+                }
+                Err(e) => Err(e),
             };
-            slot.finished(kind, matches!(out, Ok(Ok(_))));
+            self.metrics()
+                .host_compute_seconds
+                .inc_by(t.elapsed().as_secs_f64());
+            slot.finished(kind, out.is_ok());
             let out = match out {
-                Ok(Ok(m)) => m,
-                Ok(Err(e)) => {
+                Ok(m) => m,
+                Err(e) => {
                     let code = match e {
                         HostError::BadMessage(_) => ErrorCode::BadMessage,
                         _ => ErrorCode::Compute,
                     };
                     report(code, e.to_string()).await;
-                    return End::Failed(e.to_string());
-                }
-                Err(e) => {
-                    report(ErrorCode::Compute, e.to_string()).await;
                     return End::Failed(e.to_string());
                 }
             };

@@ -6,6 +6,7 @@ use clap::{Args, Subcommand};
 use indicatif::ProgressBar;
 use mixnn_model::StepInfo;
 use mixnn_node::bench::churn::{self, run_churn, ChurnConfig};
+use mixnn_node::bench::parties::Links;
 use mixnn_node::bench::{report, run_paper, PaperConfig, Progress};
 
 use super::train::progress;
@@ -79,6 +80,16 @@ struct PaperArgs {
     /// Skip the route-discovery simulation.
     #[arg(long)]
     no_scaling: bool,
+    /// Train locally and through the network this many times each; the
+    /// report gives the ratios' min / median / max.
+    #[arg(long, default_value_t = 1)]
+    repeat: usize,
+    /// Link latency the one-machine-per-party projection assumes, in ms.
+    #[arg(long, default_value_t = 1.0)]
+    latency: f64,
+    /// Link bandwidth the projection assumes, in Gbit/s.
+    #[arg(long, default_value_t = 1.0)]
+    bandwidth: f64,
     /// Where to write report.md, report.json and loss.png.
     #[arg(long, default_value = "bench-report")]
     out: PathBuf,
@@ -171,6 +182,18 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         Which::Churn(a) => return churn(a),
     };
     super::network::warn_if_no_mixes(a.model.mixes);
+    anyhow::ensure!(
+        (1..=100).contains(&a.repeat),
+        "--repeat must be between 1 and 100"
+    );
+    anyhow::ensure!(
+        a.latency.is_finite() && a.latency >= 0.0,
+        "--latency must be a number of milliseconds, 0 or more"
+    );
+    anyhow::ensure!(
+        a.bandwidth.is_finite() && a.bandwidth > 0.0,
+        "--bandwidth must be a positive number of Gbit/s"
+    );
     let train = a.model.config()?;
     let data = mixnn_node::dataset::load(&a.model.data)?;
     let environment = environment();
@@ -184,6 +207,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             a.scaling.clone()
         },
         environment,
+        repeat: a.repeat,
+        links: Links {
+            latency_ms: a.latency,
+            bandwidth_bits: a.bandwidth * 1e9,
+        },
     };
     let report = super::runtime()?.block_on(async {
         let mut bar = Bar(None);
@@ -193,6 +221,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     })?;
     let files = report::write_report(&report, &a.out)?;
     println!("{}", report::table(&report));
+    println!("{}", report::deployment(&report));
     if let Some(e) = &report.scaling_error {
         eprintln!("warning: the route-discovery simulation stopped early ({e}); the training results above are complete");
     }

@@ -13,7 +13,7 @@ use mixnn_node::client::{
     ModelMap, NetworkReport, TrainJob,
 };
 use mixnn_node::config::parse_addrs;
-use mixnn_node::discovery::{discover_at_least, join_as_client, Volunteer};
+use mixnn_node::discovery::{discover_for_route, join_as_client, Volunteer};
 use mixnn_node::network::{Network, TransportKind};
 use tokio_util::sync::CancellationToken;
 
@@ -45,7 +45,8 @@ pub fn bootstrap_addrs(values: &[String]) -> anyhow::Result<Vec<Multiaddr>> {
     Ok(parse_addrs("bootstrap address", values)?)
 }
 
-/// Join, then discover until enough volunteers answer (or 15 s pass).
+/// Join, then discover until enough volunteers answer (or 15 s pass), the
+/// way the bench's route discovery does ([`discover_for_route`]).
 pub async fn join_and_discover(
     bootstrap: Vec<Multiaddr>,
     want: usize,
@@ -54,7 +55,7 @@ pub async fn join_and_discover(
     let network = join_as_client(bootstrap, TransportKind::Tcp, vec![], cancel)
         .await
         .context("cannot join the network through the bootstrap peer")?;
-    let (found, _) = discover_at_least(&network, want, Duration::from_secs(15)).await;
+    let (found, _) = discover_for_route(&network, want, Duration::from_secs(15)).await;
     Ok((network, found))
 }
 
