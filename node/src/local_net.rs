@@ -431,6 +431,10 @@ pub fn volunteers_seen(
         .iter()
         .filter_map(|peer| {
             let s = seen.get(peer)?;
+            // A hop's two circuits may have the same neighbours (the
+            // backward ring drew the same mixes around it): each ring's
+            // place is given once.
+            let (mut fwd_left, mut bwd_left) = (fwd.clone(), bwd.clone());
             let circuits = s
                 .circuits
                 .iter()
@@ -438,9 +442,11 @@ pub fn volunteers_seen(
                     let matches = |t: &(PeerId, PeerId, PeerId, Option<usize>)| {
                         t.0 == v.me && t.1 == v.prev && t.2 == v.next
                     };
-                    let ring = if fwd.iter().any(matches) {
+                    let ring = if let Some(i) = fwd_left.iter().position(matches) {
+                        fwd_left.remove(i);
                         "forward"
-                    } else if bwd.iter().any(matches) {
+                    } else if let Some(i) = bwd_left.iter().position(matches) {
+                        bwd_left.remove(i);
                         "backward"
                     } else {
                         "other"
@@ -468,4 +474,44 @@ pub fn volunteers_seen(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The backward ring may draw, around a layer host, the mixes the
+    /// forward ring has there in the same order: the host's two circuits
+    /// then have the same neighbours, and each ring still gets one.
+    #[test]
+    fn a_hop_whose_rings_share_its_neighbours_shows_both_rings() {
+        let [client, m1, host, m2] = [(); 4].map(|_| PeerId::random());
+        let hop = |peer, stage| RouteHop { peer, stage };
+        // Forward: client -> m1 -> host -> m2 -> client; backward drew the
+        // same mixes, so the host sees m1 before it and m2 after it twice.
+        let rings = RingRoutes {
+            forward: vec![hop(m1, None), hop(host, Some(0)), hop(m2, None)],
+            backward: vec![hop(m1, None), hop(host, Some(0)), hop(m2, None)],
+        };
+        let view = |me, role| HopView {
+            me,
+            prev: m1,
+            next: m2,
+            role,
+            slot: None,
+        };
+        let seen = HashMap::from([(
+            host,
+            Seen {
+                circuits: vec![view(host, "host"), view(host, "host")],
+                cells: 4,
+                bytes: 400,
+                plaintexts: 2,
+            },
+        )]);
+        let out = volunteers_seen(&rings, client, &seen);
+        assert_eq!(out.len(), 1);
+        let rings: Vec<&str> = out[0].circuits.iter().map(|c| c.ring).collect();
+        assert_eq!(rings, vec!["forward", "backward"]);
+    }
 }
