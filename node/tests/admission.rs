@@ -276,8 +276,14 @@ fn metric(node: &mixnn_node::node::RunningNode, name: &str) -> u64 {
         .sum::<f64>() as u64
 }
 
+/// The tests of this file measure the whole process's resident memory, so
+/// under `cargo test` (one process, tests on threads) they run one at a
+/// time: each would otherwise count the others' networks.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_cannot_keep_slots_it_does_not_use() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let net = common::testnet_with(7, 2, None, |c| c.slot_idle_secs = 3).await;
     let c = candidates(&net);
     let s = stranger(&net, "203.0.113.9").await;
@@ -381,6 +387,7 @@ async fn a_stranger_cannot_keep_slots_it_does_not_use() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn setups_that_never_send_a_cell_do_not_lock_out_an_honest_client() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     // Five volunteers: every ring of a two-stage model uses every one.
     let net = common::testnet_with(5, 2, None, |c| c.first_cell_secs = 4).await;
     let c = candidates(&net);
@@ -527,6 +534,7 @@ async fn hostile_load(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_at_its_limits_leaves_honest_jobs_served_within_the_budget() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let budget: u64 = 256 << 20;
     let net = common::testnet_with(5, 2, None, |c| {
         c.max_memory_bytes = budget;
@@ -640,6 +648,7 @@ async fn a_hostile_peer_at_its_limits_leaves_honest_jobs_served_within_the_budge
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_never_makes_a_node_allocate_past_its_budget() {
+    let _one_at_a_time = ONE_AT_A_TIME.lock().await;
     let budget: u64 = 512 << 20;
     let net = common::testnet_with(3, 2, None, |c| c.max_memory_bytes = budget).await;
     let c = candidates(&net);
