@@ -112,6 +112,20 @@ impl TapedStage {
         grad_out: HostTensor,
         input_grad: InputGrad,
     ) -> Result<HostTensor, ModelError> {
+        let (grad_in, grads) = self.gradients(step, grad_out, input_grad)?;
+        self.core.apply_grads(&grads);
+        Ok(grad_in)
+    }
+
+    /// [`TapedStage::backward`] up to the optimizer step: the input
+    /// gradient to send on, and the parameter gradients that
+    /// [`StageCore::apply_grads`] applies. The step is no longer in flight.
+    fn gradients(
+        &mut self,
+        step: u64,
+        grad_out: HostTensor,
+        input_grad: InputGrad,
+    ) -> Result<(HostTensor, Gradients<f32, Cpu>), ModelError> {
         let kept = self
             .pending
             .get(&step)
@@ -128,19 +142,18 @@ impl TapedStage {
             self.core.set_skip_input_grad(true);
             let grads = backprop(out.put_tape(tape), g);
             self.core.set_skip_input_grad(false);
-            self.core.apply_grads(&grads);
-            return Ok(HostTensor::zeros(self.core.input_shape(batch)));
+            return Ok((HostTensor::zeros(self.core.input_shape(batch)), grads));
         }
         let grads = backprop(out.put_tape(tape), g);
         let mut grad_in = crate::conv::values(&grads.get(&x));
         if input_grad == InputGrad::SkipZeroInputs {
             skip_zero_inputs(&mut grad_in, &crate::conv::values(&x));
         }
-        self.core.apply_grads(&grads);
-        Ok(HostTensor {
+        let grad_in = HostTensor {
             shape: self.core.input_shape(batch),
             data: grad_in,
-        })
+        };
+        Ok((grad_in, grads))
     }
 
     fn infer(&self, input: HostTensor) -> Result<HostTensor, ModelError> {
@@ -416,20 +429,35 @@ impl SlotWorker {
     {
         let tx = self.tx.as_ref().ok_or_else(|| self.gone())?;
         let job: Job = Box::new(move |st: &mut TapedStage| {
+            let mut reply = Some(reply);
+            let mut answer = |r: Result<HostTensor, ModelError>| {
+                if let Some(reply) = reply.take() {
+                    reply(r);
+                }
+            };
             let result = catch_unwind(AssertUnwindSafe(|| match op {
-                SlotOp::Forward { step, input } => st.forward(step, input),
+                SlotOp::Forward { step, input } => answer(st.forward(step, input)),
                 SlotOp::Backward {
                     step,
                     grad_out,
                     input_grad,
-                } => st.backward(step, grad_out, input_grad),
-                SlotOp::Infer { input } => st.infer(input),
+                } => match st.gradients(step, grad_out, input_grad) {
+                    // The input gradient goes out before the optimizer
+                    // step: the same arithmetic, earlier on the wire. The
+                    // next command runs after the step, on this thread.
+                    Ok((grad_in, grads)) => {
+                        answer(Ok(grad_in));
+                        st.core.apply_grads(&grads);
+                    }
+                    Err(e) => answer(Err(e)),
+                },
+                SlotOp::Infer { input } => answer(st.infer(input)),
             }));
-            reply(result.unwrap_or_else(|payload| {
+            if let Err(payload) = result {
                 let why = format!("the slot worker panicked: {}", panic_text(&*payload));
                 let _ = st.death.set(why.clone());
-                Err(ModelError::WorkerGone(why))
-            }));
+                answer(Err(ModelError::WorkerGone(why)));
+            }
         });
         tx.try_send(Command::Run(job)).map_err(|e| match e {
             std::sync::mpsc::TrySendError::Full(_) => {
@@ -444,7 +472,9 @@ impl SlotWorker {
 pub enum SlotOp {
     /// As [`SlotWorker::forward_owned`].
     Forward { step: u64, input: HostTensor },
-    /// As [`SlotWorker::backward_owned`].
+    /// As [`SlotWorker::backward_owned`], but the reply runs as soon as
+    /// the input gradient exists, before the optimizer step (which the
+    /// next queued command waits for).
     Backward {
         step: u64,
         grad_out: HostTensor,
