@@ -123,7 +123,7 @@ impl ConvGeom {
 
     /// `[images·pos, oc]` (a product's layout) to `[images, oc, pos]`
     /// (channels first), adding the bias when there is one.
-    fn from_position_major(&self, src: &[f32], dst: &mut [f32], bias: Option<&[f32]>) {
+    fn channels_first(&self, src: &[f32], dst: &mut [f32], bias: Option<&[f32]>) {
         let (pos, oc) = (self.positions(), self.oc);
         for (s, d) in src
             .chunks_exact(pos * oc)
@@ -141,7 +141,7 @@ impl ConvGeom {
     }
 
     /// `[images, oc, pos]` to `[images·pos, oc]`.
-    fn to_position_major(&self, src: &[f32]) -> Vec<f32> {
+    fn positions_first(&self, src: &[f32]) -> Vec<f32> {
         let (pos, oc) = (self.positions(), self.oc);
         let mut out = vec![0.0f32; src.len()];
         for (s, d) in src
@@ -234,7 +234,7 @@ pub(crate) fn conv2d<T: Tape<f32, Cpu>>(
             // [images·pos, oc] = cols · weightᵀ: the long side of the
             // product is the one gemm's kernels tile best.
             let yt = values(&cols.matmul(wt.clone()));
-            g.from_position_major(&yt, yb, with_bias.then_some(&b[..]));
+            g.channels_first(&yt, yb, with_bias.then_some(&b[..]));
         });
     let out: Mat = dev.tensor_from_vec(y, (n, out_len));
     if T::OWNS_TAPE {
@@ -260,7 +260,7 @@ pub(crate) fn conv2d<T: Tape<f32, Cpu>>(
             // (when wanted) its images' input gradients.
             let one = |xb: &[f32], gyb: &[f32], gxb: Option<&mut [f32]>| {
                 let images = xb.len() / in_len;
-                let gt = g.to_position_major(gyb);
+                let gt = g.positions_first(gyb);
                 let gb = g.position_sums(&gt);
                 let gt: Mat = dev.tensor_from_vec(gt, (images * g.positions(), g.oc));
                 let cols = g.unfold_block(&dev, xb);
