@@ -195,12 +195,7 @@ impl fmt::Display for Features {
 
 /// Output side of a window of `kernel` moved `stride` at a time over
 /// `side + 2·padding` values (`None` when the window does not fit).
-pub(crate) fn window_out(
-    side: usize,
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-) -> Option<usize> {
+fn window_out(side: usize, kernel: usize, stride: usize, padding: usize) -> Option<usize> {
     let span = side.checked_add(padding.checked_mul(2)?)?;
     if stride == 0 || kernel == 0 || span < kernel {
         return None;
@@ -216,7 +211,7 @@ pub struct StageSpec {
 }
 
 /// A stage's shapes, worked out by [`StageSpec::walk`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct Walk {
     input: Features,
     output: Features,
@@ -225,6 +220,9 @@ struct Walk {
     unfolded: usize,
     /// Values per example of every layer's output, summed.
     activations: usize,
+    /// What one example looks like after each layer (`None` for a flatten
+    /// before the layer with parameters).
+    after: Vec<Option<Features>>,
 }
 
 impl StageSpec {
@@ -248,6 +246,7 @@ impl StageSpec {
         let mut flattened = false;
         let mut unfolded = 0;
         let mut activations = 0usize;
+        let mut after = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
             let Some(now) = cur else {
                 // Before the layer with parameters.
@@ -309,6 +308,7 @@ impl StageSpec {
                 if let Some(o) = cur {
                     activations += o.len();
                 }
+                after.push(cur);
                 continue;
             };
             let next = match *layer {
@@ -356,6 +356,7 @@ impl StageSpec {
             };
             activations += next.len();
             cur = Some(next);
+            after.push(cur);
         }
         match (input, cur) {
             (Some(input), Some(output)) => Ok(Walk {
@@ -363,6 +364,7 @@ impl StageSpec {
                 output,
                 unfolded,
                 activations,
+                after,
             }),
             _ => bad("no linear or convolution layer".into()),
         }
@@ -393,6 +395,13 @@ impl StageSpec {
     /// invalid stage). Memory budgets count it.
     pub fn work_per_example(&self) -> usize {
         self.walk().map_or(0, |w| w.activations + w.unfolded)
+    }
+
+    /// What one example looks like after each layer, in order: `None`
+    /// for a flatten before the layer with parameters (empty for an
+    /// invalid stage).
+    pub(crate) fn layer_outputs(&self) -> Vec<Option<Features>> {
+        self.walk().map_or_else(|_| Vec::new(), |w| w.after)
     }
 
     /// The layer with parameters.
@@ -1399,6 +1408,21 @@ mod tests {
         assert_eq!(s[0].weight_shape(), vec![6, 1, 5, 5]);
         assert_eq!(s[1].weight_shape(), vec![16, 6, 5, 5]);
         assert_eq!(s[1].fan_in(), 150);
+        let dims = |st: &StageSpec| -> Vec<Option<Vec<usize>>> {
+            st.layer_outputs()
+                .iter()
+                .map(|f| f.map(|f| f.dims()))
+                .collect()
+        };
+        assert_eq!(
+            dims(&s[0]),
+            vec![
+                Some(vec![6, 28, 28]),
+                Some(vec![6, 28, 28]),
+                Some(vec![6, 14, 14])
+            ]
+        );
+        assert_eq!(dims(&s[2]), vec![None, Some(vec![120]), Some(vec![120])]);
         let params = [156, 2416, 48120, 10164, 850];
         for (stage, want) in s.iter().zip(params) {
             assert_eq!(stage.param_count(), want);

@@ -8,7 +8,7 @@ use dfdx::prelude::*;
 
 use crate::conv::{avg_pool2d, conv2d, max_pool2d, ConvGeom, PoolGeom};
 use crate::optim::{OptimizerSpec, OptimizerState};
-use crate::spec::{window_out, Features, LayerSpec, StageSpec};
+use crate::spec::{Features, LayerSpec, StageSpec};
 use crate::tensor::HostTensor;
 use crate::ModelError;
 
@@ -338,62 +338,81 @@ pub(crate) fn backprop(out: Mat<OwnedTape<f32, Cpu>>, grad: Mat) -> Gradients<f3
     root.put_tape(tape).backward()
 }
 
-/// The stage's layers as operations, with their image shapes.
+/// The stage's layers as operations, with their image shapes as
+/// [`StageSpec`]'s shape check found them.
 fn plan(spec: &StageSpec) -> (Param, Vec<Post>) {
     let mut param = Param::Linear;
     let mut post = Vec::new();
-    // The image coming out of the layer before (a valid stage has one
-    // wherever it pools).
-    let mut image = (0, 0, 0);
-    for layer in &spec.layers {
-        match *layer {
-            LayerSpec::Linear { .. } | LayerSpec::Flatten => {}
-            LayerSpec::Conv2d {
-                in_channels,
-                out_channels,
-                kernel,
-                stride,
-                padding,
-                height,
-                width,
-                ..
-            } => {
-                let oh = window_out(height, kernel, stride, padding).unwrap_or(0);
-                let ow = window_out(width, kernel, stride, padding).unwrap_or(0);
+    let mut before = spec.input_features();
+    for (layer, after) in spec.layers.iter().zip(spec.layer_outputs()) {
+        // A flatten before the layer with parameters changes nothing.
+        let Some(after) = after else { continue };
+        match (*layer, before, after) {
+            (
+                LayerSpec::Conv2d {
+                    kernel,
+                    stride,
+                    padding,
+                    ..
+                },
+                Features::Image {
+                    channels: c,
+                    height: h,
+                    width: w,
+                },
+                Features::Image {
+                    channels: oc,
+                    height: oh,
+                    width: ow,
+                },
+            ) => {
                 param = Param::Conv(ConvGeom {
-                    c: in_channels,
-                    h: height,
-                    w: width,
-                    oc: out_channels,
+                    c,
+                    h,
+                    w,
+                    oc,
                     k: kernel,
                     s: stride,
                     p: padding,
                     oh,
                     ow,
                 });
-                image = (out_channels, oh, ow);
             }
-            LayerSpec::Relu => post.push(Post::Relu),
-            LayerSpec::Tanh => post.push(Post::Tanh),
-            LayerSpec::MaxPool2d { kernel, stride } | LayerSpec::AvgPool2d { kernel, stride } => {
-                let (c, h, w) = image;
+            (LayerSpec::Relu, ..) => post.push(Post::Relu),
+            (LayerSpec::Tanh, ..) => post.push(Post::Tanh),
+            (
+                LayerSpec::MaxPool2d { kernel, stride } | LayerSpec::AvgPool2d { kernel, stride },
+                Features::Image {
+                    channels: c,
+                    height: h,
+                    width: w,
+                },
+                Features::Image {
+                    height: oh,
+                    width: ow,
+                    ..
+                },
+            ) => {
                 let g = PoolGeom {
                     c,
                     h,
                     w,
                     k: kernel,
                     s: stride,
-                    oh: window_out(h, kernel, stride, 0).unwrap_or(0),
-                    ow: window_out(w, kernel, stride, 0).unwrap_or(0),
+                    oh,
+                    ow,
                 };
-                image = (c, g.oh, g.ow);
                 post.push(if matches!(layer, LayerSpec::MaxPool2d { .. }) {
                     Post::MaxPool(g)
                 } else {
                     Post::AvgPool(g)
                 });
             }
+            // Linear layers and flattens: a batch is always a
+            // `[batch, values]` matrix.
+            _ => {}
         }
+        before = after;
     }
     (param, post)
 }
