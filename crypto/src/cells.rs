@@ -296,7 +296,9 @@ pub fn seal_message(
     let mut cells = MessageCells::new(sealer, msg)?;
     out.reserve(cells.total() * CELL_BYTES);
     while cells.remaining() > 0 {
-        if let Err(e) = cells.append_next(out) {
+        let cell_start = out.len();
+        out.resize(cell_start + CELL_BYTES, 0);
+        if let Err(e) = cells.seal_next(&mut out[cell_start..]) {
             out.truncate(start_len);
             return Err(e);
         }
@@ -347,37 +349,6 @@ impl<'a> MessageCells<'a> {
 
     pub fn remaining(&self) -> usize {
         self.total - self.done
-    }
-
-    /// Seals the next cell onto the end of `out`: every byte of it is
-    /// written once, with no zeroing first (the cell is the one
-    /// [`MessageCells::seal_next`] would write).
-    pub fn append_next(&mut self, out: &mut Vec<u8>) -> Result<(), CellError> {
-        if self.done == self.total {
-            return Err(CellError::Length {
-                expected: 0,
-                got: CELL_BYTES,
-            });
-        }
-        let start = out.len();
-        out.reserve(CELL_BYTES);
-        // The sequence number and the tag are written by the sealer.
-        out.extend_from_slice(&[0u8; CELL_SEQ_BYTES]);
-        let mut room = CELL_PAYLOAD;
-        if self.done == 0 {
-            out.extend_from_slice(&(self.msg.len() as u64).to_le_bytes());
-            room -= LEN_PREFIX_BYTES;
-        }
-        let take = self.rest.len().min(room);
-        out.extend_from_slice(&self.rest[..take]);
-        out.resize(start + CELL_BYTES, 0);
-        self.rest = &self.rest[take..];
-        if let Err(e) = self.sealer.seal_in_place(&mut out[start..]) {
-            out.truncate(start);
-            return Err(e);
-        }
-        self.done += 1;
-        Ok(())
     }
 
     /// Seal the next cell into `cell` (CELL_BYTES long).
@@ -545,11 +516,11 @@ mod tests {
         assert_eq!(message_cells(64 * CELL_PAYLOAD), 72);
     }
 
-    /// Appending cells to a buffer writes exactly the cells that sealing
-    /// into zeroed cells writes, at every boundary of the length prefix,
-    /// the padding and the size classes.
+    /// A whole message sealed at once is exactly its cells sealed one by
+    /// one into a reused buffer, at every boundary of the length prefix,
+    /// the padding and the size classes, and nothing before it changes.
     #[test]
-    fn appended_cells_equal_cells_sealed_in_place() {
+    fn sealed_message_equals_its_cells_sealed_one_by_one() {
         let key = CellKey::from_bytes([9; 32]);
         let lens = [
             0,

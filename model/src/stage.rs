@@ -38,7 +38,8 @@ pub(crate) struct StageCore {
     spec: StageSpec,
     inputs: usize,
     outputs: usize,
-    /// What one example looks like coming out.
+    /// What one example looks like going in and coming out.
+    in_features: Features,
     out_features: Features,
     param: Param,
     post: Vec<Post>,
@@ -121,6 +122,7 @@ impl StageCore {
         Ok(StageCore {
             inputs: spec.input_dim(),
             outputs: spec.output_dim(),
+            in_features: spec.input_features(),
             out_features: spec.output_features(),
             spec,
             param,
@@ -180,7 +182,7 @@ impl StageCore {
 
     /// The shape of a batch of `rows` examples going in.
     pub(crate) fn input_shape(&self, rows: usize) -> Vec<usize> {
-        self.spec.input_features().batch_shape(rows)
+        self.in_features.batch_shape(rows)
     }
 
     /// The stage's forward pass: its linear or convolution layer, then

@@ -14,6 +14,27 @@ fn loss_of(slots: &[Slot], x: &HostTensor, labels: &[u8]) -> f64 {
     f64::from(softmax_cross_entropy(&act, labels).expect("loss").0)
 }
 
+/// `(f(v + h·e_i) - f(v - h·e_i)) / 2h`: the derivative of `f` along
+/// element `i` of `v`.
+fn central_difference(v: &[f32], i: usize, h: f32, f: impl Fn(Vec<f32>) -> f64) -> f64 {
+    let (mut plus, mut minus) = (v.to_vec(), v.to_vec());
+    plus[i] += h;
+    minus[i] -= h;
+    (f(plus) - f(minus)) / (2.0 * f64::from(h))
+}
+
+/// The loss of `slots` as a function of the input's values.
+fn loss_at<'a>(
+    slots: &'a [Slot],
+    x: &'a HostTensor,
+    labels: &'a [u8],
+) -> impl Fn(Vec<f32>) -> f64 + 'a {
+    move |data| {
+        let x = HostTensor::new(x.shape.clone(), data).expect("x");
+        loss_of(slots, &x, labels)
+    }
+}
+
 #[test]
 fn input_gradient_matches_finite_differences() {
     let arch = Arch::parse("mlp:6-5-4-3").expect("arch");
@@ -40,11 +61,7 @@ fn input_gradient_matches_finite_differences() {
 
     let h = 1e-3f32;
     for i in 0..x.data.len() {
-        let (mut plus, mut minus) = (x.clone(), x.clone());
-        plus.data[i] += h;
-        minus.data[i] -= h;
-        let numeric = (loss_of(&reference, &plus, &labels) - loss_of(&reference, &minus, &labels))
-            / (2.0 * f64::from(h));
+        let numeric = central_difference(&x.data, i, h, loss_at(&reference, &x, &labels));
         let analytic = f64::from(grad.data[i]);
         assert!(
             (numeric - analytic).abs() < 2e-3,
@@ -103,11 +120,7 @@ fn convolution_gradients_match_finite_differences() {
         );
     };
     for i in 0..x.data.len() {
-        let (mut plus, mut minus) = (x.clone(), x.clone());
-        plus.data[i] += h;
-        minus.data[i] -= h;
-        let numeric = (loss_of(&reference, &plus, &labels) - loss_of(&reference, &minus, &labels))
-            / (2.0 * f64::from(h));
+        let numeric = central_difference(&x.data, i, h, loss_at(&reference, &x, &labels));
         close(numeric, f64::from(grad.data[i]), format!("x[{i}]"));
     }
 
@@ -128,10 +141,7 @@ fn convolution_gradients_match_finite_differences() {
             loss_of(&s, &x, &labels)
         };
         for i in 0..w0.len() {
-            let (mut plus, mut minus) = (w0.clone(), w0.clone());
-            plus[i] += h;
-            minus[i] -= h;
-            let numeric = (with(plus, b0.clone()) - with(minus, b0.clone())) / (2.0 * f64::from(h));
+            let numeric = central_difference(&w0, i, h, |w| with(w, b0.clone()));
             close(
                 numeric,
                 f64::from(w0[i] - w1[i]),
@@ -139,10 +149,7 @@ fn convolution_gradients_match_finite_differences() {
             );
         }
         for i in 0..b0.len() {
-            let (mut plus, mut minus) = (b0.clone(), b0.clone());
-            plus[i] += h;
-            minus[i] -= h;
-            let numeric = (with(w0.clone(), plus) - with(w0.clone(), minus)) / (2.0 * f64::from(h));
+            let numeric = central_difference(&b0, i, h, |b| with(w0.clone(), b));
             close(
                 numeric,
                 f64::from(b0[i] - b1[i]),
