@@ -9,8 +9,10 @@
 //! one core; the portable one is used only if aws-lc refuses a key, which it
 //! does not do for a 32-byte key.
 //!
-//! Seal and open work in place on a caller's buffer with a detached tag and
-//! allocate nothing.
+//! Seal and open work in place on a caller's buffer, or from one buffer into
+//! another (`seal_to`, `open_to`: the cipher reads the source and writes the
+//! destination in the same pass, so a message needs no copy on its way into
+//! or out of a cell), always with a detached tag, and allocate nothing.
 
 use aws_lc_rs::aead::{Aad, LessSafeKey, Nonce as LcNonce, UnboundKey, CHACHA20_POLY1305};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
@@ -98,6 +100,71 @@ impl CellAead {
             }
         }
         Some(out)
+    }
+
+    /// Encrypts `plain` into `out` (exactly as long) under `nonce` and
+    /// `aad` and returns the tag; `plain` is not changed. `None` if the
+    /// lengths differ or beyond the cipher's limit.
+    pub fn seal_to(
+        &self,
+        nonce: &[u8; NONCE_BYTES],
+        aad: &[u8],
+        plain: &[u8],
+        out: &mut [u8],
+    ) -> Option<[u8; TAG_BYTES]> {
+        if plain.len() != out.len() {
+            return None;
+        }
+        match &self.engine {
+            Engine::Assembly(k) => {
+                let mut tag = [0u8; TAG_BYTES];
+                k.seal_out_of_place_scatter(
+                    LcNonce::assume_unique_for_key(*nonce),
+                    Aad::from(aad),
+                    plain,
+                    out,
+                    &[],
+                    &mut tag,
+                )
+                .ok()?;
+                Some(tag)
+            }
+            Engine::Portable(_) => {
+                out.copy_from_slice(plain);
+                self.seal_in_place(nonce, aad, out)
+            }
+        }
+    }
+
+    /// Authenticates `ciphertext` and decrypts it into `out` (exactly as
+    /// long); `ciphertext` is not changed. On failure (a wrong tag or
+    /// different lengths) returns false, and `out` holds unspecified bytes.
+    pub fn open_to(
+        &self,
+        nonce: &[u8; NONCE_BYTES],
+        aad: &[u8],
+        ciphertext: &[u8],
+        tag: &[u8; TAG_BYTES],
+        out: &mut [u8],
+    ) -> bool {
+        if ciphertext.len() != out.len() {
+            return false;
+        }
+        match &self.engine {
+            Engine::Assembly(k) => k
+                .open_separate_gather(
+                    LcNonce::assume_unique_for_key(*nonce),
+                    Aad::from(aad),
+                    ciphertext,
+                    tag,
+                    out,
+                )
+                .is_ok(),
+            Engine::Portable(_) => {
+                out.copy_from_slice(ciphertext);
+                self.open_in_place(nonce, aad, out, tag)
+            }
+        }
     }
 
     /// Authenticates and decrypts `data` in place. On failure returns

@@ -29,10 +29,13 @@
 //! checks that all padding is zero and returns the message once the whole
 //! bucket has arrived.
 //!
-//! Hot path: sealing copies each message byte once into the output and
-//! encrypts in place; opening decrypts in place and copies each byte once into
-//! the message buffer, which can be handed back with
-//! [`MessageReader::recycle`].
+//! Hot path: a cell whose payload is all message bytes is sealed straight
+//! from the message and opened straight into the message buffer (the cipher
+//! reads one buffer and writes the other, [`CellSealer::seal_from`] and
+//! [`CellOpener::open_to`]); only the first cell (the length prefix) and the
+//! last ones (the padding) go through a copy. The message buffer can be
+//! handed back with [`MessageReader::recycle`], and the next message of at
+//! most its length reuses it without a fill.
 
 use hkdf::Hkdf;
 use rand::rngs::OsRng;
@@ -166,16 +169,21 @@ impl CellSealer {
         self.next_seq
     }
 
+    /// The sequence number for the next cell, refusing the last one.
+    fn take_seq(&self) -> Result<u64, CellError> {
+        // u64::MAX is never used, so `seq + 1` cannot overflow.
+        match self.next_seq {
+            u64::MAX => Err(CellError::SequenceExhausted),
+            seq => Ok(seq),
+        }
+    }
+
     /// Seals a cell whose plaintext the caller already wrote at
     /// `cell[8..8 + CELL_PAYLOAD]`; fills in the sequence number and tag.
     /// `cell` must be exactly [`CELL_BYTES`]. Returns the sequence number used.
     pub fn seal_in_place(&mut self, cell: &mut [u8]) -> Result<u64, CellError> {
         check_cell_len(cell.len())?;
-        let seq = self.next_seq;
-        // u64::MAX is never used, so `seq + 1` cannot overflow.
-        if seq == u64::MAX {
-            return Err(CellError::SequenceExhausted);
-        }
+        let seq = self.take_seq()?;
         let (head, rest) = cell.split_at_mut(CELL_SEQ_BYTES);
         let (body, tag_out) = rest.split_at_mut(CELL_PAYLOAD);
         let tag = self
@@ -185,8 +193,42 @@ impl CellSealer {
                 expected: CELL_PAYLOAD,
                 got: body.len(),
             })?;
+        self.finish(seq, head, tag_out, &tag)
+    }
+
+    /// Seals `plaintext` (exactly [`CELL_PAYLOAD`] bytes) straight into
+    /// `cell` (exactly [`CELL_BYTES`]): the cipher reads the plaintext where
+    /// it lies, so it is never copied. Returns the sequence number used.
+    pub fn seal_from(&mut self, plaintext: &[u8], cell: &mut [u8]) -> Result<u64, CellError> {
+        check_cell_len(cell.len())?;
+        if plaintext.len() != CELL_PAYLOAD {
+            return Err(CellError::Length {
+                expected: CELL_PAYLOAD,
+                got: plaintext.len(),
+            });
+        }
+        let seq = self.take_seq()?;
+        let (head, rest) = cell.split_at_mut(CELL_SEQ_BYTES);
+        let (body, tag_out) = rest.split_at_mut(CELL_PAYLOAD);
+        let tag = self
+            .cipher
+            .seal_to(&nonce(seq), &[], plaintext, body)
+            .ok_or(CellError::Length {
+                expected: CELL_PAYLOAD,
+                got: body.len(),
+            })?;
+        self.finish(seq, head, tag_out, &tag)
+    }
+
+    fn finish(
+        &mut self,
+        seq: u64,
+        head: &mut [u8],
+        tag_out: &mut [u8],
+        tag: &[u8; TAG_BYTES],
+    ) -> Result<u64, CellError> {
         head.copy_from_slice(&seq.to_le_bytes());
-        tag_out.copy_from_slice(&tag);
+        tag_out.copy_from_slice(tag);
         self.next_seq = seq + 1;
         Ok(seq)
     }
@@ -197,9 +239,7 @@ impl CellSealer {
         plaintext: &[u8; CELL_PAYLOAD],
         out: &mut [u8],
     ) -> Result<u64, CellError> {
-        check_cell_len(out.len())?;
-        out[PAYLOAD_RANGE].copy_from_slice(plaintext);
-        self.seal_in_place(out)
+        self.seal_from(plaintext, out)
     }
 }
 
@@ -233,10 +273,46 @@ impl CellOpener {
     /// is out of order for good: the expected cell is then refused as
     /// [`CellError::Reordered`]; the circuit should be torn down.
     pub fn open_in_place<'a>(&mut self, cell: &'a mut [u8]) -> Result<&'a [u8], CellError> {
+        let seq = self.check_seq(cell)?;
+        let (body, tag_in) = cell[CELL_SEQ_BYTES..].split_at_mut(CELL_PAYLOAD);
+        let mut tag = [0u8; TAG_BYTES];
+        tag.copy_from_slice(tag_in);
+        if !self.cipher.open_in_place(&nonce(seq), &[], body, &tag) {
+            return Err(CellError::Auth);
+        }
+        self.next_seq = seq + 1;
+        Ok(body)
+    }
+
+    /// Authenticates `cell` (exactly [`CELL_BYTES`]) and decrypts its
+    /// plaintext straight into `out` (exactly [`CELL_PAYLOAD`] bytes),
+    /// leaving `cell` as it was. The same checks as
+    /// [`CellOpener::open_in_place`]; on an error `out` holds unspecified
+    /// bytes.
+    pub fn open_to(&mut self, cell: &[u8], out: &mut [u8]) -> Result<(), CellError> {
+        if out.len() != CELL_PAYLOAD {
+            return Err(CellError::Length {
+                expected: CELL_PAYLOAD,
+                got: out.len(),
+            });
+        }
+        let seq = self.check_seq(cell)?;
+        let (body, tag_in) = cell[CELL_SEQ_BYTES..].split_at(CELL_PAYLOAD);
+        let mut tag = [0u8; TAG_BYTES];
+        tag.copy_from_slice(tag_in);
+        if !self.cipher.open_to(&nonce(seq), &[], body, &tag, out) {
+            return Err(CellError::Auth);
+        }
+        self.next_seq = seq + 1;
+        Ok(())
+    }
+
+    /// The cell's length and sequence number against what this opener
+    /// accepts next; returns the number.
+    fn check_seq(&mut self, cell: &[u8]) -> Result<u64, CellError> {
         check_cell_len(cell.len())?;
-        let (head, rest) = cell.split_at_mut(CELL_SEQ_BYTES);
-        let mut seq_bytes = [0u8; 8];
-        seq_bytes.copy_from_slice(head);
+        let mut seq_bytes = [0u8; CELL_SEQ_BYTES];
+        seq_bytes.copy_from_slice(&cell[..CELL_SEQ_BYTES]);
         let seq = u64::from_le_bytes(seq_bytes);
         let expected = self.next_seq;
         if seq < expected {
@@ -252,14 +328,7 @@ impl CellOpener {
         if seq == u64::MAX {
             return Err(CellError::SequenceExhausted);
         }
-        let (body, tag_in) = rest.split_at_mut(CELL_PAYLOAD);
-        let mut tag = [0u8; TAG_BYTES];
-        tag.copy_from_slice(tag_in);
-        if !self.cipher.open_in_place(&nonce(seq), &[], body, &tag) {
-            return Err(CellError::Auth);
-        }
-        self.next_seq = seq + 1;
-        Ok(body)
+        Ok(seq)
     }
 }
 
@@ -360,6 +429,14 @@ impl<'a> MessageCells<'a> {
                 got: cell.len(),
             });
         }
+        if self.done > 0 && self.rest.len() >= CELL_PAYLOAD {
+            // A whole cell of message bytes: sealed where they lie.
+            let (take, rest) = self.rest.split_at(CELL_PAYLOAD);
+            self.sealer.seal_from(take, cell)?;
+            self.rest = rest;
+            self.done += 1;
+            return Ok(());
+        }
         let body = &mut cell[PAYLOAD_RANGE];
         let mut at = 0;
         if self.done == 0 {
@@ -380,6 +457,9 @@ struct Partial {
     len: usize,
     cells_total: usize,
     cells_done: usize,
+    /// Message bytes written so far, at the front of `buf`.
+    filled: usize,
+    /// `len` bytes long from the start; filled from the front.
     buf: Vec<u8>,
 }
 
@@ -442,6 +522,14 @@ impl MessageReader {
         opener: &mut CellOpener,
         cell: &mut [u8],
     ) -> Result<Option<Vec<u8>>, CellError> {
+        if let Some(p) = self.partial.as_mut() {
+            if p.len - p.filled >= CELL_PAYLOAD {
+                // A whole cell of message bytes: decrypted where they go.
+                opener.open_to(cell, &mut p.buf[p.filled..p.filled + CELL_PAYLOAD])?;
+                p.filled += CELL_PAYLOAD;
+                return Ok(self.cell_done());
+            }
+        }
         let plain = opener.open_in_place(cell)?;
         let (partial, data) = match self.partial.as_mut() {
             Some(p) => (p, plain),
@@ -458,28 +546,43 @@ impl MessageReader {
                         })
                     }
                 };
+                // The spare keeps its length: a message no longer than the
+                // last one costs neither an allocation nor a fill.
                 let mut buf = std::mem::take(&mut self.spare);
-                buf.clear();
-                buf.reserve_exact(len);
+                if buf.len() >= len {
+                    buf.truncate(len);
+                } else {
+                    buf.reserve_exact(len - buf.len());
+                    buf.resize(len, 0);
+                }
                 let p = self.partial.insert(Partial {
                     len,
                     cells_total: message_cells(len),
                     cells_done: 0,
+                    filled: 0,
                     buf,
                 });
                 (p, &plain[LEN_PREFIX_BYTES..])
             }
         };
-        let take = (partial.len - partial.buf.len()).min(data.len());
-        partial.buf.extend_from_slice(&data[..take]);
+        let take = (partial.len - partial.filled).min(data.len());
+        partial.buf[partial.filled..partial.filled + take].copy_from_slice(&data[..take]);
+        partial.filled += take;
         if !is_zero(&data[take..]) {
             return Err(CellError::BadPadding);
         }
-        partial.cells_done += 1;
-        if partial.cells_done < partial.cells_total {
-            return Ok(None);
+        Ok(self.cell_done())
+    }
+
+    /// Counts a cell of the current message; returns the message once its
+    /// last cell is in.
+    fn cell_done(&mut self) -> Option<Vec<u8>> {
+        let p = self.partial.as_mut()?;
+        p.cells_done += 1;
+        if p.cells_done < p.cells_total {
+            return None;
         }
-        Ok(self.partial.take().map(|p| p.buf))
+        self.partial.take().map(|p| p.buf)
     }
 }
 

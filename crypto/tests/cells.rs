@@ -68,6 +68,11 @@ fn messages_follow_each_other_and_buffers_are_reused() {
         Vec::new(),
         bytes(7, 2),
         bytes(3 * CELL_PAYLOAD, 3),
+        // Shorter than the buffer handed back: no stale byte may show.
+        bytes(2 * CELL_PAYLOAD - 8, 4),
+        bytes(2 * CELL_PAYLOAD + 5, 5),
+        bytes(10, 6),
+        bytes(5 * CELL_PAYLOAD, 7),
     ];
     for m in &msgs {
         seal_message(&mut s, m, &mut wire).expect("seal");
@@ -423,6 +428,31 @@ mod backend_matches_the_rustcrypto_crate {
             .decrypt_in_place_detached(&nonce.into(), aad, &mut back, &want_tag)
             .expect("reference open");
         assert_eq!(back, plain);
+
+        // From one buffer into another, on both backends: the same bytes,
+        // and the source untouched.
+        for aead in [CellAead::new(&key), CellAead::portable(&key)] {
+            let mut out = vec![0xA5u8; plain.len()];
+            let tag = aead.seal_to(&nonce, aad, plain, &mut out).expect("seal_to");
+            assert_eq!(
+                out,
+                want,
+                "seal_to ciphertext, {} bytes, {aead:?}",
+                plain.len()
+            );
+            assert_eq!(&tag[..], want_tag.as_slice(), "seal_to tag, {aead:?}");
+            let mut opened = vec![0x5Au8; plain.len()];
+            assert!(aead.open_to(&nonce, aad, &want, &tag, &mut opened));
+            assert_eq!(opened, plain, "open_to, {aead:?}");
+            if !plain.is_empty() {
+                let mut bad = want.clone();
+                bad[plain.len() / 2] ^= 1;
+                assert!(!aead.open_to(&nonce, aad, &bad, &tag, &mut opened));
+                let mut short = vec![0u8; plain.len() - 1];
+                assert!(!aead.open_to(&nonce, aad, &want, &tag, &mut short));
+                assert!(aead.seal_to(&nonce, aad, plain, &mut short).is_none());
+            }
+        }
     }
 
     #[test]

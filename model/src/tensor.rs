@@ -158,25 +158,22 @@ impl HostTensor {
         let start = out.len();
         if sparse {
             let bitmap_len = n.div_ceil(8);
-            // Eight spare places: a group of eight writes all its elements.
-            out.resize(start + bitmap_len + 4 * stored + 32, 0);
+            // Four spare bytes: every element is written at the next place
+            // and the place moves on only past a stored one (no branch).
+            out.resize(start + bitmap_len + 4 * stored + 4, 0);
             let (bitmap, values) = out[start..].split_at_mut(bitmap_len);
             let mut v = 0usize;
             for (chunk, byte) in self.data.chunks(8).zip(bitmap.iter_mut()) {
                 let mut bits = 0u8;
                 for (j, x) in chunk.iter().enumerate() {
-                    bits |= u8::from(x.to_bits() != 0) << j;
+                    let raw = x.to_bits();
+                    let keep = raw != 0;
+                    if let Some(place) = values.get_mut(v..v + 4) {
+                        place.copy_from_slice(&raw.to_le_bytes());
+                    }
+                    v += 4 * usize::from(keep);
+                    bits |= u8::from(keep) << j;
                 }
-                // Branch-free compaction: element j goes to the place after
-                // the stored ones before it; a zero's place is taken again
-                // by the next stored element (or lies past the end).
-                let window = &mut values[4 * v..4 * v + 32];
-                let before = &STORED_BEFORE[usize::from(bits)];
-                for (x, &k) in chunk.iter().zip(before) {
-                    let k = 4 * usize::from(k & 7);
-                    window[k..k + 4].copy_from_slice(&x.to_bits().to_le_bytes());
-                }
-                v += bits.count_ones() as usize;
                 *byte = bits;
             }
             out.truncate(start + bitmap_len + 4 * stored);
@@ -286,23 +283,6 @@ impl HostTensor {
     }
 }
 
-/// For each bitmap byte, how many of its set bits lie below each bit.
-const STORED_BEFORE: [[u8; 8]; 256] = {
-    let mut t = [[0u8; 8]; 256];
-    let mut byte = 0;
-    while byte < 256 {
-        let mut j = 0;
-        let mut count = 0u8;
-        while j < 8 {
-            t[byte][j] = count;
-            count += ((byte >> j) & 1) as u8;
-            j += 1;
-        }
-        byte += 1;
-    }
-    t
-};
-
 /// Elements the sparse form would store: all but those that are `+0.0`.
 fn count_stored(data: &[f32]) -> usize {
     data.iter().filter(|x| x.to_bits() != 0).count()
@@ -350,41 +330,36 @@ fn decode_sparse(shape: &[usize], n: usize, payload: &[u8]) -> Result<Vec<f32>, 
         });
     }
     let mut data = vec![0f32; n];
-    // Branch-free, like the encoder: element j of a group of eight reads
-    // the stored value after the stored ones before it and keeps it if its
-    // bit is set. Groups with fewer than eight values left to read go
-    // element by element.
-    let mut v = 0usize;
+    // Only stored elements are touched: a group of eight with no bit set
+    // stays zero, a full group is copied whole, and the rest take their set
+    // bits lowest first. `values` holds exactly one entry per set bit
+    // (checked above), and the last group has no bit past `n`.
+    let mut values = values.chunks_exact(4);
     let mut stored_zero = false;
+    let mut next = || -> u32 {
+        values
+            .next()
+            .map_or(0, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+    };
     for (chunk, &byte) in data.chunks_mut(8).zip(bitmap) {
-        let before = &STORED_BEFORE[usize::from(byte)];
-        if let Some(window) = values.get(4 * v..4 * v + 32) {
-            for (j, (d, &k)) in chunk.iter_mut().zip(before).enumerate() {
-                let k = 4 * usize::from(k & 7);
-                let raw =
-                    u32::from_le_bytes([window[k], window[k + 1], window[k + 2], window[k + 3]]);
-                let bit = u32::from(byte >> j) & 1;
-                stored_zero |= (bit == 1) & (raw == 0);
-                *d = f32::from_bits(raw & 0u32.wrapping_sub(bit));
+        if byte == 0xFF && chunk.len() == 8 {
+            for d in chunk {
+                let raw = next();
+                stored_zero |= raw == 0;
+                *d = f32::from_bits(raw);
             }
-        } else {
-            for (j, (d, &k)) in chunk.iter_mut().zip(before).enumerate() {
-                if (byte >> j) & 1 == 1 {
-                    let at = 4 * (v + usize::from(k));
-                    let raw = values
-                        .get(at..at + 4)
-                        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .ok_or_else(|| CodecError::LengthMismatch {
-                            shape: shape.to_vec(),
-                            expected: bitmap_len + 4 * stored,
-                            have: payload.len(),
-                        })?;
-                    stored_zero |= raw == 0;
-                    *d = f32::from_bits(raw);
-                }
-            }
+            continue;
         }
-        v += byte.count_ones() as usize;
+        let mut bits = byte;
+        while bits != 0 {
+            let j = bits.trailing_zeros() as usize;
+            let raw = next();
+            stored_zero |= raw == 0;
+            if let Some(d) = chunk.get_mut(j) {
+                *d = f32::from_bits(raw);
+            }
+            bits &= bits - 1;
+        }
     }
     if stored_zero {
         return Err(CodecError::StoredZero);
