@@ -18,8 +18,9 @@ pub fn to_hex(digest: &[u8; 32]) -> String {
     hex::encode(digest)
 }
 
-/// Feeds `xs` to `h` as little-endian bytes, in chunks.
-pub(crate) fn hash_f32s(h: &mut blake3::Hasher, xs: &[f32]) {
+/// Feeds `xs` to `h` as little-endian bytes, in chunks (the same hash as
+/// one `update` per element, at blake3's bulk speed).
+pub fn hash_f32s(h: &mut blake3::Hasher, xs: &[f32]) {
     let mut buf = [0u8; 4096];
     for chunk in xs.chunks(buf.len() / 4) {
         for (dst, x) in buf.chunks_exact_mut(4).zip(chunk) {

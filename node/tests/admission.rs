@@ -400,6 +400,9 @@ async fn setups_that_never_send_a_cell_do_not_lock_out_an_honest_client() {
     for i in 0..5 {
         ids.push(stranger(&net, &format!("203.0.113.{}", 10 + i)).await);
     }
+    // Every setup below is admitted after this; while less than the
+    // first-cell time (4 s) has passed, none of them is overdue.
+    let first_setup = Instant::now();
     let opened = futures::future::join_all(ids.iter().flat_map(|s| {
         let v = c[0].clone();
         (0..64).map(move |_| {
@@ -443,8 +446,13 @@ async fn setups_that_never_send_a_cell_do_not_lock_out_an_honest_client() {
         // victim admitted, which the victim's count below still holds.
         if i < 3 {
             assert!((12..=16).contains(&ok), "group {i}: {ok} setups");
-        } else {
+        } else if first_setup.elapsed() < Duration::from_secs(4) {
             assert_eq!(ok, 0, "group {i}");
+        } else {
+            // A machine this slow let the first setups become overdue, and
+            // an overdue setup rightly gives way; the preemption is checked
+            // below either way.
+            println!("circuit starvation: the setups aged past 4 s before the fifth group ({ok} admitted)");
         }
         ids.push(s);
         extra.extend(more.into_iter().filter_map(Result::ok));

@@ -208,9 +208,7 @@ impl DataFingerprint {
         let mut h = blake3::Hasher::new();
         h.update(&(split.features as u64).to_le_bytes());
         h.update(&split.labels);
-        for x in &split.images {
-            h.update(&x.to_le_bytes());
-        }
+        mixnn_model::digest::hash_f32s(&mut h, &split.images);
         Self {
             examples: split.len(),
             features: split.features,
@@ -301,6 +299,25 @@ mod tests {
             data: DataFingerprint::of(&split),
             checkpoint_step: 0,
         }
+    }
+
+    /// The fingerprint stays what model maps already hold: blake3 over the
+    /// feature count, the labels, then every pixel as little-endian f32.
+    #[test]
+    fn a_fingerprint_is_blake3_over_the_split_bytes() {
+        let split = Split {
+            features: 3,
+            images: (0..3000).map(|i| i as f32 * 0.25 - 7.0).collect(),
+            labels: (0..1000).map(|i| (i % 10) as u8).collect(),
+        };
+        let mut bytes = 3u64.to_le_bytes().to_vec();
+        bytes.extend_from_slice(&split.labels);
+        for x in &split.images {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        let fp = DataFingerprint::of(&split);
+        assert_eq!(fp.digest, blake3::hash(&bytes).to_hex().to_string());
+        assert_eq!((fp.examples, fp.features), (1000, 3));
     }
 
     #[test]
