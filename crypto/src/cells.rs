@@ -193,7 +193,7 @@ impl CellSealer {
                 expected: CELL_PAYLOAD,
                 got: body.len(),
             })?;
-        self.finish(seq, head, tag_out, &tag)
+        Ok(self.finish(seq, head, tag_out, &tag))
     }
 
     /// Seals `plaintext` (exactly [`CELL_PAYLOAD`] bytes) straight into
@@ -217,20 +217,22 @@ impl CellSealer {
                 expected: CELL_PAYLOAD,
                 got: body.len(),
             })?;
-        self.finish(seq, head, tag_out, &tag)
+        Ok(self.finish(seq, head, tag_out, &tag))
     }
 
+    /// Writes the sequence number and tag around a sealed payload and
+    /// moves to the next number.
     fn finish(
         &mut self,
         seq: u64,
         head: &mut [u8],
         tag_out: &mut [u8],
         tag: &[u8; TAG_BYTES],
-    ) -> Result<u64, CellError> {
+    ) -> u64 {
         head.copy_from_slice(&seq.to_le_bytes());
         tag_out.copy_from_slice(tag);
         self.next_seq = seq + 1;
-        Ok(seq)
+        seq
     }
 
     /// Seals `plaintext` into `out` (exactly [`CELL_BYTES`]).
