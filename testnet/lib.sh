@@ -130,7 +130,9 @@ build_image() {
     else
         t0=$(date +%s)
         log "building static binaries (cargo --release --target $triple, crt-static) into $MIXNN_BUILD_DIR"
+        # OPENSSL_STATIC: the cell AEAD's libcrypto goes into the binary too.
         (cd "$REPO_DIR" && RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" CARGO_TARGET_DIR="$MIXNN_BUILD_DIR" \
+            OPENSSL_STATIC=1 \
             cargo build --release --target "$triple" -p mixnn-node -p mixnn-bootstrap) \
             || die "cargo build failed"
         t1=$(date +%s)

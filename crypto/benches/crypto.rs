@@ -20,7 +20,7 @@ use std::time::Duration;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Tag};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use mixnn_crypto::aead::CellAead;
+use mixnn_crypto::aead::{Backend, CellAead};
 use mixnn_crypto::cells::{
     seal_message, CellKey, CellOpener, CellSealer, MessageCells, MessageReader, CELL_BYTES,
     CELL_PAYLOAD,
@@ -28,6 +28,7 @@ use mixnn_crypto::cells::{
 use mixnn_crypto::onion::{build_setup, peel_setup, HopSpec, HOP_PAYLOAD_BYTES};
 use mixnn_crypto::replay::ReplayCache;
 use mixnn_crypto::OnionKeyPair;
+use std::cell::RefCell;
 use x25519_dalek::{PublicKey, StaticSecret};
 
 /// Accepts every tag, so one packet can be peeled over and over.
@@ -247,18 +248,20 @@ fn cells(c: &mut Criterion) {
         },
     );
 
-    // aws-lc, the backend cells use.
-    let chosen = CellAead::new(&[3u8; 32]);
-    raw(
-        &mut g,
-        "aws_lc",
-        &|chunk, i| {
-            chosen
-                .seal_in_place(&nonce(i), &[], chunk)
-                .unwrap_or_default()
-        },
-        &|chunk, i, tag| chosen.open_in_place(&nonce(i), &[], chunk, tag),
-    );
+    // OpenSSL, the backend cells use, and aws-lc, its fallback.
+    for (name, backend) in [("openssl", Backend::OpenSsl), ("aws_lc", Backend::Assembly)] {
+        let aead = RefCell::new(CellAead::with_backend(&[3u8; 32], backend));
+        raw(
+            &mut g,
+            name,
+            &|chunk, i| {
+                aead.borrow_mut()
+                    .seal_in_place(&nonce(i), &[], chunk)
+                    .unwrap_or_default()
+            },
+            &|chunk, i, tag| aead.borrow_mut().open_in_place(&nonce(i), &[], chunk, tag),
+        );
+    }
     g.finish();
 }
 

@@ -388,10 +388,11 @@ proptest! {
     }
 }
 
-/// The assembly backend against the `chacha20poly1305` crate, byte for byte:
-/// the same ciphertext and tag for random keys, nonces, associated data and
+/// Every backend against the `chacha20poly1305` crate, byte for byte: the
+/// same ciphertext and tag for random keys, nonces, associated data and
 /// lengths (every length up to a few blocks, then around block and cell
-/// boundaries), and each opens what the other sealed.
+/// boundaries), and each opens what the other sealed. One key object seals
+/// and opens in turn, as a circuit's keys do.
 mod backend_matches_the_rustcrypto_crate {
     use chacha20poly1305::aead::{AeadInPlace, KeyInit};
     use chacha20poly1305::ChaCha20Poly1305;
@@ -400,58 +401,74 @@ mod backend_matches_the_rustcrypto_crate {
     use rand::rngs::StdRng;
     use rand::{Rng, RngCore, SeedableRng};
 
-    fn check(key: [u8; 32], nonce: [u8; 12], aad: &[u8], plain: &[u8]) {
-        let fast = CellAead::new(&key);
-        assert_eq!(fast.backend(), Backend::Assembly);
-        let reference = ChaCha20Poly1305::new(&key.into());
+    const BACKENDS: [Backend; 3] = [Backend::OpenSsl, Backend::Assembly, Backend::Portable];
 
+    fn check(key: [u8; 32], nonce: [u8; 12], aad: &[u8], plain: &[u8]) {
+        assert_eq!(CellAead::new(&key).backend(), Backend::OpenSsl);
+        let reference = ChaCha20Poly1305::new(&key.into());
         let mut want = plain.to_vec();
         let want_tag = reference
             .encrypt_in_place_detached(&nonce.into(), aad, &mut want)
             .expect("reference seal");
-        let mut got = plain.to_vec();
-        let got_tag = fast.seal_in_place(&nonce, aad, &mut got).expect("seal");
-        assert_eq!(got, want, "ciphertext, {} bytes", plain.len());
-        assert_eq!(
-            &got_tag[..],
-            want_tag.as_slice(),
-            "tag, {} bytes",
-            plain.len()
-        );
+        for backend in BACKENDS {
+            let mut aead = CellAead::with_backend(&key, backend);
+            assert_eq!(aead.backend(), backend);
+            let what = format!("{} bytes, {backend:?}", plain.len());
 
-        // Each opens the other's output.
-        let mut back = want.clone();
-        assert!(fast.open_in_place(&nonce, aad, &mut back, &got_tag));
-        assert_eq!(back, plain);
-        let mut back = got;
-        reference
-            .decrypt_in_place_detached(&nonce.into(), aad, &mut back, &want_tag)
-            .expect("reference open");
-        assert_eq!(back, plain);
+            let mut got = plain.to_vec();
+            let got_tag = aead.seal_in_place(&nonce, aad, &mut got).expect("seal");
+            assert_eq!(got, want, "ciphertext, {what}");
+            assert_eq!(&got_tag[..], want_tag.as_slice(), "tag, {what}");
 
-        // From one buffer into another, on both backends: the same bytes,
-        // and the source untouched.
-        for aead in [CellAead::new(&key), CellAead::portable(&key)] {
+            // Each opens the other's output.
+            let mut back = want.clone();
+            assert!(
+                aead.open_in_place(&nonce, aad, &mut back, &got_tag),
+                "{what}"
+            );
+            assert_eq!(back, plain, "{what}");
+            let mut back = got;
+            reference
+                .decrypt_in_place_detached(&nonce.into(), aad, &mut back, &want_tag)
+                .expect("reference open");
+            assert_eq!(back, plain, "{what}");
+
+            // From one buffer into another: the same bytes, and the source
+            // untouched.
             let mut out = vec![0xA5u8; plain.len()];
             let tag = aead.seal_to(&nonce, aad, plain, &mut out).expect("seal_to");
-            assert_eq!(
-                out,
-                want,
-                "seal_to ciphertext, {} bytes, {aead:?}",
-                plain.len()
-            );
-            assert_eq!(&tag[..], want_tag.as_slice(), "seal_to tag, {aead:?}");
+            assert_eq!(out, want, "seal_to ciphertext, {what}");
+            assert_eq!(&tag[..], want_tag.as_slice(), "seal_to tag, {what}");
             let mut opened = vec![0x5Au8; plain.len()];
-            assert!(aead.open_to(&nonce, aad, &want, &tag, &mut opened));
-            assert_eq!(opened, plain, "open_to, {aead:?}");
+            assert!(
+                aead.open_to(&nonce, aad, &want, &tag, &mut opened),
+                "{what}"
+            );
+            assert_eq!(opened, plain, "open_to, {what}");
             if !plain.is_empty() {
                 let mut bad = want.clone();
                 bad[plain.len() / 2] ^= 1;
-                assert!(!aead.open_to(&nonce, aad, &bad, &tag, &mut opened));
+                assert!(
+                    !aead.open_to(&nonce, aad, &bad, &tag, &mut opened),
+                    "{what}"
+                );
+                let mut bad_in_place = bad;
+                assert!(
+                    !aead.open_in_place(&nonce, aad, &mut bad_in_place, &tag),
+                    "{what}"
+                );
                 let mut short = vec![0u8; plain.len() - 1];
                 assert!(!aead.open_to(&nonce, aad, &want, &tag, &mut short));
                 assert!(aead.seal_to(&nonce, aad, plain, &mut short).is_none());
             }
+            // A failed open leaves the key good for the next operation.
+            let mut again = plain.to_vec();
+            assert_eq!(
+                aead.seal_in_place(&nonce, aad, &mut again),
+                Some(got_tag),
+                "{what}"
+            );
+            assert_eq!(again, want, "{what}");
         }
     }
 

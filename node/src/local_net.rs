@@ -128,6 +128,9 @@ fn config(
     c.mix = volunteer;
     c.slots = if volunteer { 4 } else { 0 };
     c.republish_secs = republish_secs;
+    // A descriptor outlives the gap between two publications (the node's
+    // configuration check refuses anything else).
+    c.descriptor_ttl_secs = c.descriptor_ttl_secs.max(republish_secs.saturating_mul(2));
     c
 }
 

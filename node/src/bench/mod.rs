@@ -661,6 +661,19 @@ mod tests {
         fn step(&mut self, _: StepInfo) {}
     }
 
+    /// The discovery part of `bench paper` starts its volunteers with a
+    /// long republish interval; the nodes must accept that configuration
+    /// and the client must find what it asked for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discovery_finds_the_volunteers_it_asks_for() {
+        let p = match discovery_at(6, 4).await {
+            Ok(p) => p,
+            Err(e) => panic!("discovery with 6 volunteers: {e}"),
+        };
+        assert_eq!(p.volunteers, 6);
+        assert!(p.dht_requests > 0, "{p:?}");
+    }
+
     #[tokio::test]
     async fn a_failing_discovery_size_keeps_the_points_before_it() {
         let (points, error) = scaling_points(&[25, 50, 200, 400], &mut Quiet, |n| async move {
