@@ -493,6 +493,12 @@ impl MessageReader {
         self.partial.is_some()
     }
 
+    /// The message in progress: its bytes so far (from its start) and its
+    /// whole length, as the first cell declared it.
+    pub fn partial(&self) -> Option<(&[u8], usize)> {
+        self.partial.as_ref().map(|p| (&p.buf[..p.filled], p.len))
+    }
+
     /// Hands back a finished message's buffer so the next message reuses
     /// its allocation.
     pub fn recycle(&mut self, buf: Vec<u8>) {

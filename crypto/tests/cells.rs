@@ -78,13 +78,25 @@ fn messages_follow_each_other_and_buffers_are_reused() {
         seal_message(&mut s, m, &mut wire).expect("seal");
     }
     let mut got = Vec::new();
+    let mut prefixes = 0;
     for cell in wire.chunks_exact_mut(CELL_BYTES) {
         if let Some(m) = r.push(&mut o, cell).expect("open") {
             got.push(m.clone());
             r.recycle(m);
+            assert!(r.partial().is_none());
+        } else {
+            // What has arrived of the message in progress is its true
+            // prefix, and its length is known from the first cell.
+            let (prefix, len) = r.partial().expect("a message is in progress");
+            let want = &msgs[got.len()];
+            assert_eq!(len, want.len());
+            assert!(!prefix.is_empty() && prefix.len() <= len);
+            assert_eq!(prefix, &want[..prefix.len()]);
+            prefixes += 1;
         }
     }
     assert_eq!(got, msgs.to_vec());
+    assert!(prefixes >= 10, "{prefixes}");
     assert_eq!(o.next_seq(), s.next_seq());
 }
 

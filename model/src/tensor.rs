@@ -220,9 +220,71 @@ impl HostTensor {
 
     /// Decodes untrusted bytes. Checks rank, element count and exact length
     /// before allocating anything, and refuses all but the one encoding
-    /// [`HostTensor::encode`] gives.
+    /// [`HostTensor::encode`] gives. The same checks and work as a
+    /// [`StreamDecoder`] fed everything at once.
     pub fn decode(bytes: &[u8], limits: DecodeLimits) -> Result<HostTensor, CodecError> {
-        let (&first, rest) = bytes.split_first().ok_or(CodecError::Empty)?;
+        StreamDecoder::start(bytes, bytes.len(), limits)?
+            .ok_or(CodecError::Empty)?
+            .finish(bytes)
+    }
+}
+
+/// Decodes a tensor while its encoding arrives front to back: a host
+/// turns the cells of a message into elements as they come in, so little
+/// is left to decode once the last cell is in.
+///
+/// It checks exactly what [`HostTensor::decode`] checks, as soon as the
+/// bytes that decide it are in: the header and the encoding's total
+/// length (known from the message's first cell) at [`StreamDecoder::start`],
+/// a sparse bitmap once all of it is in, stored `+0.0` elements and the
+/// dense form's canonical choice at [`StreamDecoder::finish`]. Fed in any
+/// pieces, it gives what `decode` gives on the whole encoding, error or
+/// tensor. Its elements take memory only once those checks allow them:
+/// for the dense form at the start (the encoding is then `4 × elements`
+/// long), for the sparse form once its bitmap has passed.
+#[derive(Debug)]
+pub struct StreamDecoder {
+    shape: Vec<usize>,
+    n: usize,
+    /// Bytes of the rank byte and the dims.
+    header: usize,
+    /// The whole encoding's length.
+    total: usize,
+    sparse: bool,
+    /// Dense: the elements so far, in order. Sparse: all `n` of them,
+    /// `+0.0` until decoded, once the bitmap has passed its checks.
+    data: Vec<f32>,
+    /// Sparse: bitmap bytes (groups of eight elements) decoded so far.
+    groups: usize,
+    /// Sparse: stored values used so far.
+    used: usize,
+    /// Sparse: the bitmap passed its checks and `data` holds `n` elements.
+    bitmap_checked: bool,
+    /// Sparse: a stored value was `+0.0` (not canonical).
+    stored_zero: bool,
+    /// Dense: elements so far that are not `+0.0`.
+    stored: usize,
+}
+
+impl StreamDecoder {
+    /// Starts on an encoding of `total` bytes of which `prefix` holds the
+    /// first ones (all of them when `prefix.len() == total`). `Ok(None)`
+    /// while the header is not all in; errors as [`HostTensor::decode`]
+    /// for what the header and `total` decide.
+    pub fn start(
+        prefix: &[u8],
+        total: usize,
+        limits: DecodeLimits,
+    ) -> Result<Option<StreamDecoder>, CodecError> {
+        let total = total.max(prefix.len());
+        let complete = prefix.len() == total;
+        let Some((&first, rest)) = prefix.split_first() else {
+            return if complete {
+                Err(CodecError::Empty)
+            } else {
+                Ok(None)
+            };
+        };
         let sparse = first & SPARSE != 0;
         let flags = first & !SPARSE & !0x0f;
         if flags != 0 {
@@ -234,51 +296,194 @@ impl HostTensor {
             return Err(CodecError::RankTooHigh { rank, limit });
         }
         if rest.len() < 4 * rank {
-            return Err(CodecError::HeaderTruncated {
-                rank,
-                needed: 1 + 4 * rank,
-                have: bytes.len(),
-            });
+            return if complete {
+                Err(CodecError::HeaderTruncated {
+                    rank,
+                    needed: 1 + 4 * rank,
+                    have: prefix.len(),
+                })
+            } else {
+                Ok(None)
+            };
         }
-        let (header, payload) = rest.split_at(4 * rank);
-        let mut shape = [0usize; MAX_RANK];
-        for (slot, chunk) in shape.iter_mut().zip(header.chunks_exact(4)) {
-            *slot = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]) as usize;
-        }
-        let shape = &shape[..rank];
+        let shape: Vec<usize> = rest[..4 * rank]
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as usize)
+            .collect();
         let n = shape
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .filter(|&n| n <= limits.max_elements)
             .ok_or_else(|| CodecError::TooManyElements {
-                shape: shape.to_vec(),
+                shape: shape.clone(),
                 limit: limits.max_elements,
             })?;
+        let header = 1 + 4 * rank;
+        let payload = total - header;
         let data = if sparse {
-            decode_sparse(shape, n, payload)?
-        } else {
-            if payload.len() != 4 * n {
+            let bitmap_len = n.div_ceil(8);
+            if payload < bitmap_len {
                 return Err(CodecError::LengthMismatch {
-                    shape: shape.to_vec(),
+                    shape,
+                    expected: bitmap_len,
+                    have: payload,
+                });
+            }
+            Vec::new()
+        } else {
+            if payload != 4 * n {
+                return Err(CodecError::LengthMismatch {
+                    shape,
                     expected: 4 * n,
-                    have: payload.len(),
+                    have: payload,
                 });
             }
-            let data: Vec<f32> = payload
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect();
-            if prefers_sparse(n, count_stored(&data)) {
-                return Err(CodecError::NotCanonical {
-                    form: "dense",
-                    other: "sparse",
-                });
-            }
-            data
+            Vec::with_capacity(n)
         };
-        Ok(HostTensor {
-            shape: shape.to_vec(),
+        Ok(Some(StreamDecoder {
+            shape,
+            n,
+            header,
+            total,
+            sparse,
             data,
+            groups: 0,
+            used: 0,
+            bitmap_checked: false,
+            stored_zero: false,
+            stored: 0,
+        }))
+    }
+
+    /// The encoding's whole length, as given to [`StreamDecoder::start`].
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Decodes what `prefix` (the encoding's first bytes: what the last
+    /// call saw and possibly more) adds.
+    pub fn feed(&mut self, prefix: &[u8]) -> Result<(), CodecError> {
+        let have = prefix.len().min(self.total);
+        if !self.sparse {
+            let upto = (have.saturating_sub(self.header) / 4).min(self.n);
+            let from = self.header + 4 * self.data.len();
+            let to = self.header + 4 * upto;
+            if to > from {
+                for c in prefix[from..to].chunks_exact(4) {
+                    let raw = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                    self.stored += usize::from(raw != 0);
+                    self.data.push(f32::from_bits(raw));
+                }
+            }
+            return Ok(());
+        }
+        let bitmap_len = self.n.div_ceil(8);
+        let values_at = self.header + bitmap_len;
+        if have < values_at {
+            return Ok(());
+        }
+        let bitmap = &prefix[self.header..values_at];
+        if !self.bitmap_checked {
+            self.check_bitmap(bitmap)?;
+            self.data = vec![0f32; self.n];
+            self.bitmap_checked = true;
+        }
+        // Only stored elements are touched: a group of eight with no bit
+        // set stays zero, a full group is copied whole, and the rest take
+        // their set bits lowest first. The bitmap's checks make the values
+        // exactly one per set bit, and leave no bit past `n`.
+        let values = &prefix[values_at..have];
+        let in_hand = values.len() / 4;
+        let value = |i: usize| {
+            let c = &values[4 * i..4 * i + 4];
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+        };
+        let (mut g, mut used, mut stored_zero) = (self.groups, self.used, self.stored_zero);
+        while g < bitmap_len {
+            let byte = bitmap[g];
+            let k = byte.count_ones() as usize;
+            if used + k > in_hand {
+                break;
+            }
+            let end = (8 * g + 8).min(self.n);
+            let chunk = &mut self.data[8 * g..end];
+            if byte == 0xFF && chunk.len() == 8 {
+                for (j, d) in chunk.iter_mut().enumerate() {
+                    let raw = value(used + j);
+                    stored_zero |= raw == 0;
+                    *d = f32::from_bits(raw);
+                }
+            } else {
+                let mut bits = byte;
+                let mut i = used;
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    let raw = value(i);
+                    stored_zero |= raw == 0;
+                    if let Some(d) = chunk.get_mut(j) {
+                        *d = f32::from_bits(raw);
+                    }
+                    i += 1;
+                    bits &= bits - 1;
+                }
+            }
+            used += k;
+            g += 1;
+        }
+        (self.groups, self.used, self.stored_zero) = (g, used, stored_zero);
+        Ok(())
+    }
+
+    /// A sparse bitmap, once all of it is in: no bit past the last
+    /// element, one stored value per set bit filling the rest of the
+    /// encoding, and the sparse form the shorter one.
+    fn check_bitmap(&self, bitmap: &[u8]) -> Result<(), CodecError> {
+        let n = self.n;
+        if !n.is_multiple_of(8) && bitmap.last().is_some_and(|&b| b >> (n % 8) != 0) {
+            return Err(CodecError::BitmapOverrun { elements: n });
+        }
+        let stored: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
+        let payload = self.total - self.header;
+        if payload - bitmap.len() != 4 * stored {
+            return Err(CodecError::LengthMismatch {
+                shape: self.shape.clone(),
+                expected: bitmap.len() + 4 * stored,
+                have: payload,
+            });
+        }
+        if !prefers_sparse(n, stored) {
+            return Err(CodecError::NotCanonical {
+                form: "sparse",
+                other: "dense",
+            });
+        }
+        Ok(())
+    }
+
+    /// The whole encoding (`bytes`, exactly `total` long): decodes the rest
+    /// and makes the last checks.
+    pub fn finish(mut self, bytes: &[u8]) -> Result<HostTensor, CodecError> {
+        if bytes.len() != self.total {
+            return Err(CodecError::LengthMismatch {
+                shape: self.shape,
+                expected: self.total - self.header,
+                have: bytes.len().saturating_sub(self.header),
+            });
+        }
+        self.feed(bytes)?;
+        if self.sparse {
+            if self.stored_zero {
+                return Err(CodecError::StoredZero);
+            }
+        } else if prefers_sparse(self.n, self.stored) {
+            return Err(CodecError::NotCanonical {
+                form: "dense",
+                other: "sparse",
+            });
+        }
+        Ok(HostTensor {
+            shape: self.shape,
+            data: self.data,
         })
     }
 }
@@ -302,74 +507,10 @@ fn prefers_sparse(n: usize, stored: usize) -> bool {
     n.div_ceil(8) + 4 * stored < 4 * n
 }
 
-fn decode_sparse(shape: &[usize], n: usize, payload: &[u8]) -> Result<Vec<f32>, CodecError> {
-    let bitmap_len = n.div_ceil(8);
-    if payload.len() < bitmap_len {
-        return Err(CodecError::LengthMismatch {
-            shape: shape.to_vec(),
-            expected: bitmap_len,
-            have: payload.len(),
-        });
-    }
-    let (bitmap, values) = payload.split_at(bitmap_len);
-    if !n.is_multiple_of(8) && bitmap.last().is_some_and(|&b| b >> (n % 8) != 0) {
-        return Err(CodecError::BitmapOverrun { elements: n });
-    }
-    let stored: usize = bitmap.iter().map(|b| b.count_ones() as usize).sum();
-    if values.len() != 4 * stored {
-        return Err(CodecError::LengthMismatch {
-            shape: shape.to_vec(),
-            expected: bitmap_len + 4 * stored,
-            have: payload.len(),
-        });
-    }
-    if !prefers_sparse(n, stored) {
-        return Err(CodecError::NotCanonical {
-            form: "sparse",
-            other: "dense",
-        });
-    }
-    let mut data = vec![0f32; n];
-    // Only stored elements are touched: a group of eight with no bit set
-    // stays zero, a full group is copied whole, and the rest take their set
-    // bits lowest first. `values` holds exactly one entry per set bit
-    // (checked above), and the last group has no bit past `n`.
-    let mut values = values.chunks_exact(4);
-    let mut stored_zero = false;
-    let mut next = || -> u32 {
-        values
-            .next()
-            .map_or(0, |c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-    };
-    for (chunk, &byte) in data.chunks_mut(8).zip(bitmap) {
-        if byte == 0xFF && chunk.len() == 8 {
-            for d in chunk {
-                let raw = next();
-                stored_zero |= raw == 0;
-                *d = f32::from_bits(raw);
-            }
-            continue;
-        }
-        let mut bits = byte;
-        while bits != 0 {
-            let j = bits.trailing_zeros() as usize;
-            let raw = next();
-            stored_zero |= raw == 0;
-            if let Some(d) = chunk.get_mut(j) {
-                *d = f32::from_bits(raw);
-            }
-            bits &= bits - 1;
-        }
-    }
-    if stored_zero {
-        return Err(CodecError::StoredZero);
-    }
-    Ok(data)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     #[test]
     fn round_trip() {
@@ -535,5 +676,107 @@ mod tests {
             HostTensor::decode(&sparse, lim),
             Err(CodecError::NotCanonical { form: "sparse", .. })
         ));
+    }
+
+    /// `bytes` fed to a [`StreamDecoder`] in pieces ending at `cuts`, as a
+    /// host feeds a message's cells; `None` if it never got its header.
+    fn streamed(bytes: &[u8], cuts: &[usize], lim: DecodeLimits) -> Result<HostTensor, CodecError> {
+        let mut dec: Option<StreamDecoder> = None;
+        let mut ends: Vec<usize> = cuts.iter().map(|&c| c.min(bytes.len())).collect();
+        ends.sort_unstable();
+        for end in ends {
+            let prefix = &bytes[..end];
+            match dec.as_mut() {
+                Some(d) => d.feed(prefix)?,
+                None => dec = StreamDecoder::start(prefix, bytes.len(), lim)?,
+            }
+        }
+        match dec {
+            Some(d) => d.finish(bytes),
+            None => HostTensor::decode(bytes, lim),
+        }
+    }
+
+    /// Tensors whose elements are `+0.0` with probability `zeros` (then
+    /// sparse when mostly zero), with a `-0.0` now and then.
+    fn tensor_strategy() -> impl Strategy<Value = HostTensor> {
+        (1usize..40, 1usize..40, 0.0f64..1.0).prop_flat_map(|(r, c, zeros)| {
+            proptest::collection::vec(
+                (0.0f64..1.0, -4.0f32..4.0).prop_map(move |(u, x)| {
+                    if u < zeros {
+                        0.0
+                    } else if u < zeros + 0.02 {
+                        -0.0
+                    } else {
+                        x
+                    }
+                }),
+                r * c,
+            )
+            .prop_map(move |data| HostTensor {
+                shape: vec![r, c],
+                data,
+            })
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// Any bytes, whole or damaged, in any pieces: the streaming
+        /// decoder gives exactly what the one-shot decoder gives.
+        #[test]
+        fn streaming_equals_one_shot(
+            t in tensor_strategy(),
+            flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 0..3),
+            cut_len in proptest::option::of(any::<usize>()),
+            cuts in proptest::collection::vec(any::<usize>(), 0..6),
+        ) {
+            let lim = DecodeLimits::default();
+            let mut bytes = t.encode();
+            for (at, x) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            if let Some(c) = cut_len {
+                bytes.truncate(c % (bytes.len() + 1));
+            }
+            let cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            let one_shot = HostTensor::decode(&bytes, lim);
+            let pieces = streamed(&bytes, &cuts, lim);
+            prop_assert_eq!(&pieces, &one_shot);
+        }
+
+        /// Undamaged encodings round-trip bit for bit, fed cell-sized or
+        /// byte by byte.
+        #[test]
+        fn streaming_round_trips(t in tensor_strategy(), step in 1usize..300) {
+            let lim = DecodeLimits::default();
+            let bytes = t.encode();
+            let cuts: Vec<usize> = (0..bytes.len()).step_by(step).collect();
+            let back = streamed(&bytes, &cuts, lim).expect("decodes");
+            prop_assert_eq!(&back.shape, &t.shape);
+            let same = back.data.iter().zip(&t.data).all(|(a, b)| a.to_bits() == b.to_bits());
+            prop_assert!(same);
+        }
+    }
+
+    /// The sparse form's elements take memory only once its bitmap has
+    /// passed: a start on a header claiming many elements allocates
+    /// nothing.
+    #[test]
+    fn a_sparse_start_allocates_nothing_before_the_bitmap() {
+        let mut head = vec![2 | SPARSE];
+        head.extend_from_slice(&4096u32.to_le_bytes());
+        head.extend_from_slice(&4096u32.to_le_bytes());
+        let lim = DecodeLimits {
+            max_rank: 2,
+            max_elements: 1 << 24,
+        };
+        let total = head.len() + (1 << 21) + 4 * 10;
+        let dec = StreamDecoder::start(&head, total, lim)
+            .expect("the header is fine")
+            .expect("and all in");
+        assert_eq!(dec.data.capacity(), 0);
+        assert_eq!(dec.total(), total);
     }
 }

@@ -274,10 +274,10 @@ impl LocalNet {
     }
 
     /// Stop every node cleanly (each withdraws its descriptor), then the rest.
+    /// The volunteers stop together, so each withdrawal still finds the
+    /// others to store it.
     pub async fn shutdown(self) {
-        for n in self.volunteers {
-            let _ = n.shutdown().await;
-        }
+        futures::future::join_all(self.volunteers.into_iter().map(|n| n.shutdown())).await;
         let _ = self.bootstrap.shutdown().await;
         self.cancel.cancel();
         for mut t in self.threads {

@@ -18,7 +18,7 @@ use super::admission::{choose_victim, SlotRules};
 use super::budget::{self, MemoryBudget, OverBudget, Reservation};
 use super::payload::{
     open_state, seal_slot_report, seal_state, Assignment, ControlOp, Direction, JobMsg, MsgHead,
-    MsgKind, SlotReport, StateOp,
+    MsgKind, PayloadError, SlotReport, StateOp,
 };
 use super::session::{self, Action, Kind, SlotSession, Ticket};
 use crate::metrics::Metrics;
@@ -43,6 +43,12 @@ pub enum HostError {
     Compute(String),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl From<PayloadError> for HostError {
+    fn from(e: PayloadError) -> Self {
+        HostError::BadMessage(e.to_string())
+    }
 }
 
 /// A tensor's shape against `[1..=max_batch, want]`.

@@ -12,6 +12,7 @@ use chacha20poly1305::aead::{Aead, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use mixnn_crypto::onion::HOP_PAYLOAD_BYTES;
 use mixnn_crypto::{verify_signature, Identity};
+use mixnn_model::tensor::StreamDecoder;
 use mixnn_model::{DecodeLimits, HostTensor, InitSpec, OptimizerSpec, StageSpec};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -518,17 +519,25 @@ impl JobMsg {
     /// shape against its slot before the message may cost more than its
     /// own bytes.
     pub fn peek(bytes: &[u8]) -> Result<MsgHead, PayloadError> {
-        if bytes.len() < 9 {
+        Self::peek_prefix(bytes, bytes.len())
+    }
+
+    /// [`JobMsg::peek`] on the first bytes of a message of `total` bytes
+    /// (enough of them for its header: [`JobDecoder`] waits for
+    /// [`PEEK_BYTES`] or the whole message).
+    pub fn peek_prefix(bytes: &[u8], total: usize) -> Result<MsgHead, PayloadError> {
+        if bytes.len() < 9 || total < bytes.len() {
             return Err(PayloadError::BadMessage("shorter than its header"));
         }
         let body = &bytes[9..];
+        let body_len = total - 9;
         let tensor = |kind| {
             let (rank, dims, _) =
                 HostTensor::peek_shape(body).map_err(|_| PayloadError::BadMessage("bad tensor"))?;
             Ok::<_, PayloadError>(MsgHead {
                 kind,
                 shape: Some((rank, dims)),
-                body_len: body.len(),
+                body_len,
             })
         };
         match bytes[0] {
@@ -543,7 +552,7 @@ impl JobMsg {
                     _ => return Err(PayloadError::BadMessage("unknown kind")),
                 },
                 shape: None,
-                body_len: body.len(),
+                body_len,
             }),
         }
     }
@@ -557,6 +566,117 @@ impl JobMsg {
             JobMsg::Control { .. } => "control",
             JobMsg::State { .. } => "state",
         }
+    }
+}
+
+/// Bytes of a message that hold its header and a tensor's shape: kind,
+/// step, the tensor's rank byte and its dims at the highest rank.
+pub const PEEK_BYTES: usize = 9 + 1 + 4 * mixnn_model::tensor::MAX_RANK;
+
+/// Decodes a job message while its cells arrive. Once the first
+/// [`PEEK_BYTES`] are in (or all of a shorter message), its header goes
+/// through the caller's check (the host's: does this circuit carry such a
+/// message, and how large may its tensor be), and a tensor message's
+/// elements are decoded as the rest comes in; other messages are decoded
+/// whole at the end. Whatever the pieces, it gives what [`JobMsg::peek`],
+/// the check and [`JobMsg::decode`] give on the whole message.
+#[derive(Debug, Default)]
+pub struct JobDecoder {
+    started: Option<Started>,
+}
+
+#[derive(Debug)]
+struct Started {
+    kind: u8,
+    step: u64,
+    limits: DecodeLimits,
+    tensor: Option<StreamDecoder>,
+}
+
+impl JobDecoder {
+    /// Feeds the first bytes of a message of `total` bytes; `check` sees
+    /// its header once, and its limits bound the tensor.
+    pub fn feed<E: From<PayloadError>>(
+        &mut self,
+        prefix: &[u8],
+        total: usize,
+        check: impl FnOnce(&MsgHead) -> Result<DecodeLimits, E>,
+    ) -> Result<(), E> {
+        let started = match self.started.as_mut() {
+            Some(s) => s,
+            None => {
+                if prefix.len() < PEEK_BYTES.min(total) {
+                    return Ok(());
+                }
+                let head = JobMsg::peek_prefix(prefix, total)?;
+                let limits = check(&head)?;
+                let step = u64::from_le_bytes(
+                    prefix[1..9]
+                        .try_into()
+                        .map_err(|_| PayloadError::Malformed)?,
+                );
+                self.started.insert(Started {
+                    kind: prefix[0],
+                    step,
+                    limits,
+                    tensor: None,
+                })
+            }
+        };
+        if !matches!(started.kind, K_FORWARD | K_INFER | K_BACKWARD) {
+            return Ok(());
+        }
+        let body = &prefix[9..];
+        match started.tensor.as_mut() {
+            Some(t) => t
+                .feed(body)
+                .map_err(|_| PayloadError::BadMessage("bad tensor"))?,
+            None => {
+                started.tensor = StreamDecoder::start(body, total - 9, started.limits)
+                    .map_err(|_| PayloadError::BadMessage("bad tensor"))?;
+                if let Some(t) = started.tensor.as_mut() {
+                    t.feed(body)
+                        .map_err(|_| PayloadError::BadMessage("bad tensor"))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The whole message: checks and decodes what is left, and is ready
+    /// for the next message.
+    pub fn finish<E: From<PayloadError>>(
+        &mut self,
+        msg: &[u8],
+        check: impl FnOnce(&MsgHead) -> Result<DecodeLimits, E>,
+    ) -> Result<JobMsg, E> {
+        let r = self.feed(msg, msg.len(), check);
+        let started = self.started.take();
+        r?;
+        let Some(s) = started else {
+            // A message shorter than its header: the one-shot check says why.
+            return Err(JobMsg::peek(msg)
+                .err()
+                .unwrap_or(PayloadError::Malformed)
+                .into());
+        };
+        let tensor = match s.tensor {
+            Some(t) => t
+                .finish(&msg[9..])
+                .map_err(|_| PayloadError::BadMessage("bad tensor"))?,
+            None => return Ok(JobMsg::decode(msg, s.limits)?),
+        };
+        let step = s.step;
+        Ok(match s.kind {
+            K_FORWARD => JobMsg::Forward { step, tensor },
+            K_INFER => JobMsg::Infer { step, tensor },
+            _ => JobMsg::Backward { step, tensor },
+        })
+    }
+
+    /// Drops a message in progress (its circuit ends).
+    pub fn reset(&mut self) {
+        self.started = None;
     }
 }
 
@@ -871,5 +991,103 @@ mod tests {
         assert_eq!(r.detail.len(), MAX_DETAIL);
         assert!(open_error(&[2; 32], &sealed).is_err());
         assert!(open_report(&[1; 32], &sealed[..10]).is_err());
+    }
+
+    /// The host's one-shot path: peek, check, decode.
+    fn one_shot(
+        msg: &[u8],
+        check: impl FnOnce(&MsgHead) -> Result<DecodeLimits, PayloadError>,
+    ) -> Result<JobMsg, PayloadError> {
+        let limits = check(&JobMsg::peek(msg)?)?;
+        JobMsg::decode(msg, limits)
+    }
+
+    /// A check like a host's: tensors of up to 2 000 elements; a state
+    /// message refused.
+    fn check(head: &MsgHead) -> Result<DecodeLimits, PayloadError> {
+        match head.kind {
+            MsgKind::State => Err(PayloadError::BadMessage("no state here")),
+            _ => Ok(DecodeLimits {
+                max_rank: 2,
+                max_elements: 2000,
+            }),
+        }
+    }
+
+    fn message() -> impl proptest::strategy::Strategy<Value = JobMsg> {
+        use proptest::prelude::*;
+        let tensor = (1usize..60, 1usize..60, 0.0f64..1.0).prop_flat_map(|(r, c, z)| {
+            proptest::collection::vec((0.0f64..1.0, -3.0f32..3.0), r * c).prop_map(move |v| {
+                HostTensor {
+                    shape: vec![r, c],
+                    data: v
+                        .into_iter()
+                        .map(|(u, x)| if u < z { 0.0 } else { x })
+                        .collect(),
+                }
+            })
+        });
+        prop_oneof![
+            (any::<u64>(), tensor.clone())
+                .prop_map(|(step, tensor)| JobMsg::Forward { step, tensor }),
+            (any::<u64>(), tensor.clone())
+                .prop_map(|(step, tensor)| JobMsg::Backward { step, tensor }),
+            (any::<u64>(), tensor).prop_map(|(step, tensor)| JobMsg::Infer { step, tensor }),
+            any::<u64>().prop_map(|step| JobMsg::Ack { step }),
+            Just(JobMsg::Control {
+                op: ControlOp::Digest,
+                reports: vec![vec![1, 2, 3]]
+            }),
+            (any::<u64>(), proptest::collection::vec(any::<u8>(), 0..50)).prop_map(
+                |(step, blob)| JobMsg::State {
+                    op: StateOp::Restore,
+                    step,
+                    blob
+                }
+            ),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+        /// A message fed in pieces (as its cells arrive), whole or damaged,
+        /// checks and decodes exactly as the whole message does, and the
+        /// decoder is ready for the next one.
+        #[test]
+        fn a_message_in_pieces_decodes_as_the_whole(
+            msg in message(),
+            flips in proptest::collection::vec((proptest::prelude::any::<usize>(), proptest::prelude::any::<u8>()), 0..3),
+            cut in proptest::option::of(proptest::prelude::any::<usize>()),
+            cuts in proptest::collection::vec(proptest::prelude::any::<usize>(), 0..6),
+        ) {
+            let mut bytes = msg.encode().expect("encodes");
+            for (at, x) in flips {
+                let i = at % bytes.len();
+                bytes[i] ^= x;
+            }
+            if let Some(c) = cut {
+                bytes.truncate(c % (bytes.len() + 1));
+            }
+            let want = one_shot(&bytes, check);
+            let mut dec = JobDecoder::default();
+            let mut ends: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            ends.sort_unstable();
+            let mut got = None;
+            for end in ends {
+                if let Err(e) = dec.feed(&bytes[..end], bytes.len(), check) {
+                    got = Some(Err(e));
+                    dec.reset();
+                    break;
+                }
+            }
+            let got = match got {
+                Some(e) => e,
+                None => dec.finish(&bytes, check),
+            };
+            proptest::prop_assert_eq!(&got, &want);
+            // Ready for the next message.
+            let next = JobMsg::Ack { step: 9 }.encode().expect("encodes");
+            proptest::prop_assert_eq!(dec.finish(&next, check), Ok(JobMsg::Ack { step: 9 }));
+        }
     }
 }

@@ -32,8 +32,8 @@ use super::admission::{group_of, Admit, CircuitAdmission, CircuitId, CircuitLimi
 use super::budget::{MemoryBudget, Reservation, CIRCUIT_BASE_BYTES};
 use super::host::{check_message, Expect, Host, HostError, OwnerKeys, SharedSlot, Started};
 use super::payload::{
-    seal_error, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobMsg, StateOp, ERROR_KEY,
-    REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
+    seal_error, Assignment, ControlOp, ErrorCode, HopPayload, HopRole, JobDecoder, JobMsg, MsgHead,
+    StateOp, ERROR_KEY, REPORT_KEY, STATE_DOWN_KEY, STATE_UP_KEY,
 };
 use super::session::Kind;
 use super::wire::{self, FrameKind, WireError};
@@ -698,6 +698,7 @@ impl CircuitServer {
         let mut opener = CellOpener::new(&CellKey::from_bytes(a.body.in_key));
         let mut sealer = CellSealer::new(&CellKey::from_bytes(a.body.out_key));
         let mut reader = MessageReader::new(max_msg);
+        let mut incoming = JobDecoder::default();
         let mut encoded = Vec::new();
         let mut writer = CellWriter::spawn(down_w, down_cid);
         loop {
@@ -752,8 +753,26 @@ impl CircuitServer {
             self.metrics()
                 .host_crypto_seconds
                 .inc_by(t.elapsed().as_secs_f64());
+            // The header against the slot's shapes and batch limit first:
+            // a message decodes only to the size its circuit allows.
+            let check = |head: &MsgHead| check_message(head, &expect);
             let msg = match pushed {
-                Ok(None) => continue,
+                Ok(None) => {
+                    // Decode what has arrived while the next cells travel.
+                    let Some((prefix, total)) = reader.partial() else {
+                        continue;
+                    };
+                    let t = Instant::now();
+                    let fed = incoming.feed(prefix, total, check);
+                    self.metrics()
+                        .host_codec_seconds
+                        .inc_by(t.elapsed().as_secs_f64());
+                    if let Err(e) = fed {
+                        report(ErrorCode::BadMessage, e.to_string()).await;
+                        return End::Failed(e.to_string());
+                    }
+                    continue;
+                }
                 Ok(Some(m)) => m,
                 Err(e) => {
                     report(ErrorCode::BadMessage, format!("cell refused: {e}")).await;
@@ -763,20 +782,8 @@ impl CircuitServer {
             if let Some(tap) = &self.tap {
                 tap.plaintext(self.me, &msg);
             }
-            // The header against the slot's shapes and batch limit first:
-            // a message decodes only to the size its circuit allows.
-            let limits = match JobMsg::peek(&msg)
-                .map_err(|e| HostError::BadMessage(e.to_string()))
-                .and_then(|head| check_message(&head, &expect))
-            {
-                Ok(l) => l,
-                Err(e) => {
-                    report(ErrorCode::BadMessage, e.to_string()).await;
-                    return End::Failed(e.to_string());
-                }
-            };
             let t = Instant::now();
-            let decoded = JobMsg::decode(&msg, limits);
+            let decoded = incoming.finish(&msg, check);
             self.metrics()
                 .host_codec_seconds
                 .inc_by(t.elapsed().as_secs_f64());
