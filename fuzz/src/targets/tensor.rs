@@ -1,8 +1,10 @@
 //! The tensor codec: `HostTensor::decode` under limits of the fuzzer's
-//! choosing (what it accepts is the one encoding of what it returns), and
+//! choosing (what it accepts is the one encoding of what it returns, and a
+//! `StreamDecoder` fed the same bytes in pieces gives the same answer), and
 //! tensors of the fuzzer's shape and values encoded and decoded again.
 
-use mixnn_model::{DecodeLimits, HostTensor};
+use mixnn_model::tensor::StreamDecoder;
+use mixnn_model::{CodecError, DecodeLimits, HostTensor};
 
 use crate::input::{seed, Input};
 use crate::Target;
@@ -35,7 +37,22 @@ fn decode(mut input: Input<'_>) {
         },
     };
     let bytes = input.rest();
-    let Ok(t) = HostTensor::decode(bytes, limits) else {
+    let one_shot = HostTensor::decode(bytes, limits);
+    let piece = usize::from(b % 61) + 1;
+    let streamed = streamed(bytes, piece, limits);
+    match (&one_shot, &streamed) {
+        (Ok(a), Ok(b)) => assert!(
+            a.shape == b.shape
+                && a.data.len() == b.data.len()
+                && a.data
+                    .iter()
+                    .zip(&b.data)
+                    .all(|(x, y)| x.to_bits() == y.to_bits()),
+            "the streaming decoder gives the same tensor"
+        ),
+        (a, b) => assert_eq!(a, b, "the streaming decoder gives the same answer"),
+    }
+    let Ok(t) = one_shot else {
         return;
     };
     assert!(t.shape.len() <= limits.max_rank.min(mixnn_model::tensor::MAX_RANK));
@@ -47,6 +64,24 @@ fn decode(mut input: Input<'_>) {
     let mut out = vec![0xEE];
     t.encode_into(&mut out);
     assert!(out[1..] == *bytes, "encode_into appends the same bytes");
+}
+
+/// `bytes` fed to a [`StreamDecoder`] `piece` bytes at a time.
+fn streamed(bytes: &[u8], piece: usize, limits: DecodeLimits) -> Result<HostTensor, CodecError> {
+    let mut dec: Option<StreamDecoder> = None;
+    let mut end = 0;
+    while end < bytes.len() {
+        end = (end + piece).min(bytes.len());
+        let prefix = &bytes[..end];
+        match dec.as_mut() {
+            Some(d) => d.feed(prefix)?,
+            None => dec = StreamDecoder::start(prefix, bytes.len(), limits)?,
+        }
+    }
+    match dec {
+        Some(d) => d.finish(bytes),
+        None => HostTensor::decode(bytes, limits),
+    }
 }
 
 fn encode(mut input: Input<'_>) {
