@@ -274,10 +274,25 @@ impl LocalNet {
     }
 
     /// Stop every node cleanly (each withdraws its descriptor), then the rest.
-    /// The volunteers stop together, so each withdrawal still finds the
-    /// others to store it.
     pub async fn shutdown(self) {
-        futures::future::join_all(self.volunteers.into_iter().map(|n| n.shutdown())).await;
+        self.stop(true).await;
+    }
+
+    /// Stop every node without withdrawing descriptors: for a network
+    /// thrown away whole (the discovery simulation), where no one is left
+    /// to read a withdrawal and hundreds of them would only time out.
+    pub async fn discard(self) {
+        self.stop(false).await;
+    }
+
+    async fn stop(self, withdraw: bool) {
+        if !withdraw {
+            // A node whose token is cancelled shuts down without the network.
+            self.cancel.cancel();
+        }
+        for n in self.volunteers {
+            let _ = n.shutdown().await;
+        }
         let _ = self.bootstrap.shutdown().await;
         self.cancel.cancel();
         for mut t in self.threads {

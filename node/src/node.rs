@@ -380,10 +380,15 @@ impl RunningNode {
     /// given to [`RunningNode::start`] first gets a shutdown without one.
     pub async fn shutdown(mut self) -> Result<(), NodeError> {
         self.work.cancel();
+        let published = self.publisher.is_some();
         if let Some((stop, handle)) = self.publisher.take() {
             stop.cancel();
             handle.abort();
             let _ = handle.await;
+        }
+        // The withdrawal needs the network, which a cancelled token has
+        // stopped already: nothing to try then.
+        if published && !self.cancel.is_cancelled() {
             let withdrawn =
                 tokio::time::timeout(WITHDRAW_TIMEOUT, withdraw(&self.state, &self.network)).await;
             match withdrawn {

@@ -637,7 +637,7 @@ pub async fn discovery_at(n: usize, want: usize) -> Result<ScalingPoint, BenchEr
     let discovery_ms = t.elapsed().as_secs_f64() * 1000.0;
     let dht_requests = network.metrics().dht_requests.get() - before;
     cancel.cancel();
-    net.shutdown().await;
+    net.discard().await;
     if found.len() < want {
         return Err(BenchError::Other(format!(
             "with {n} volunteers the client found only {} of {want}",
