@@ -146,7 +146,7 @@ impl HostTensor {
         let stored = count_stored(&self.data);
         let sparse = prefers_sparse(n, stored);
         let rank = u8::try_from(self.shape.len()).unwrap_or(u8::MAX);
-        out.reserve(1 + 4 * self.shape.len() + body_len(n, stored));
+        out.reserve(1 + 4 * self.shape.len() + body_len(n, stored) + GROUP_BYTES);
         out.push(if sparse {
             rank.min(!SPARSE) | SPARSE
         } else {
@@ -158,24 +158,12 @@ impl HostTensor {
         let start = out.len();
         if sparse {
             let bitmap_len = n.div_ceil(8);
-            // Four spare bytes: every element is written at the next place
-            // and the place moves on only past a stored one (no branch).
-            out.resize(start + bitmap_len + 4 * stored + 4, 0);
+            // Spare bytes past the end: a group of eight writes all its
+            // elements at the next places and moves on only past the
+            // stored ones (no branch per element).
+            out.resize(start + bitmap_len + 4 * stored + GROUP_BYTES, 0);
             let (bitmap, values) = out[start..].split_at_mut(bitmap_len);
-            let mut v = 0usize;
-            for (chunk, byte) in self.data.chunks(8).zip(bitmap.iter_mut()) {
-                let mut bits = 0u8;
-                for (j, x) in chunk.iter().enumerate() {
-                    let raw = x.to_bits();
-                    let keep = raw != 0;
-                    if let Some(place) = values.get_mut(v..v + 4) {
-                        place.copy_from_slice(&raw.to_le_bytes());
-                    }
-                    v += 4 * usize::from(keep);
-                    bits |= u8::from(keep) << j;
-                }
-                *byte = bits;
-            }
+            encode_sparse(&self.data, bitmap, values);
             out.truncate(start + bitmap_len + 4 * stored);
         } else {
             out.resize(start + 4 * n, 0);
@@ -413,6 +401,30 @@ impl StreamDecoder {
                     stored_zero |= raw == 0;
                     *d = f32::from_bits(raw);
                 }
+            } else if let (Some(window), Ok(chunk)) = (
+                values
+                    .get(4 * used..4 * used + GROUP_BYTES)
+                    .and_then(|w| <&[u8; GROUP_BYTES]>::try_from(w).ok()),
+                <&mut [f32; 8]>::try_from(&mut *chunk),
+            ) {
+                // A whole group with eight values' bytes in hand: a fixed
+                // window, indexed without checks the compiler cannot drop.
+                let mut bits = byte;
+                let mut at = 0usize;
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    let a = at & (GROUP_BYTES - 4);
+                    let raw = u32::from_le_bytes([
+                        window[a],
+                        window[a + 1],
+                        window[a + 2],
+                        window[a + 3],
+                    ]);
+                    stored_zero |= raw == 0;
+                    chunk[j & 7] = f32::from_bits(raw);
+                    at += 4;
+                    bits &= bits - 1;
+                }
             } else {
                 let mut bits = byte;
                 let mut i = used;
@@ -491,6 +503,67 @@ impl StreamDecoder {
 /// Elements the sparse form would store: all but those that are `+0.0`.
 fn count_stored(data: &[f32]) -> usize {
     data.iter().filter(|x| x.to_bits() != 0).count()
+}
+
+/// Bytes of a group of eight elements: one bitmap byte's worth.
+const GROUP_BYTES: usize = 32;
+
+/// The sparse form's bitmap and values of `data`. `bitmap` holds one bit
+/// per element; `values` the stored elements' bytes, then at least
+/// [`GROUP_BYTES`] spare ones (their contents are unspecified after).
+fn encode_sparse(data: &[f32], bitmap: &mut [u8], values: &mut [u8]) {
+    let mut v = 0usize;
+    let mut groups = data.chunks_exact(8);
+    for (chunk, byte) in groups.by_ref().zip(bitmap.iter_mut()) {
+        let mut raw = [0u32; 8];
+        let mut bits = 0u8;
+        for (j, (r, x)) in raw.iter_mut().zip(chunk).enumerate() {
+            *r = x.to_bits();
+            bits |= u8::from(*r != 0) << j;
+        }
+        *byte = bits;
+        if bits == 0 {
+            continue;
+        }
+        let Some(dst) = values
+            .get_mut(v..v + GROUP_BYTES)
+            .and_then(|d| <&mut [u8; GROUP_BYTES]>::try_from(d).ok())
+        else {
+            return;
+        };
+        if bits == 0xFF {
+            for (d, r) in dst.chunks_exact_mut(4).zip(raw) {
+                d.copy_from_slice(&r.to_le_bytes());
+            }
+            v += GROUP_BYTES;
+        } else {
+            let mut w = 0usize;
+            for r in raw {
+                // `w` stays below 32: the mask only tells the compiler so.
+                let at = w & (GROUP_BYTES - 4);
+                dst[at..at + 4].copy_from_slice(&r.to_le_bytes());
+                w += 4 * usize::from(r != 0);
+            }
+            v += w;
+        }
+    }
+    let rest = groups.remainder();
+    if let Some(byte) = bitmap.get_mut(data.len() / 8) {
+        let mut bits = 0u8;
+        for (j, x) in rest.iter().enumerate() {
+            let r = x.to_bits();
+            if r != 0 {
+                if let Some(d) = values.get_mut(v..v + 4) {
+                    d.copy_from_slice(&r.to_le_bytes());
+                }
+                v += 4;
+                bits |= 1 << j;
+            }
+        }
+        if !rest.is_empty() {
+            *byte = bits;
+        }
+    }
 }
 
 /// Bytes of the elements in the form the encoder takes.
@@ -749,6 +822,37 @@ mod tests {
             let one_shot = HostTensor::decode(&bytes, lim);
             let pieces = streamed(&bytes, &cuts, lim);
             prop_assert_eq!(bits(pieces), bits(one_shot));
+        }
+
+        /// The encoder writes exactly the format's bytes: a plain,
+        /// element-by-element writing of the same rules.
+        #[test]
+        fn encoding_is_the_plain_format(t in tensor_strategy()) {
+            let n = t.data.len();
+            let stored: Vec<u32> =
+                t.data.iter().map(|x| x.to_bits()).filter(|&b| b != 0).collect();
+            let sparse = n.div_ceil(8) + 4 * stored.len() < 4 * n;
+            let mut want = vec![if sparse { 2 | SPARSE } else { 2 }];
+            for &d in &t.shape {
+                want.extend_from_slice(&(d as u32).to_le_bytes());
+            }
+            if sparse {
+                let mut bitmap = vec![0u8; n.div_ceil(8)];
+                for (i, x) in t.data.iter().enumerate() {
+                    if x.to_bits() != 0 {
+                        bitmap[i / 8] |= 1 << (i % 8);
+                    }
+                }
+                want.extend_from_slice(&bitmap);
+                for b in stored {
+                    want.extend_from_slice(&b.to_le_bytes());
+                }
+            } else {
+                for x in &t.data {
+                    want.extend_from_slice(&x.to_bits().to_le_bytes());
+                }
+            }
+            prop_assert_eq!(t.encode(), want);
         }
 
         /// Undamaged encodings round-trip bit for bit, fed cell-sized or
