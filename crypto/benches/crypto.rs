@@ -8,9 +8,11 @@
 //! - `cells/*`: sealing and opening a message that fills its 16-cell bucket
 //!   (~1 MiB), in message bytes per second (target: at least 2 GB/s each
 //!   on one core).
-//! - `raw_aead_1MiB/{chacha20poly1305_crate,ring,aws_lc}/{seal,open}`: the
-//!   raw ChaCha20-Poly1305 implementations over the same bytes in 64 KiB
-//!   chunks, in place with a detached tag; cells run on `aws_lc`.
+//! - `raw_aead_1MiB/{chacha20poly1305_crate,ring,openssl,aws_lc}/{seal,open}`:
+//!   the raw ChaCha20-Poly1305 implementations over the same bytes in
+//!   64 KiB chunks, in place with a detached tag; cells run on `openssl`.
+//! - `raw_aead_1MiB/{ring,openssl}_aes256gcm/{seal,open}`: AES-256-GCM the
+//!   same way, the cipher a second cell suite would use.
 //!   `cells/seal_open_1MiB_exact` shows a message of exactly 1 MiB, which
 //!   its length prefix pushes into the 32-cell bucket (half padding).
 
@@ -217,35 +219,51 @@ fn cells(c: &mut Criterion) {
         },
     );
 
-    let ring_key = match ring::aead::UnboundKey::new(&ring::aead::CHACHA20_POLY1305, &[3u8; 32]) {
-        Ok(k) => ring::aead::LessSafeKey::new(k),
-        Err(e) => panic!("ring key: {e}"),
-    };
-    raw(
-        &mut g,
-        "ring",
-        &|chunk, i| {
-            let mut t = [0u8; 16];
-            if let Ok(tag) = ring_key.seal_in_place_separate_tag(
-                ring::aead::Nonce::assume_unique_for_key(nonce(i)),
-                ring::aead::Aad::empty(),
-                chunk,
-            ) {
-                t.copy_from_slice(tag.as_ref());
-            }
-            t
-        },
-        &|chunk, i, tag| {
-            ring_key
-                .open_in_place_separate_tag(
+    // ring's ChaCha20-Poly1305 (what the libp2p Noise link runs on), and
+    // AES-256-GCM beside it: what a second cell suite would run at.
+    for (name, alg) in [
+        ("ring", &ring::aead::CHACHA20_POLY1305),
+        ("ring_aes256gcm", &ring::aead::AES_256_GCM),
+    ] {
+        let ring_key = match ring::aead::UnboundKey::new(alg, &[3u8; 32]) {
+            Ok(k) => ring::aead::LessSafeKey::new(k),
+            Err(e) => panic!("ring key: {e}"),
+        };
+        raw(
+            &mut g,
+            name,
+            &|chunk, i| {
+                let mut t = [0u8; 16];
+                if let Ok(tag) = ring_key.seal_in_place_separate_tag(
                     ring::aead::Nonce::assume_unique_for_key(nonce(i)),
                     ring::aead::Aad::empty(),
-                    ring::aead::Tag::from(*tag),
                     chunk,
-                    0..,
-                )
-                .is_ok()
-        },
+                ) {
+                    t.copy_from_slice(tag.as_ref());
+                }
+                t
+            },
+            &|chunk, i, tag| {
+                ring_key
+                    .open_in_place_separate_tag(
+                        ring::aead::Nonce::assume_unique_for_key(nonce(i)),
+                        ring::aead::Aad::empty(),
+                        ring::aead::Tag::from(*tag),
+                        chunk,
+                        0..,
+                    )
+                    .is_ok()
+            },
+        );
+    }
+
+    // AES-256-GCM through libcrypto, the library cells use.
+    let gcm = RefCell::new(OpenSslGcm::new(&[3u8; 32]));
+    raw(
+        &mut g,
+        "openssl_aes256gcm",
+        &|chunk, i| gcm.borrow_mut().seal(&nonce(i), chunk),
+        &|chunk, i, tag| gcm.borrow_mut().open(&nonce(i), chunk, tag),
     );
 
     // OpenSSL, the backend cells use, and aws-lc, its fallback.
@@ -263,6 +281,40 @@ fn cells(c: &mut Criterion) {
         );
     }
     g.finish();
+}
+
+/// AES-256-GCM on one libcrypto context, used as the cells' backend
+/// uses ChaCha20-Poly1305: a nonce per operation, in place, detached tag.
+struct OpenSslGcm {
+    ctx: openssl::cipher_ctx::CipherCtx,
+}
+
+impl OpenSslGcm {
+    fn new(key: &[u8; 32]) -> Self {
+        let mut ctx = openssl::cipher_ctx::CipherCtx::new().expect("context");
+        ctx.encrypt_init(Some(openssl::cipher::Cipher::aes_256_gcm()), Some(key), None)
+            .expect("key");
+        Self { ctx }
+    }
+
+    fn seal(&mut self, nonce: &[u8; 12], data: &mut [u8]) -> [u8; 16] {
+        let mut tag = [0u8; 16];
+        let n = data.len();
+        let ok = self.ctx.encrypt_init(None, None, Some(nonce)).is_ok()
+            && self.ctx.cipher_update_inplace(data, n).is_ok()
+            && self.ctx.cipher_final(&mut []).is_ok()
+            && self.ctx.tag(&mut tag).is_ok();
+        assert!(ok, "AES-256-GCM seal");
+        tag
+    }
+
+    fn open(&mut self, nonce: &[u8; 12], data: &mut [u8], tag: &[u8; 16]) -> bool {
+        let n = data.len();
+        self.ctx.decrypt_init(None, None, Some(nonce)).is_ok()
+            && self.ctx.set_tag(tag).is_ok()
+            && self.ctx.cipher_update_inplace(data, n).is_ok()
+            && self.ctx.cipher_final(&mut []).is_ok()
+    }
 }
 
 fn config() -> Criterion {
