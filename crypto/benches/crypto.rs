@@ -292,8 +292,12 @@ struct OpenSslGcm {
 impl OpenSslGcm {
     fn new(key: &[u8; 32]) -> Self {
         let mut ctx = openssl::cipher_ctx::CipherCtx::new().expect("context");
-        ctx.encrypt_init(Some(openssl::cipher::Cipher::aes_256_gcm()), Some(key), None)
-            .expect("key");
+        ctx.encrypt_init(
+            Some(openssl::cipher::Cipher::aes_256_gcm()),
+            Some(key),
+            None,
+        )
+        .expect("key");
         Self { ctx }
     }
 

@@ -56,6 +56,8 @@ struct TapedStage {
     /// Set (before the reply goes out) when a command panicked; the worker
     /// then stops.
     death: Arc<OnceLock<String>>,
+    /// A step's input values, reused from step to step.
+    input_values: Vec<f32>,
 }
 
 impl TapedStage {
@@ -73,6 +75,7 @@ impl TapedStage {
             pending,
             max_in_flight,
             death,
+            input_values: Vec::new(),
         }
     }
 
@@ -144,10 +147,18 @@ impl TapedStage {
             self.core.set_skip_input_grad(false);
             return Ok((HostTensor::zeros(self.core.input_shape(batch)), grads));
         }
-        let grads = backprop(out.put_tape(tape), g);
-        let mut grad_in = crate::conv::values(&grads.get(&x));
+        let mut grads = backprop(out.put_tape(tape), g);
+        // The input gradient's buffer leaves the gradients without a copy
+        // (only the parameters' gradients are read after this).
+        let numel = x.shape().0 * x.shape().1;
+        let mut grad_in = match grads.get_or_alloc_mut(&x) {
+            Ok(buf) if buf.len() == numel => std::mem::take(&mut **buf),
+            _ => crate::conv::values(&grads.get(&x)),
+        };
         if input_grad == InputGrad::SkipZeroInputs {
-            skip_zero_inputs(&mut grad_in, &crate::conv::values(&x));
+            self.input_values.resize(numel, 0.0);
+            x.copy_into(&mut self.input_values);
+            skip_zero_inputs(&mut grad_in, &self.input_values);
         }
         let grad_in = HostTensor {
             shape: self.core.input_shape(batch),
