@@ -167,9 +167,9 @@ impl Slot {
             .remove(&step)
             .ok_or(ModelError::UnknownStep(step))?;
         let out = self.core.forward(x.trace(Gradients::leaky()));
-        let grads = backprop(out, g);
+        let mut grads = backprop(out, g);
         let grad_in = crate::conv::values(&grads.get(&x));
-        self.core.apply_grads(&grads);
+        self.core.apply_grads(&mut grads);
         Ok(HostTensor {
             shape: self.core.input_shape(batch),
             data: grad_in,

@@ -258,17 +258,34 @@ impl StageCore {
 
     /// Applies one optimizer step from the gradients of a backward pass
     /// through [`StageCore::forward`].
-    pub(crate) fn apply_grads(&mut self, grads: &Gradients<f32, Cpu>) {
+    ///
+    /// The gradients are read where the backward pass left them (no copy);
+    /// only their values matter, so the result is the same either way.
+    pub(crate) fn apply_grads(&mut self, grads: &mut Gradients<f32, Cpu>) {
         self.opt_state.begin_step();
-        self.scratch.resize(self.host_w.len(), 0.0);
-        grads.get(&self.weight).copy_into(&mut self.scratch);
-        self.opt_state
-            .update(&self.opt, 0, &mut self.host_w, &self.scratch);
+        match grads.get_or_alloc_mut(&self.weight) {
+            Ok(g) if g.len() == self.host_w.len() => {
+                self.opt_state.update(&self.opt, 0, &mut self.host_w, g);
+            }
+            _ => {
+                self.scratch.resize(self.host_w.len(), 0.0);
+                grads.get(&self.weight).copy_into(&mut self.scratch);
+                self.opt_state
+                    .update(&self.opt, 0, &mut self.host_w, &self.scratch);
+            }
+        }
         self.weight.copy_from(&self.host_w);
         if !self.host_b.is_empty() {
-            let gb = &mut self.scratch[..self.host_b.len()];
-            grads.get(&self.bias).copy_into(gb);
-            self.opt_state.update(&self.opt, 1, &mut self.host_b, gb);
+            match grads.get_or_alloc_mut(&self.bias) {
+                Ok(g) if g.len() == self.host_b.len() => {
+                    self.opt_state.update(&self.opt, 1, &mut self.host_b, g);
+                }
+                _ => {
+                    let gb = &mut self.scratch[..self.host_b.len()];
+                    grads.get(&self.bias).copy_into(gb);
+                    self.opt_state.update(&self.opt, 1, &mut self.host_b, gb);
+                }
+            }
             self.bias.copy_from(&self.host_b);
         }
         // Saturating, like Adam's count: a restored slot may claim any count.

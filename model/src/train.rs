@@ -125,9 +125,9 @@ impl LocalModel {
         let g = first
             .device()
             .try_tensor_from_vec(grad.data, (batch, classes))?;
-        let grads = backprop(logits.put_tape(tape), g);
+        let mut grads = backprop(logits.put_tape(tape), g);
         for stage in &mut self.stages {
-            stage.apply_grads(&grads);
+            stage.apply_grads(&mut grads);
         }
         // Saturating: the count may come from states of any count.
         self.steps = self.steps.saturating_add(1);

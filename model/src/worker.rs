@@ -115,8 +115,8 @@ impl TapedStage {
         grad_out: HostTensor,
         input_grad: InputGrad,
     ) -> Result<HostTensor, ModelError> {
-        let (grad_in, grads) = self.gradients(step, grad_out, input_grad)?;
-        self.core.apply_grads(&grads);
+        let (grad_in, mut grads) = self.gradients(step, grad_out, input_grad)?;
+        self.core.apply_grads(&mut grads);
         Ok(grad_in)
     }
 
@@ -456,9 +456,9 @@ impl SlotWorker {
                     // The input gradient goes out before the optimizer
                     // step: the same arithmetic, earlier on the wire. The
                     // next command runs after the step, on this thread.
-                    Ok((grad_in, grads)) => {
+                    Ok((grad_in, mut grads)) => {
                         answer(Ok(grad_in));
-                        st.core.apply_grads(&grads);
+                        st.core.apply_grads(&mut grads);
                     }
                     Err(e) => answer(Err(e)),
                 },
