@@ -263,29 +263,15 @@ impl StageCore {
     /// only their values matter, so the result is the same either way.
     pub(crate) fn apply_grads(&mut self, grads: &mut Gradients<f32, Cpu>) {
         self.opt_state.begin_step();
-        match grads.get_or_alloc_mut(&self.weight) {
-            Ok(g) if g.len() == self.host_w.len() => {
-                self.opt_state.update(&self.opt, 0, &mut self.host_w, g);
-            }
-            _ => {
-                self.scratch.resize(self.host_w.len(), 0.0);
-                grads.get(&self.weight).copy_into(&mut self.scratch);
-                self.opt_state
-                    .update(&self.opt, 0, &mut self.host_w, &self.scratch);
-            }
-        }
+        let (opt, state) = (&self.opt, &mut self.opt_state);
+        with_param_grad(grads, &self.weight, &mut self.scratch, |g| {
+            state.update(opt, 0, &mut self.host_w, g)
+        });
         self.weight.copy_from(&self.host_w);
         if !self.host_b.is_empty() {
-            match grads.get_or_alloc_mut(&self.bias) {
-                Ok(g) if g.len() == self.host_b.len() => {
-                    self.opt_state.update(&self.opt, 1, &mut self.host_b, g);
-                }
-                _ => {
-                    let gb = &mut self.scratch[..self.host_b.len()];
-                    grads.get(&self.bias).copy_into(gb);
-                    self.opt_state.update(&self.opt, 1, &mut self.host_b, gb);
-                }
-            }
+            with_param_grad(grads, &self.bias, &mut self.scratch, |g| {
+                state.update(opt, 1, &mut self.host_b, g)
+            });
             self.bias.copy_from(&self.host_b);
         }
         // Saturating, like Adam's count: a restored slot may claim any count.
@@ -298,6 +284,25 @@ impl StageCore {
         crate::digest::hash_f32s(&mut h, &self.host_w);
         crate::digest::hash_f32s(&mut h, &self.host_b);
         *h.finalize().as_bytes()
+    }
+}
+
+/// Runs `f` on `param`'s gradient, read where the backward pass left it;
+/// copied into `scratch` only should it not have the parameter's size.
+fn with_param_grad<S: Shape>(
+    grads: &mut Gradients<f32, Cpu>,
+    param: &Tensor<S, f32, Cpu>,
+    scratch: &mut Vec<f32>,
+    f: impl FnOnce(&[f32]),
+) {
+    let n = param.shape().num_elements();
+    match grads.get_or_alloc_mut(param) {
+        Ok(g) if g.len() == n => f(g),
+        _ => {
+            scratch.resize(n, 0.0);
+            grads.get(param).copy_into(scratch);
+            f(scratch)
+        }
     }
 }
 

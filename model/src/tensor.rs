@@ -547,10 +547,10 @@ fn encode_sparse(data: &[f32], bitmap: &mut [u8], values: &mut [u8]) {
             v += w;
         }
     }
-    let rest = groups.remainder();
+    // The last, partial group (its byte exists exactly when it does).
     if let Some(byte) = bitmap.get_mut(data.len() / 8) {
         let mut bits = 0u8;
-        for (j, x) in rest.iter().enumerate() {
+        for (j, x) in groups.remainder().iter().enumerate() {
             let r = x.to_bits();
             if r != 0 {
                 if let Some(d) = values.get_mut(v..v + 4) {
@@ -560,9 +560,7 @@ fn encode_sparse(data: &[f32], bitmap: &mut [u8], values: &mut [u8]) {
                 bits |= 1 << j;
             }
         }
-        if !rest.is_empty() {
-            *byte = bits;
-        }
+        *byte = bits;
     }
 }
 
