@@ -20,6 +20,11 @@ pub struct Reason {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Security {
+    pub security: String,
+}
+
 /// All metrics of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -60,6 +65,9 @@ pub struct Metrics {
     pub circuit_setups: Gauge,
     /// Overdue setups ended to make room for a new circuit.
     pub circuits_preempted: Counter,
+    /// Connections secured, by what secures them: a TLS 1.3 cipher suite
+    /// or Noise.
+    pub links_secured: Family<Security, Counter>,
 }
 
 impl Default for Metrics {
@@ -94,6 +102,12 @@ impl Metrics {
         let memory_refused = Counter::default();
         let circuit_setups = Gauge::default();
         let circuits_preempted = Counter::default();
+        let links_secured = Family::<Security, Counter>::default();
+        registry.register(
+            "links_secured",
+            "Connections secured, by TLS 1.3 cipher suite or Noise",
+            links_secured.clone(),
+        );
         registry.register(
             "memory_budget_bytes",
             "The node's memory budget for what peers ask of it (--max-memory)",
@@ -230,7 +244,26 @@ impl Metrics {
             memory_refused,
             circuit_setups,
             circuits_preempted,
+            links_secured,
         }
+    }
+
+    pub fn link_secured(&self, security: &str) {
+        self.links_secured
+            .get_or_create(&Security {
+                security: security.into(),
+            })
+            .inc();
+    }
+
+    /// Connections secured so far with `security` (a TLS cipher suite's
+    /// name such as `TLS13_AES_256_GCM_SHA384`, or `noise`).
+    pub fn links_secured_with(&self, security: &str) -> u64 {
+        self.links_secured
+            .get_or_create(&Security {
+                security: security.into(),
+            })
+            .get()
     }
 
     pub fn slot_freed(&self, reason: &str) {

@@ -6,6 +6,7 @@
 //! maps keyed by Kademlia query id. Direct streams for circuits go through
 //! the `libp2p-stream` control, which needs no trip through the loop.
 
+pub mod link;
 pub mod records;
 
 use std::collections::{HashMap, HashSet};
@@ -20,8 +21,8 @@ use libp2p::core::upgrade;
 use libp2p::kad::{self, store::MemoryStore, QueryId, QueryResult, StoreInserts};
 use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    connection_limits, identify, identity::Keypair, noise, ping, Multiaddr, PeerId, StreamProtocol,
-    Swarm, Transport,
+    connection_limits, identify, identity::Keypair, ping, Multiaddr, PeerId, StreamProtocol, Swarm,
+    Transport,
 };
 use mixnn_crypto::descriptor::MAX_DESCRIPTOR_BYTES;
 use mixnn_crypto::{Descriptor, PeerRecord, SignedDescriptor};
@@ -265,14 +266,16 @@ pub struct Network {
 fn build_transport(
     key: &Keypair,
     kind: TransportKind,
+    metrics: &Metrics,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetworkError> {
-    let noise = noise::Config::new(key).map_err(|e| NetworkError::Transport(e.to_string()))?;
+    let security = link::LinkSecurity::new(key, metrics.clone())
+        .map_err(|e| NetworkError::Transport(e.to_string()))?;
     let mut yamux = libp2p::yamux::Config::default();
     yamux.set_max_num_streams(256);
     Ok(match kind {
         TransportKind::Memory => MemoryTransport::default()
             .upgrade(upgrade::Version::V1)
-            .authenticate(noise)
+            .authenticate(security.clone())
             .multiplex(yamux)
             .timeout(Duration::from_secs(20))
             .boxed(),
@@ -280,7 +283,7 @@ fn build_transport(
             let tcp =
                 libp2p::tcp::tokio::Transport::new(libp2p::tcp::Config::default().nodelay(true))
                     .upgrade(upgrade::Version::V1)
-                    .authenticate(noise)
+                    .authenticate(security.clone())
                     .multiplex(yamux)
                     .timeout(Duration::from_secs(20));
             let quic = libp2p::quic::tokio::Transport::new(libp2p::quic::Config::new(key));
@@ -296,9 +299,13 @@ fn build_transport(
     })
 }
 
-fn build_swarm(key: &Keypair, cfg: &NetworkConfig) -> Result<Swarm<Behaviour>, NetworkError> {
+fn build_swarm(
+    key: &Keypair,
+    cfg: &NetworkConfig,
+    metrics: &Metrics,
+) -> Result<Swarm<Behaviour>, NetworkError> {
     let peer_id = key.public().to_peer_id();
-    let transport = build_transport(key, cfg.transport)?;
+    let transport = build_transport(key, cfg.transport, metrics)?;
 
     let mut kad_cfg = kad::Config::new(KAD_PROTOCOL);
     kad_cfg
@@ -412,7 +419,7 @@ impl Network {
         for addr in &cfg.listen {
             port_free(addr)?;
         }
-        let mut swarm = build_swarm(&key, &cfg)?;
+        let mut swarm = build_swarm(&key, &cfg, &metrics)?;
         let control = swarm.behaviour().stream.new_control();
         let mut listeners = HashSet::new();
         for addr in &cfg.listen {

@@ -1,0 +1,489 @@
+//! Link security: how a connection between two nodes is authenticated and
+//! encrypted, beneath the onion encryption of the cells it carries.
+//!
+//! A connection offers TLS 1.3 first (`/tls/1.0.0`, the libp2p TLS
+//! handshake) and Noise second (`/noise`). multistream-select settles on the
+//! first protocol both ends speak, so a peer that knows only Noise still
+//! connects, one round trip later, and one that knows only TLS connects too.
+//! Either way the remote's peer ID comes from a signature by its identity
+//! key, and the swarm checks it against the ID it dialled.
+//!
+//! TLS comes first for speed: every byte of every cell crosses a link, and
+//! libp2p-noise seals with ChaCha20-Poly1305 only. Where the CPU has AES
+//! instructions our TLS offer puts AES-256-GCM first, several times faster
+//! per byte there; elsewhere ChaCha20-Poly1305 leads. The listener follows
+//! the dialer's order.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+
+use futures::future::{self, BoxFuture};
+use futures::{AsyncRead, AsyncWrite, FutureExt};
+use libp2p::core::upgrade::{InboundConnectionUpgrade, OutboundConnectionUpgrade, UpgradeInfo};
+use libp2p::identity::Keypair;
+use libp2p::tls::certificate;
+use libp2p::{noise, PeerId};
+
+use crate::metrics::Metrics;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::{aws_lc_rs, CryptoProvider};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme,
+    SupportedCipherSuite,
+};
+
+/// The libp2p TLS handshake's protocol name.
+pub const TLS_PROTOCOL: &str = "/tls/1.0.0";
+/// The ALPN value the libp2p TLS handshake requires.
+const ALPN: &[u8] = b"libp2p";
+
+/// The stream a secured connection yields: TLS or Noise.
+pub type LinkStream<C> = future::Either<futures_rustls::TlsStream<C>, noise::Output<C>>;
+
+/// Why a connection could not be secured.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("TLS certificate: {0}")]
+    Certificate(String),
+    #[error("Noise handshake: {0}")]
+    Noise(#[from] noise::Error),
+}
+
+/// The TLS 1.3 suites we offer, most wanted first: AES-GCM leads where the
+/// CPU has AES instructions, ChaCha20-Poly1305 where it has not.
+pub fn cipher_suites(aes_in_hardware: bool) -> Vec<SupportedCipherSuite> {
+    use aws_lc_rs::cipher_suite::{
+        TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256,
+    };
+    if aes_in_hardware {
+        vec![
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+            TLS13_CHACHA20_POLY1305_SHA256,
+        ]
+    } else {
+        vec![
+            TLS13_CHACHA20_POLY1305_SHA256,
+            TLS13_AES_256_GCM_SHA384,
+            TLS13_AES_128_GCM_SHA256,
+        ]
+    }
+}
+
+/// Whether this CPU runs AES-GCM in hardware (AES and carry-less multiply).
+pub fn aes_in_hardware() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("aes")
+            && std::arch::is_x86_feature_detected!("pclmulqdq")
+    }
+    #[cfg(target_arch = "aarch64")]
+    {
+        std::arch::is_aarch64_feature_detected!("aes")
+            && std::arch::is_aarch64_feature_detected!("pmull")
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        false
+    }
+}
+
+/// The security upgrade of every connection: TLS first, Noise second.
+#[derive(Clone)]
+pub struct LinkSecurity {
+    tls: TlsLink,
+    noise: noise::Config,
+    metrics: Metrics,
+}
+
+impl LinkSecurity {
+    /// Counts each secured connection in `metrics.links_secured`.
+    pub fn new(key: &Keypair, metrics: Metrics) -> Result<Self, LinkError> {
+        Ok(Self {
+            tls: TlsLink::new(key, aes_in_hardware())?,
+            noise: noise::Config::new(key)?,
+            metrics,
+        })
+    }
+}
+
+/// The name a TLS connection is counted under: its cipher suite.
+fn tls_label(state: &rustls::CommonState) -> String {
+    state
+        .negotiated_cipher_suite()
+        .map_or_else(|| "tls".to_string(), |s| format!("{:?}", s.suite()))
+}
+
+impl UpgradeInfo for LinkSecurity {
+    type Info = &'static str;
+    type InfoIter = std::vec::IntoIter<&'static str>;
+
+    fn protocol_info(&self) -> Self::InfoIter {
+        let mut names = vec![TLS_PROTOCOL];
+        names.extend(self.noise.protocol_info());
+        names.into_iter()
+    }
+}
+
+impl<C> InboundConnectionUpgrade<C> for LinkSecurity
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = (PeerId, LinkStream<C>);
+    type Error = LinkError;
+    type Future = BoxFuture<'static, Result<Self::Output, LinkError>>;
+
+    fn upgrade_inbound(self, socket: C, name: Self::Info) -> Self::Future {
+        if name == TLS_PROTOCOL {
+            let acceptor = futures_rustls::TlsAcceptor::from(self.tls.server);
+            async move {
+                let stream = acceptor.accept(socket).await.map_err(LinkError::Tls)?;
+                let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
+                self.metrics.link_secured(&tls_label(stream.get_ref().1));
+                Ok((peer, future::Either::Left(stream.into())))
+            }
+            .boxed()
+        } else {
+            let noise = self.noise.upgrade_inbound(socket, name);
+            async move {
+                let (peer, stream) = noise.await?;
+                self.metrics.link_secured("noise");
+                Ok((peer, future::Either::Right(stream)))
+            }
+            .boxed()
+        }
+    }
+}
+
+impl<C> OutboundConnectionUpgrade<C> for LinkSecurity
+where
+    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    type Output = (PeerId, LinkStream<C>);
+    type Error = LinkError;
+    type Future = BoxFuture<'static, Result<Self::Output, LinkError>>;
+
+    fn upgrade_outbound(self, socket: C, name: Self::Info) -> Self::Future {
+        if name == TLS_PROTOCOL {
+            let connector = futures_rustls::TlsConnector::from(self.tls.client);
+            async move {
+                // The libp2p TLS handshake sends no server name.
+                let unnamed = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into());
+                let stream = connector
+                    .connect(unnamed, socket)
+                    .await
+                    .map_err(LinkError::Tls)?;
+                let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
+                self.metrics.link_secured(&tls_label(stream.get_ref().1));
+                Ok((peer, future::Either::Left(stream.into())))
+            }
+            .boxed()
+        } else {
+            let noise = self.noise.upgrade_outbound(socket, name);
+            async move {
+                let (peer, stream) = noise.await?;
+                self.metrics.link_secured("noise");
+                Ok((peer, future::Either::Right(stream)))
+            }
+            .boxed()
+        }
+    }
+}
+
+/// Both sides of the TLS handshake for one identity.
+#[derive(Clone)]
+struct TlsLink {
+    client: Arc<rustls::ClientConfig>,
+    server: Arc<rustls::ServerConfig>,
+}
+
+impl TlsLink {
+    fn new(key: &Keypair, aes_in_hardware: bool) -> Result<Self, LinkError> {
+        let provider = Arc::new(CryptoProvider {
+            cipher_suites: cipher_suites(aes_in_hardware),
+            ..aws_lc_rs::default_provider()
+        });
+        // A fresh certificate key, signed by the identity key inside the
+        // libp2p extension; it lives as long as this node.
+        let (cert, cert_key) = certificate::generate(key)
+            .map_err(|e| LinkError::Certificate(format!("generate: {e}")))?;
+        // rustls's own loaders would parse the certificate as a web PKI one
+        // and refuse the libp2p extension, which is marked critical.
+        let signer = aws_lc_rs::sign::any_ecdsa_type(&cert_key)
+            .map_err(|e| LinkError::Certificate(e.to_string()))?;
+        let ours = Arc::new(OurCertificate(Arc::new(CertifiedKey::new(
+            vec![cert],
+            signer,
+        ))));
+        let verifier = Arc::new(PeerCertVerifier);
+        let tls13 = &[&rustls::version::TLS13];
+
+        let mut client = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(tls13)
+            .map_err(|e| LinkError::Certificate(e.to_string()))?
+            .dangerous()
+            .with_custom_certificate_verifier(verifier.clone())
+            .with_client_cert_resolver(ours.clone());
+        client.alpn_protocols = vec![ALPN.to_vec()];
+
+        let mut server = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(tls13)
+            .map_err(|e| LinkError::Certificate(e.to_string()))?
+            .with_client_cert_verifier(verifier)
+            .with_cert_resolver(ours);
+        server.alpn_protocols = vec![ALPN.to_vec()];
+
+        Ok(Self {
+            client: Arc::new(client),
+            server: Arc::new(server),
+        })
+    }
+}
+
+/// Our certificate, presented on both sides of every handshake.
+#[derive(Debug)]
+struct OurCertificate(Arc<CertifiedKey>);
+
+impl ResolvesClientCert for OurCertificate {
+    fn resolve(&self, _hints: &[&[u8]], _schemes: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl ResolvesServerCert for OurCertificate {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// The peer ID behind the one certificate a verified handshake holds.
+fn presented_peer(certs: Option<&[CertificateDer<'_>]>) -> Result<PeerId, LinkError> {
+    match certs {
+        Some([cert]) => certificate::parse(cert)
+            .map(|c| c.peer_id())
+            .map_err(|e| LinkError::Certificate(e.to_string())),
+        _ => Err(LinkError::Certificate(
+            "the handshake ended without exactly one certificate".into(),
+        )),
+    }
+}
+
+/// Checks a libp2p TLS certificate on either side of the handshake: exactly
+/// one, self-signed, carrying a valid signature by the peer's identity key;
+/// and the handshake's signature made with that certificate's key.
+#[derive(Debug)]
+struct PeerCertVerifier;
+
+impl PeerCertVerifier {
+    fn check_chain(
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<PeerId, rustls::Error> {
+        if !intermediates.is_empty() {
+            return Err(rustls::Error::General(
+                "a libp2p peer presents exactly one certificate".into(),
+            ));
+        }
+        certificate::parse(end_entity)
+            .map(|c| c.peer_id())
+            .map_err(|e| rustls::Error::General(format!("libp2p certificate: {e}")))
+    }
+
+    fn check_signature(
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        scheme: SignatureScheme,
+        signature: &[u8],
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        let cert = certificate::parse(cert)
+            .map_err(|e| rustls::Error::General(format!("libp2p certificate: {e}")))?;
+        cert.verify_signature(scheme, message, signature)
+            .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadSignature))?;
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn schemes() -> Vec<SignatureScheme> {
+        vec![
+            SignatureScheme::ECDSA_NISTP384_SHA384,
+            SignatureScheme::ECDSA_NISTP256_SHA256,
+            SignatureScheme::ED25519,
+            SignatureScheme::RSA_PSS_SHA512,
+            SignatureScheme::RSA_PSS_SHA384,
+            SignatureScheme::RSA_PSS_SHA256,
+            SignatureScheme::RSA_PKCS1_SHA512,
+            SignatureScheme::RSA_PKCS1_SHA384,
+            SignatureScheme::RSA_PKCS1_SHA256,
+        ]
+    }
+}
+
+impl ServerCertVerifier for PeerCertVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The peer ID is checked against the dialled one by the swarm.
+        Self::check_chain(end_entity, intermediates)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("only TLS 1.3 is offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Self::check_signature(message, cert, dss.scheme, dss.signature())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        Self::schemes()
+    }
+}
+
+impl ClientCertVerifier for PeerCertVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Self::check_chain(end_entity, intermediates)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("only TLS 1.3 is offered".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Self::check_signature(message, cert, dss.scheme, dss.signature())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        Self::schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rustls::CipherSuite;
+
+    use super::*;
+
+    #[test]
+    fn aes_leads_the_offer_only_where_the_cpu_has_it() {
+        let with = cipher_suites(true);
+        let without = cipher_suites(false);
+        assert_eq!(with[0].suite(), CipherSuite::TLS13_AES_256_GCM_SHA384);
+        assert_eq!(
+            without[0].suite(),
+            CipherSuite::TLS13_CHACHA20_POLY1305_SHA256
+        );
+        assert_eq!(with.len(), 3);
+        assert_eq!(without.len(), 3);
+    }
+
+    #[test]
+    fn a_certificate_names_the_identity_that_signed_it() {
+        let key = Keypair::generate_ed25519();
+        let (cert, _) = certificate::generate(&key).expect("certificate");
+        let peer = key.public().to_peer_id();
+        assert_eq!(
+            presented_peer(Some(std::slice::from_ref(&cert))).expect("one good certificate"),
+            peer
+        );
+        assert_eq!(
+            PeerCertVerifier::check_chain(&cert, &[]).expect("one good certificate"),
+            peer
+        );
+    }
+
+    #[test]
+    fn anything_but_one_good_certificate_is_refused() {
+        let (a, _) = certificate::generate(&Keypair::generate_ed25519()).expect("a");
+        let (b, _) = certificate::generate(&Keypair::generate_ed25519()).expect("b");
+        let garbage = CertificateDer::from(vec![0x30, 0x03, 1, 2, 3]);
+
+        assert!(PeerCertVerifier::check_chain(&garbage, &[]).is_err());
+        assert!(PeerCertVerifier::check_chain(&a, std::slice::from_ref(&b)).is_err());
+        assert!(presented_peer(Some(&[a.clone(), b])).is_err());
+        assert!(presented_peer(Some(&[])).is_err());
+        assert!(presented_peer(None).is_err());
+        assert!(presented_peer(Some(&[garbage])).is_err());
+        // A certificate whose bytes were altered no longer verifies.
+        let mut altered = a.to_vec();
+        let last = altered.len() - 1;
+        altered[last] ^= 1;
+        assert!(PeerCertVerifier::check_chain(&CertificateDer::from(altered), &[]).is_err());
+    }
+
+    #[test]
+    fn only_the_certificate_keys_handshake_signature_is_accepted() {
+        let (cert, cert_key) = certificate::generate(&Keypair::generate_ed25519()).expect("cert");
+        let (other, _) = certificate::generate(&Keypair::generate_ed25519()).expect("other");
+        let scheme = SignatureScheme::ECDSA_NISTP256_SHA256;
+        let signer = aws_lc_rs::sign::any_ecdsa_type(&cert_key)
+            .expect("signing key")
+            .choose_scheme(&[scheme])
+            .expect("P-256");
+        let signature = signer.sign(b"transcript").expect("signature");
+
+        assert!(
+            PeerCertVerifier::check_signature(b"transcript", &cert, scheme, &signature).is_ok()
+        );
+        assert!(
+            PeerCertVerifier::check_signature(b"transcripT", &cert, scheme, &signature).is_err()
+        );
+        assert!(
+            PeerCertVerifier::check_signature(b"transcript", &other, scheme, &signature).is_err()
+        );
+        assert!(PeerCertVerifier::check_signature(b"transcript", &cert, scheme, &[7; 64]).is_err());
+    }
+}
