@@ -15,7 +15,9 @@
 //! the dialer's order.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 
 use futures::future::{self, BoxFuture};
 use futures::{AsyncRead, AsyncWrite, FutureExt};
@@ -43,7 +45,10 @@ pub const TLS_PROTOCOL: &str = "/tls/1.0.0";
 const ALPN: &[u8] = b"libp2p";
 
 /// The stream a secured connection yields: TLS or Noise.
-pub type LinkStream<C> = future::Either<futures_rustls::TlsStream<C>, noise::Output<C>>;
+pub type LinkStream<C> = future::Either<Coalesce<futures_rustls::TlsStream<C>>, noise::Output<C>>;
+
+/// The most bytes [`Coalesce`] holds before it writes them on.
+const COALESCE_BYTES: usize = 64 * 1024;
 
 /// Why a connection could not be secured.
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +152,7 @@ where
                 let stream = acceptor.accept(socket).await.map_err(LinkError::Tls)?;
                 let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
                 self.metrics.link_secured(&tls_label(stream.get_ref().1));
-                Ok((peer, future::Either::Left(stream.into())))
+                Ok((peer, future::Either::Left(Coalesce::new(stream.into()))))
             }
             .boxed()
         } else {
@@ -182,7 +187,7 @@ where
                     .map_err(LinkError::Tls)?;
                 let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
                 self.metrics.link_secured(&tls_label(stream.get_ref().1));
-                Ok((peer, future::Either::Left(stream.into())))
+                Ok((peer, future::Either::Left(Coalesce::new(stream.into()))))
             }
             .boxed()
         } else {
@@ -194,6 +199,88 @@ where
             }
             .boxed()
         }
+    }
+}
+
+/// Gathers the small writes of the multiplexer above a TLS stream into one
+/// write per flush.
+///
+/// yamux writes each frame's 12-byte header and its body apart, then
+/// flushes. Straight onto TLS, that is two records and two system calls
+/// per frame, and the peer's thread woken twice; through this buffer it is
+/// one write of both (Noise gathers the same way inside its own frames).
+/// Reads pass through.
+pub struct Coalesce<S> {
+    inner: S,
+    buf: Vec<u8>,
+    /// How much of `buf` has been written on.
+    done: usize,
+}
+
+impl<S> Coalesce<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            done: 0,
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Coalesce<S> {
+    /// Writes what the buffer holds on to the inner stream.
+    fn poll_drain(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while self.done < self.buf.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &self.buf[self.done..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => self.done += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        self.buf.clear();
+        self.done = 0;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesce<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_read(cx, out)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.buf.len() + data.len() > COALESCE_BYTES {
+            ready!(this.poll_drain(cx))?;
+            if data.len() >= COALESCE_BYTES {
+                return Pin::new(&mut this.inner).poll_write(cx, data);
+            }
+        }
+        this.buf.extend_from_slice(data);
+        Poll::Ready(Ok(data.len()))
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_close(cx)
     }
 }
 
@@ -413,9 +500,89 @@ impl ClientCertVerifier for PeerCertVerifier {
 
 #[cfg(test)]
 mod tests {
+    use futures::AsyncWriteExt;
     use rustls::CipherSuite;
 
     use super::*;
+
+    /// A stream that records the size of every write it takes, taking at
+    /// most `max` bytes a call.
+    #[derive(Default)]
+    struct Recorder {
+        writes: Vec<usize>,
+        bytes: Vec<u8>,
+        flushes: usize,
+        closed: bool,
+        max: usize,
+    }
+
+    impl AsyncWrite for Recorder {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            data: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let n = data.len().min(self.max);
+            self.writes.push(n);
+            self.bytes.extend_from_slice(&data[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.flushes += 1;
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            self.closed = true;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[test]
+    fn a_frames_header_and_body_leave_in_one_write_at_the_flush() {
+        futures::executor::block_on(async {
+            let mut s = Coalesce::new(Recorder {
+                max: usize::MAX,
+                ..Recorder::default()
+            });
+            let body: Vec<u8> = (0..16 * 1024).map(|i| i as u8).collect();
+            s.write_all(&[1; 12]).await.expect("header");
+            s.write_all(&body).await.expect("body");
+            assert!(s.inner.writes.is_empty(), "nothing leaves before the flush");
+            s.flush().await.expect("flush");
+            assert_eq!(s.inner.writes, vec![12 + body.len()]);
+            assert_eq!(s.inner.flushes, 1);
+            assert_eq!(&s.inner.bytes[12..], &body[..]);
+
+            // More than the buffer holds goes on at once, in order.
+            let big = vec![9; COALESCE_BYTES + 5];
+            s.write_all(&[2; 3]).await.expect("small");
+            s.write_all(&big).await.expect("big");
+            assert_eq!(&s.inner.writes[1..], &[3, COALESCE_BYTES + 5]);
+            s.write_all(&[3; 4]).await.expect("tail");
+            s.close().await.expect("close");
+            assert!(s.inner.closed);
+            let total = 12 + body.len() + 3 + big.len() + 4;
+            assert_eq!(s.inner.bytes.len(), total, "close writes the rest first");
+            assert_eq!(&s.inner.bytes[total - 4..], &[3; 4]);
+        });
+    }
+
+    #[test]
+    fn a_short_inner_write_keeps_the_rest_in_order() {
+        futures::executor::block_on(async {
+            let mut s = Coalesce::new(Recorder {
+                max: 1000,
+                ..Recorder::default()
+            });
+            let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
+            s.write_all(&data).await.expect("write");
+            s.flush().await.expect("flush");
+            assert_eq!(s.inner.bytes, data);
+            assert_eq!(s.inner.writes, vec![1000; 5]);
+        });
+    }
 
     #[test]
     fn aes_leads_the_offer_only_where_the_cpu_has_it() {
