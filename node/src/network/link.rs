@@ -45,10 +45,13 @@ pub const TLS_PROTOCOL: &str = "/tls/1.0.0";
 const ALPN: &[u8] = b"libp2p";
 
 /// The stream a secured connection yields: TLS or Noise.
-pub type LinkStream<C> = future::Either<Coalesce<futures_rustls::TlsStream<C>>, noise::Output<C>>;
+pub type LinkStream<C> =
+    future::Either<Coalesce<futures_rustls::TlsStream<ReadAhead<C>>>, noise::Output<C>>;
 
 /// The most bytes [`Coalesce`] holds before it writes them on.
 const COALESCE_BYTES: usize = 64 * 1024;
+/// The most bytes [`ReadAhead`] takes from the socket in one read.
+const READ_AHEAD_BYTES: usize = 64 * 1024;
 
 /// Why a connection could not be secured.
 #[derive(Debug, thiserror::Error)]
@@ -149,7 +152,10 @@ where
         if name == TLS_PROTOCOL {
             let acceptor = futures_rustls::TlsAcceptor::from(self.tls.server);
             async move {
-                let stream = acceptor.accept(socket).await.map_err(LinkError::Tls)?;
+                let stream = acceptor
+                    .accept(ReadAhead::new(socket))
+                    .await
+                    .map_err(LinkError::Tls)?;
                 let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
                 self.metrics.link_secured(&tls_label(stream.get_ref().1));
                 Ok((peer, future::Either::Left(Coalesce::new(stream.into()))))
@@ -182,7 +188,7 @@ where
                 // The libp2p TLS handshake sends no server name.
                 let unnamed = ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into());
                 let stream = connector
-                    .connect(unnamed, socket)
+                    .connect(unnamed, ReadAhead::new(socket))
                     .await
                     .map_err(LinkError::Tls)?;
                 let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
@@ -280,6 +286,82 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
 
     fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         ready!(self.poll_drain(cx))?;
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
+
+/// Reads the socket in large pieces beneath TLS.
+///
+/// rustls asks for 4 KiB at a time, so a 16 KiB record took five reads
+/// from the socket, each a system call, and on TCP each read may send a
+/// window update back. Through this buffer one read takes up to 64 KiB
+/// and rustls's small reads are served from memory. Writes pass through.
+pub struct ReadAhead<C> {
+    inner: C,
+    buf: Vec<u8>,
+    /// The unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+}
+
+impl<C> ReadAhead<C> {
+    fn new(inner: C) -> Self {
+        Self {
+            inner,
+            buf: Vec::new(),
+            start: 0,
+            end: 0,
+        }
+    }
+}
+
+impl<C: AsyncRead + Unpin> AsyncRead for ReadAhead<C> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        out: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = &mut *self;
+        if this.start == this.end {
+            if out.len() >= READ_AHEAD_BYTES {
+                return Pin::new(&mut this.inner).poll_read(cx, out);
+            }
+            if this.buf.len() < READ_AHEAD_BYTES {
+                this.buf.resize(READ_AHEAD_BYTES, 0);
+            }
+            let n = ready!(Pin::new(&mut this.inner).poll_read(cx, &mut this.buf))?;
+            this.start = 0;
+            this.end = n;
+        }
+        let n = out.len().min(this.end - this.start);
+        out[..n].copy_from_slice(&this.buf[this.start..this.start + n]);
+        this.start += n;
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl<C: AsyncWrite + Unpin> AsyncWrite for ReadAhead<C> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_close(cx)
     }
 }
@@ -566,6 +648,65 @@ mod tests {
             let total = 12 + body.len() + 3 + big.len() + 4;
             assert_eq!(s.inner.bytes.len(), total, "close writes the rest first");
             assert_eq!(&s.inner.bytes[total - 4..], &[3; 4]);
+        });
+    }
+
+    /// A stream that hands out `data` and records the size of every read
+    /// it is asked for.
+    struct Source {
+        data: Vec<u8>,
+        at: usize,
+        asked: Vec<usize>,
+    }
+
+    impl AsyncRead for Source {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            out: &mut [u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.asked.push(out.len());
+            let n = out.len().min(self.data.len() - self.at);
+            let at = self.at;
+            out[..n].copy_from_slice(&self.data[at..at + n]);
+            self.at += n;
+            Poll::Ready(Ok(n))
+        }
+    }
+
+    #[test]
+    fn small_reads_are_served_from_one_large_socket_read() {
+        use futures::AsyncReadExt;
+        futures::executor::block_on(async {
+            let data: Vec<u8> = (0..100_000u32).map(|i| (i % 253) as u8).collect();
+            let mut r = ReadAhead::new(Source {
+                data: data.clone(),
+                at: 0,
+                asked: Vec::new(),
+            });
+            let mut got = Vec::new();
+            let mut piece = [0u8; 4096];
+            loop {
+                let n = r.read(&mut piece).await.expect("read");
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&piece[..n]);
+            }
+            assert_eq!(got, data, "every byte, in order, then the end");
+            // 100,000 bytes in 64 KiB reads: two, and one that finds the end.
+            assert_eq!(r.inner.asked, vec![READ_AHEAD_BYTES; 3]);
+
+            // A read as large as the buffer goes straight to the socket.
+            let mut r = ReadAhead::new(Source {
+                data: data.clone(),
+                at: 0,
+                asked: Vec::new(),
+            });
+            let mut big = vec![0u8; 80_000];
+            let n = r.read(&mut big).await.expect("read");
+            assert_eq!(&big[..n], &data[..n]);
+            assert_eq!(r.inner.asked, vec![80_000]);
         });
     }
 
