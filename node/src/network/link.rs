@@ -85,6 +85,16 @@ pub fn cipher_suites(aes_in_hardware: bool) -> Vec<SupportedCipherSuite> {
     }
 }
 
+/// The TLS key exchanges we offer, most wanted first: X25519, as Noise
+/// and the cells' onion layers use, then the others libp2p peers may ask
+/// for. The post-quantum hybrid comes last: a link carries only cells
+/// already sealed under X25519-agreed keys, so its larger keys would buy
+/// little.
+pub fn key_exchanges() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
+    use aws_lc_rs::kx_group::{SECP256R1, SECP384R1, X25519, X25519MLKEM768};
+    vec![X25519, SECP256R1, SECP384R1, X25519MLKEM768]
+}
+
 /// Whether this CPU runs AES-GCM in hardware (AES and carry-less multiply).
 pub fn aes_in_hardware() -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -377,6 +387,7 @@ impl TlsLink {
     fn new(key: &Keypair, aes_in_hardware: bool) -> Result<Self, LinkError> {
         let provider = Arc::new(CryptoProvider {
             cipher_suites: cipher_suites(aes_in_hardware),
+            kx_groups: key_exchanges(),
             ..aws_lc_rs::default_provider()
         });
         // A fresh certificate key, signed by the identity key inside the
@@ -736,6 +747,15 @@ mod tests {
         );
         assert_eq!(with.len(), 3);
         assert_eq!(without.len(), 3);
+    }
+
+    #[test]
+    fn x25519_leads_the_key_exchanges() {
+        let groups = key_exchanges();
+        assert_eq!(groups[0].name(), rustls::NamedGroup::X25519);
+        assert!(groups
+            .iter()
+            .any(|g| g.name() == rustls::NamedGroup::X25519MLKEM768));
     }
 
     #[test]
