@@ -88,37 +88,34 @@ fn bare_behaviour(key: &Keypair) -> Bare {
     }
 }
 
+/// A plain libp2p peer on TCP and yamux, securing its links with
+/// `$security` only.
+macro_rules! bare_peer {
+    ($security:expr) => {
+        SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                libp2p::tcp::Config::default(),
+                $security,
+                libp2p::yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_behaviour(bare_behaviour)
+            .expect("behaviour")
+            .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
+            .build()
+    };
+}
+
 /// A plain libp2p peer that secures its links with Noise only.
 fn noise_only_peer() -> Swarm<Bare> {
-    SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::noise::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(bare_behaviour)
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
-        .build()
+    bare_peer!(libp2p::noise::Config::new)
 }
 
 /// A plain libp2p peer that secures its links with libp2p's own TLS only,
 /// which offers ChaCha20-Poly1305 first.
 fn stock_tls_only_peer() -> Swarm<Bare> {
-    SwarmBuilder::with_new_identity()
-        .with_tokio()
-        .with_tcp(
-            libp2p::tcp::Config::default(),
-            libp2p::tls::Config::new,
-            libp2p::yamux::Config::default,
-        )
-        .expect("tcp")
-        .with_behaviour(bare_behaviour)
-        .expect("behaviour")
-        .with_swarm_config(|c| c.with_idle_connection_timeout(WAIT))
-        .build()
+    bare_peer!(libp2p::tls::Config::new)
 }
 
 /// Drives `peer` until a node it did not dial has connected and been
