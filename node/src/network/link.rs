@@ -159,6 +159,7 @@ where
     type Future = BoxFuture<'static, Result<Self::Output, LinkError>>;
 
     fn upgrade_inbound(self, socket: C, name: Self::Info) -> Self::Future {
+        let metrics = self.metrics;
         if name == TLS_PROTOCOL {
             let acceptor = futures_rustls::TlsAcceptor::from(self.tls.server);
             async move {
@@ -166,19 +167,11 @@ where
                     .accept(ReadAhead::new(socket))
                     .await
                     .map_err(LinkError::Tls)?;
-                let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
-                self.metrics.link_secured(&tls_label(stream.get_ref().1));
-                Ok((peer, future::Either::Left(Coalesce::new(stream.into()))))
+                tls_secured(&metrics, stream.into())
             }
             .boxed()
         } else {
-            let noise = self.noise.upgrade_inbound(socket, name);
-            async move {
-                let (peer, stream) = noise.await?;
-                self.metrics.link_secured("noise");
-                Ok((peer, future::Either::Right(stream)))
-            }
-            .boxed()
+            noise_secured(metrics, self.noise.upgrade_inbound(socket, name)).boxed()
         }
     }
 }
@@ -192,6 +185,7 @@ where
     type Future = BoxFuture<'static, Result<Self::Output, LinkError>>;
 
     fn upgrade_outbound(self, socket: C, name: Self::Info) -> Self::Future {
+        let metrics = self.metrics;
         if name == TLS_PROTOCOL {
             let connector = futures_rustls::TlsConnector::from(self.tls.client);
             async move {
@@ -201,21 +195,35 @@ where
                     .connect(unnamed, ReadAhead::new(socket))
                     .await
                     .map_err(LinkError::Tls)?;
-                let peer = presented_peer(stream.get_ref().1.peer_certificates())?;
-                self.metrics.link_secured(&tls_label(stream.get_ref().1));
-                Ok((peer, future::Either::Left(Coalesce::new(stream.into()))))
+                tls_secured(&metrics, stream.into())
             }
             .boxed()
         } else {
-            let noise = self.noise.upgrade_outbound(socket, name);
-            async move {
-                let (peer, stream) = noise.await?;
-                self.metrics.link_secured("noise");
-                Ok((peer, future::Either::Right(stream)))
-            }
-            .boxed()
+            noise_secured(metrics, self.noise.upgrade_outbound(socket, name)).boxed()
         }
     }
+}
+
+/// A finished TLS handshake, either side: the peer it proved, counted under
+/// its cipher suite.
+fn tls_secured<C>(
+    metrics: &Metrics,
+    stream: futures_rustls::TlsStream<ReadAhead<C>>,
+) -> Result<(PeerId, LinkStream<C>), LinkError> {
+    let state = stream.get_ref().1;
+    let peer = presented_peer(state.peer_certificates())?;
+    metrics.link_secured(&tls_label(state));
+    Ok((peer, future::Either::Left(Coalesce::new(stream))))
+}
+
+/// A Noise handshake, either side, counted once it succeeds.
+async fn noise_secured<C>(
+    metrics: Metrics,
+    handshake: impl std::future::Future<Output = Result<(PeerId, noise::Output<C>), noise::Error>>,
+) -> Result<(PeerId, LinkStream<C>), LinkError> {
+    let (peer, stream) = handshake.await?;
+    metrics.link_secured("noise");
+    Ok((peer, future::Either::Right(stream)))
 }
 
 /// Gathers the small writes of the multiplexer above a TLS stream into one
