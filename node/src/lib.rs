@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod discovery;
 pub mod input;
 pub mod local_net;
+pub mod memcopy;
 pub mod metrics;
 pub mod network;
 pub mod node;

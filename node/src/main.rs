@@ -102,6 +102,9 @@ fn error_kind(e: &anyhow::Error) -> &'static str {
 }
 
 fn main() -> std::process::ExitCode {
+    // First, before any thread: may start this program again with glibc's
+    // copies tuned (see the module).
+    mixnn_node::memcopy::tune_or_continue();
     let cli = Cli::parse();
     let json = std::env::args().skip(1).any(|a| a == "--json");
     // Long-running services log their events; one-shot commands only warnings.

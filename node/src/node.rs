@@ -323,6 +323,7 @@ impl RunningNode {
             peer = %network.peer_id(),
             roles = %roles,
             free_slots = state.free_slots(),
+            copies = %crate::memcopy::describe(),
         );
         Ok(Self {
             network,

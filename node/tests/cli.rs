@@ -306,9 +306,8 @@ fn with_json_a_failure_is_the_last_line_of_stdout() {
     assert!(out.stdout.is_empty());
 }
 
-#[test]
-fn a_node_whose_bootstrap_never_answers_says_it_is_alone() {
-    let dir = tempfile::tempdir().expect("tempdir");
+/// A `mixnn node` whose bootstrap is a closed port, and its stderr lines.
+fn lonely_node(dir: &Path) -> (std::process::Child, std::sync::mpsc::Receiver<String>) {
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .expect("bind")
         .local_addr()
@@ -326,7 +325,9 @@ fn a_node_whose_bootstrap_never_answers_says_it_is_alone() {
             &boot,
         ])
         .arg("--data-dir")
-        .arg(dir.path())
+        .arg(dir)
+        .env_remove("GLIBC_TUNABLES")
+        .env_remove(mixnn_node::memcopy::MEASURED_VAR)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -340,20 +341,73 @@ fn a_node_whose_bootstrap_never_answers_says_it_is_alone() {
             }
         }
     });
+    (child, rx)
+}
+
+/// The first line that contains `what`, within 20 s, and every line before.
+fn wait_for_line(
+    rx: &std::sync::mpsc::Receiver<String>,
+    what: &str,
+) -> (Option<String>, Vec<String>) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
-    let found = loop {
+    loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(l) if l.contains("alone") => break Some(l),
+            Ok(l) if l.contains(what) => return (Some(l), seen),
             Ok(l) => seen.push(l),
-            Err(_) => break None,
+            Err(_) => return (None, seen),
         }
-    };
+    }
+}
+
+#[test]
+fn a_node_whose_bootstrap_never_answers_says_it_is_alone() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, rx) = lonely_node(dir.path());
+    let (found, seen) = wait_for_line(&rx, "alone");
     let _ = child.kill();
     let _ = child.wait();
     let line = found.unwrap_or_else(|| panic!("no warning; stderr was:\n{}", seen.join("\n")));
     assert!(line.contains("connection refused"), "{line}");
+}
+
+#[test]
+fn a_node_tunes_glibcs_copies_exactly_where_copies_just_past_their_source_are_slow() {
+    // The same C library and CPU as the node's: this process measures
+    // what the node will.
+    let slowdown = mixnn_node::memcopy::near_copy_slowdown();
+    eprintln!("copies just past their source: {slowdown:.1}x slower than elsewhere here");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (mut child, rx) = lonely_node(dir.path());
+    let (found, seen) = wait_for_line(&rx, "node_started");
+    // Started again or not, the node is the process spawned, and it runs.
+    let (alone, _) = wait_for_line(&rx, "alone");
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = found.unwrap_or_else(|| panic!("no copies line; stderr was:\n{}", seen.join("\n")));
+    assert!(alone.is_some(), "the node did not run on: {line}");
+    assert!(line.contains("copies="), "{line}");
+    let tuned = line.contains(mixnn_node::memcopy::TUNABLE);
+    let glibc_x86 = cfg!(all(
+        target_os = "linux",
+        target_env = "gnu",
+        target_arch = "x86_64"
+    ));
+    // Far from the threshold either way (about 20x slow, about 1x healthy).
+    if glibc_x86 && slowdown > 2.0 * mixnn_node::memcopy::SLOW_FACTOR {
+        assert!(
+            tuned,
+            "copies just past their source {slowdown:.1}x slower here, yet: {line}"
+        );
+    }
+    if slowdown < mixnn_node::memcopy::SLOW_FACTOR / 2.0 {
+        assert!(
+            !tuned,
+            "copies just past their source {slowdown:.1}x here, yet: {line}"
+        );
+        assert!(line.contains("as the C library chose"), "{line}");
+    }
 }
 
 #[test]

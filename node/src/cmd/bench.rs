@@ -137,13 +137,14 @@ impl ExperimentArgs {
 
 fn environment() -> String {
     format!(
-        "{} CPU cores, {} {}, mixnn {}; `{}`",
+        "{} CPU cores, {} {}, mixnn {}; {}; `{}`",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
         std::env::consts::OS,
         std::env::consts::ARCH,
         env!("CARGO_PKG_VERSION"),
+        mixnn_node::memcopy::describe(),
         std::env::args().collect::<Vec<_>>().join(" ")
     )
 }
