@@ -1,14 +1,15 @@
 //! Circuit frames: `read_frame` over a byte stream until it ends, every
-//! frame written again byte for byte; and frames of the fuzzer's choosing
-//! written, read back, and read from a stream cut short.
+//! frame written again byte for byte and read the same by a relay
+//! (`read_relay_frame`); and frames of the fuzzer's choosing written, read
+//! back, and read from a stream cut short.
 
 use futures::executor::block_on;
 use futures::io::Cursor;
 use mixnn_crypto::cells::CELL_BYTES;
 use mixnn_crypto::onion::SETUP_PACKET_BYTES;
 use mixnn_node::circuit::wire::{
-    read_frame, write_cell, write_error, write_setup, write_teardown, FrameKind, WireError,
-    MAX_ERROR_BYTES,
+    read_frame, read_relay_frame, write_cell_frame, write_error, write_setup, write_teardown,
+    FrameKind, WireError, CELL_FRAME_BYTES, HEADER_BYTES, MAX_ERROR_BYTES,
 };
 
 use crate::input::{seed, Input};
@@ -50,6 +51,15 @@ fn raw(stream: &[u8]) {
             let end = r.position() as usize;
             let again = write(frame, &buf).await;
             assert!(again == stream[start..end], "{frame:?} written differs");
+            // A relay reads the same frame, a cell kept whole.
+            let mut relay = Cursor::new(&stream[start..]);
+            let mut whole = Vec::new();
+            let got = read_relay_frame(&mut relay, &mut whole).await;
+            assert!(matches!(got, Ok(f) if f == frame), "a relay read {got:?}");
+            match frame.1 {
+                FrameKind::Cell => assert!(whole == stream[start..end], "relay frame differs"),
+                _ => assert!(whole == buf, "relay body differs"),
+            }
         }
     });
 }
@@ -64,7 +74,9 @@ async fn write((cid, kind): (u64, FrameKind), body: &[u8]) -> Vec<u8> {
         }
         FrameKind::Cell => {
             assert_eq!(body.len(), CELL_BYTES);
-            write_cell(&mut out, cid, body).await
+            let mut frame = vec![0u8; CELL_FRAME_BYTES];
+            frame[HEADER_BYTES..].copy_from_slice(body);
+            write_cell_frame(&mut out, cid, &mut frame).await
         }
         FrameKind::Error => {
             assert!(body.len() <= MAX_ERROR_BYTES);

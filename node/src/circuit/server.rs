@@ -629,7 +629,7 @@ impl CircuitServer {
             let frame = tokio::select! {
                 biased;
                 _ = circuit.cancelled() => return End::Failed("circuit cancelled".into()),
-                f = tokio::time::timeout(self.timeouts.idle, wire::read_frame(up_r, buf)) => f,
+                f = tokio::time::timeout(self.timeouts.idle, wire::read_relay_frame(up_r, buf)) => f,
             };
             match frame {
                 Ok(Ok((_, FrameKind::Cell))) => {
@@ -637,10 +637,10 @@ impl CircuitServer {
                         self.moved(id);
                     }
                     if let Some(tap) = &self.tap {
-                        tap.cell_in(self.me, buf);
+                        tap.cell_in(self.me, wire::cell_of(buf));
                     }
                     let w = async {
-                        wire::write_cell(down_w, down_cid, buf).await?;
+                        wire::write_cell_frame(down_w, down_cid, buf).await?;
                         futures::AsyncWriteExt::flush(down_w).await?;
                         Ok::<_, WireError>(())
                     };
@@ -650,7 +650,7 @@ impl CircuitServer {
                         Err(_) => return End::NextHop("the next hop stopped reading".into()),
                     }
                     self.metrics().cells_relayed.inc();
-                    self.metrics().bytes_relayed.inc_by(buf.len() as u64);
+                    self.metrics().bytes_relayed.inc_by(CELL_BYTES as u64);
                 }
                 Ok(Ok((_, FrameKind::Teardown))) => {
                     let _ = wire::write_teardown(down_w, down_cid).await;
@@ -869,7 +869,7 @@ impl CircuitServer {
             while message.remaining() > 0 {
                 let mut cell = writer.buffer();
                 let t = Instant::now();
-                let sealed = message.seal_next(&mut cell);
+                let sealed = message.seal_next(wire::cell_of_mut(&mut cell));
                 self.metrics()
                     .host_crypto_seconds
                     .inc_by(t.elapsed().as_secs_f64());
@@ -919,8 +919,8 @@ impl CellWriter {
         let task = tokio::spawn(async move {
             while let Some(cmd) = rx.recv().await {
                 let r = match cmd {
-                    WriterCmd::Cell(cell) => {
-                        let r = wire::write_cell(&mut down_w, cid, &cell).await;
+                    WriterCmd::Cell(mut cell) => {
+                        let r = wire::write_cell_frame(&mut down_w, cid, &mut cell).await;
                         let _ = spare_tx.try_send(cell);
                         r
                     }
@@ -958,11 +958,12 @@ impl CellWriter {
             .unwrap_or_else(|| "the writer stopped".into())
     }
 
-    /// A cell buffer, reused when one has come back.
+    /// A cell frame's buffer (`CELL_FRAME_BYTES`), reused when one has
+    /// come back.
     fn buffer(&mut self) -> Vec<u8> {
         self.spare
             .try_recv()
-            .unwrap_or_else(|_| vec![0u8; CELL_BYTES])
+            .unwrap_or_else(|_| vec![0u8; wire::CELL_FRAME_BYTES])
     }
 
     /// Queue a cell; fails if the next hop has taken no cells for `timeout`.

@@ -17,6 +17,10 @@ use mixnn_crypto::onion::SETUP_PACKET_BYTES;
 use thiserror::Error;
 
 pub const HEADER_BYTES: usize = 9;
+/// A cell frame: header and cell, written in one piece so that the link
+/// carries it as one multiplexer frame.
+pub const CELL_FRAME_BYTES: usize = HEADER_BYTES + CELL_BYTES;
+const _: () = assert!(CELL_FRAME_BYTES <= crate::network::mux::FRAME_BYTES);
 /// Largest sealed error report.
 pub const MAX_ERROR_BYTES: usize = 1024;
 
@@ -73,6 +77,25 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<(u64, FrameKind), WireError> {
+    read(r, buf, false).await
+}
+
+/// [`read_frame`] for a relay: a cell is left in `buf` as a whole cell
+/// frame, header in front, for [`write_cell_frame`] to send on under the
+/// next link's circuit id. Other frames are left as [`read_frame`] leaves
+/// them.
+pub async fn read_relay_frame<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<(u64, FrameKind), WireError> {
+    read(r, buf, true).await
+}
+
+async fn read<R: AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    keep_cell_header: bool,
+) -> Result<(u64, FrameKind), WireError> {
     let mut head = [0u8; HEADER_BYTES];
     match r.read_exact(&mut head).await {
         Ok(()) => {}
@@ -92,6 +115,12 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
                     epoch: u64::from_le_bytes(epoch),
                 },
             ))
+        }
+        CELL if keep_cell_header => {
+            buf.resize(CELL_FRAME_BYTES, 0);
+            buf[..HEADER_BYTES].copy_from_slice(&head);
+            r.read_exact(&mut buf[HEADER_BYTES..]).await?;
+            Ok((cid, FrameKind::Cell))
         }
         CELL => {
             buf.resize(CELL_BYTES, 0);
@@ -117,6 +146,16 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     }
 }
 
+/// The cell of a cell frame (see [`CELL_FRAME_BYTES`]).
+pub fn cell_of(frame: &[u8]) -> &[u8] {
+    &frame[HEADER_BYTES..]
+}
+
+/// The cell of a cell frame, to seal into.
+pub fn cell_of_mut(frame: &mut [u8]) -> &mut [u8] {
+    &mut frame[HEADER_BYTES..]
+}
+
 fn header(kind: u8, cid: u64) -> [u8; HEADER_BYTES] {
     let mut h = [0u8; HEADER_BYTES];
     h[0] = kind;
@@ -139,26 +178,29 @@ pub async fn write_setup<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Write one cell; the caller flushes after the last cell of a message.
-pub async fn write_cell<W: AsyncWrite + Unpin>(
+/// Write one cell frame (`CELL_FRAME_BYTES`: room for the header, then
+/// the cell) under circuit `cid`, in one write; the caller flushes after
+/// the last cell of a message.
+pub async fn write_cell_frame<W: AsyncWrite + Unpin>(
     w: &mut W,
     cid: u64,
-    cell: &[u8],
+    frame: &mut [u8],
 ) -> Result<(), WireError> {
-    debug_assert_eq!(cell.len(), CELL_BYTES);
-    w.write_all(&header(CELL, cid)).await?;
-    w.write_all(cell).await?;
+    debug_assert_eq!(frame.len(), CELL_FRAME_BYTES);
+    frame[..HEADER_BYTES].copy_from_slice(&header(CELL, cid));
+    w.write_all(frame).await?;
     Ok(())
 }
 
-/// Write every cell in `cells` (a multiple of CELL_BYTES) and flush.
-pub async fn write_cells<W: AsyncWrite + Unpin>(
+/// Write every cell frame in `frames` (a multiple of `CELL_FRAME_BYTES`)
+/// and flush.
+pub async fn write_cell_frames<W: AsyncWrite + Unpin>(
     w: &mut W,
     cid: u64,
-    cells: &[u8],
+    frames: &mut [u8],
 ) -> Result<(), WireError> {
-    for cell in cells.chunks(CELL_BYTES) {
-        write_cell(w, cid, cell).await?;
+    for frame in frames.chunks_mut(CELL_FRAME_BYTES) {
+        write_cell_frame(w, cid, frame).await?;
     }
     w.flush().await?;
     Ok(())
@@ -200,7 +242,7 @@ mod tests {
             write_setup(&mut out, 7, 3, &vec![9u8; SETUP_PACKET_BYTES])
                 .await
                 .expect("setup");
-            write_cells(&mut out, 7, &vec![1u8; 2 * CELL_BYTES])
+            write_cell_frames(&mut out, 7, &mut vec![1u8; 3 * CELL_FRAME_BYTES])
                 .await
                 .expect("cells");
             write_error(&mut out, 7, b"boom").await.expect("error");
@@ -219,8 +261,27 @@ mod tests {
                 );
                 assert!(buf.iter().all(|&b| b == 1));
             }
+            // A relay keeps the frame whole, header in front.
+            let mut frame = Vec::new();
             assert_eq!(
-                read_frame(&mut r, &mut buf).await.expect("f").1,
+                read_relay_frame(&mut r, &mut frame).await.expect("f"),
+                (7, FrameKind::Cell)
+            );
+            assert_eq!(frame.len(), CELL_FRAME_BYTES);
+            assert!(cell_of(&frame).iter().all(|&b| b == 1));
+            // And sends it on under another circuit id, byte for byte.
+            let mut on = Cursor::new(Vec::new());
+            write_cell_frame(&mut on, 9, &mut frame)
+                .await
+                .expect("relay");
+            let mut back = Cursor::new(on.into_inner());
+            assert_eq!(
+                read_frame(&mut back, &mut buf).await.expect("f"),
+                (9, FrameKind::Cell)
+            );
+            assert!(buf.len() == CELL_BYTES && buf.iter().all(|&b| b == 1));
+            assert_eq!(
+                read_relay_frame(&mut r, &mut buf).await.expect("f").1,
                 FrameKind::Error
             );
             assert_eq!(buf, b"boom");

@@ -9,7 +9,9 @@ use std::time::Duration;
 use futures::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use futures::StreamExt;
 use libp2p::{PeerId, Stream};
-use mixnn_crypto::cells::{seal_message, CellKey, CellOpener, CellSealer, MessageReader};
+use mixnn_crypto::cells::{
+    CellKey, CellOpener, CellSealer, MessageCells, MessageReader, CELL_BYTES,
+};
 use mixnn_crypto::onion::{build_setup, peel_setup, HopSecrets, HopSpec};
 use mixnn_crypto::replay::MemoryReplayCache;
 use mixnn_crypto::OnionKeyPair;
@@ -165,6 +167,7 @@ pub struct Ring {
     limits: DecodeLimits,
     buf: Vec<u8>,
     encoded: Vec<u8>,
+    /// The cell frames of the message being sent (see `wire::CELL_FRAME_BYTES`).
     cells: Vec<u8>,
     /// Bytes sent and received in cells (for the run's breakdown).
     pub bytes_sent: u64,
@@ -326,14 +329,22 @@ impl Ring {
         msg.encode_into(&mut self.encoded)
             .map_err(|e| RingError::Protocol(e.to_string()))?;
         self.codec += t.elapsed();
-        self.cells.clear();
         let t = std::time::Instant::now();
-        seal_message(&mut self.sealer, &self.encoded, &mut self.cells)
+        // Cell frames, each sealed behind room for its header. Every byte
+        // is overwritten, so the buffer is not cleared first.
+        let mut message = MessageCells::new(&mut self.sealer, &self.encoded)
             .map_err(|e| RingError::Protocol(e.to_string()))?;
+        let total = message.total();
+        self.cells.resize(total * wire::CELL_FRAME_BYTES, 0);
+        for frame in self.cells.chunks_mut(wire::CELL_FRAME_BYTES) {
+            message
+                .seal_next(wire::cell_of_mut(frame))
+                .map_err(|e| RingError::Protocol(e.to_string()))?;
+        }
         self.crypto += t.elapsed();
         let write = tokio::time::timeout(
             self.io_timeout,
-            wire::write_cells(&mut self.down, self.down_cid, &self.cells),
+            wire::write_cell_frames(&mut self.down, self.down_cid, &mut self.cells),
         );
         tokio::select! {
             r = write => r
@@ -341,7 +352,7 @@ impl Ring {
                 .map_err(|e| RingError::Broken(format!("sending to the first hop: {e}")))?,
             e = self.errors.recv() => return Err(attribute(&self.hops, &self.secrets, e)),
         }
-        self.bytes_sent += self.cells.len() as u64;
+        self.bytes_sent += (total * CELL_BYTES) as u64;
         Ok(())
     }
 

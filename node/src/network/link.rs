@@ -233,7 +233,8 @@ async fn noise_secured<C>(
 /// flushes. Straight onto TLS, that is two records and two system calls
 /// per frame, and the peer's thread woken twice; through this buffer it is
 /// one write of both (Noise gathers the same way inside its own frames).
-/// Reads pass through.
+/// A body too large to hold goes on in one vectored write with what is
+/// held before it. Reads pass through.
 pub struct Coalesce<S> {
     inner: S,
     buf: Vec<u8>,
@@ -287,14 +288,36 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesce<S> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
-        if this.buf.len() + data.len() > COALESCE_BYTES {
-            ready!(this.poll_drain(cx))?;
-            if data.len() >= COALESCE_BYTES {
+        loop {
+            if this.buf.len() + data.len() <= COALESCE_BYTES {
+                this.buf.extend_from_slice(data);
+                return Poll::Ready(Ok(data.len()));
+            }
+            let held = this.buf.len() - this.done;
+            if held == 0 {
+                this.buf.clear();
+                this.done = 0;
+                if data.len() < COALESCE_BYTES {
+                    continue;
+                }
                 return Pin::new(&mut this.inner).poll_write(cx, data);
             }
+            // A large write (a whole frame body): what is held (its
+            // header) and the body go on together, without a copy.
+            let parts = [
+                std::io::IoSlice::new(&this.buf[this.done..]),
+                std::io::IoSlice::new(data),
+            ];
+            match ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, &parts))? {
+                0 => return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into())),
+                n if n > held => {
+                    this.buf.clear();
+                    this.done = 0;
+                    return Poll::Ready(Ok(n - held));
+                }
+                n => this.done += n,
+            }
         }
-        this.buf.extend_from_slice(data);
-        Poll::Ready(Ok(data.len()))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -629,6 +652,22 @@ mod tests {
             Poll::Ready(Ok(n))
         }
 
+        /// One write, however many pieces.
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            parts: &[std::io::IoSlice<'_>],
+        ) -> Poll<std::io::Result<usize>> {
+            let mut n = 0;
+            for p in parts {
+                let take = p.len().min(self.max - n);
+                self.bytes.extend_from_slice(&p[..take]);
+                n += take;
+            }
+            self.writes.push(n);
+            Poll::Ready(Ok(n))
+        }
+
         fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
             self.flushes += 1;
             Poll::Ready(Ok(()))
@@ -656,11 +695,13 @@ mod tests {
             assert_eq!(s.inner.flushes, 1);
             assert_eq!(&s.inner.bytes[12..], &body[..]);
 
-            // More than the buffer holds goes on at once, in order.
+            // More than the buffer holds goes on at once with what is
+            // held before it, in one write, in order.
             let big = vec![9; COALESCE_BYTES + 5];
             s.write_all(&[2; 3]).await.expect("small");
             s.write_all(&big).await.expect("big");
-            assert_eq!(&s.inner.writes[1..], &[3, COALESCE_BYTES + 5]);
+            assert_eq!(&s.inner.writes[1..], &[3 + COALESCE_BYTES + 5]);
+            assert_eq!(&s.inner.bytes[12 + body.len()..][..4], &[2, 2, 2, 9]);
             s.write_all(&[3; 4]).await.expect("tail");
             s.close().await.expect("close");
             assert!(s.inner.closed);
@@ -741,6 +782,18 @@ mod tests {
             s.flush().await.expect("flush");
             assert_eq!(s.inner.bytes, data);
             assert_eq!(s.inner.writes, vec![1000; 5]);
+
+            // A large write behind held bytes, taken 1000 bytes at a time.
+            let big: Vec<u8> = (0..COALESCE_BYTES as u32 + 77)
+                .map(|i| (i % 239) as u8)
+                .collect();
+            s.write_all(&data[..2500]).await.expect("held");
+            s.write_all(&big).await.expect("big");
+            s.flush().await.expect("flush");
+            let mut want = data.clone();
+            want.extend_from_slice(&data[..2500]);
+            want.extend_from_slice(&big);
+            assert_eq!(s.inner.bytes, want);
         });
     }
 

@@ -7,6 +7,7 @@
 //! the `libp2p-stream` control, which needs no trip through the loop.
 
 pub mod link;
+pub mod mux;
 pub mod records;
 
 use std::collections::{HashMap, HashSet};
@@ -270,14 +271,14 @@ fn build_transport(
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, NetworkError> {
     let security = link::LinkSecurity::new(key, metrics.clone())
         .map_err(|e| NetworkError::Transport(e.to_string()))?;
-    let mut yamux = libp2p::yamux::Config::default();
-    yamux.set_max_num_streams(256);
+    let yamux = mux::Yamux::new(256);
     Ok(match kind {
         TransportKind::Memory => MemoryTransport::default()
             .upgrade(upgrade::Version::V1)
             .authenticate(security.clone())
             .multiplex(yamux)
             .timeout(Duration::from_secs(20))
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
         TransportKind::Tcp => {
             let tcp =
