@@ -102,15 +102,6 @@ pub struct Muxer<C> {
 #[error(transparent)]
 pub struct MuxError(#[from] yamux::ConnectionError);
 
-impl From<MuxError> for io::Error {
-    fn from(e: MuxError) -> io::Error {
-        match e.0 {
-            yamux::ConnectionError::Io(e) => e,
-            other => io::Error::other(other),
-        }
-    }
-}
-
 impl<C> Muxer<C>
 where
     C: AsyncRead + AsyncWrite + Unpin + 'static,
