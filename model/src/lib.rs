@@ -46,7 +46,7 @@ pub use train::{
     epoch_losses, train_local, train_local_model, LocalModel, StepInfo, TrainConfig, TrainReport,
     EVAL_BATCH,
 };
-pub use worker::{skip_zero_inputs, InputGrad, SlotOp, SlotWorker};
+pub use worker::{skip_zero_inputs, InputGrad, SlotOp, SlotWorker, COMPUTE_THREAD_PREFIX};
 
 /// Result type of the model crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

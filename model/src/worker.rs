@@ -8,6 +8,12 @@
 //! over a bounded command channel, blocking for each reply. Backward then
 //! runs only the tape, not the forward pass again.
 //!
+//! The worker's thread takes part in its own matrix products: it is the
+//! first thread of a rayon pool of its own ([`COMPUTE_THREAD_PREFIX`]
+//! names the others), so a product starts on it at once and only its other
+//! share waits for a helper to wake, where a product sent to the global
+//! pool would wake a thread to start it and the worker again to go on.
+//!
 //! Both run the same [`StageCore`] operations in the same order, so a chain
 //! of workers trains bit for bit like [`crate::LocalModel`] and like a chain
 //! of [`Slot`]s when every step's backward comes before the next step's
@@ -33,6 +39,32 @@ use crate::ModelError;
 
 /// Name of a worker's thread.
 pub const THREAD_NAME: &str = "mixnn-slot";
+
+/// How the names of a worker's helper threads begin (the threads that
+/// share its matrix products; `mixnn-compute-1` and on).
+pub const COMPUTE_THREAD_PREFIX: &str = "mixnn-compute";
+
+/// A rayon pool whose first thread is the calling one, with one helper per
+/// further core; `None` on one core (or if no thread can start: the
+/// products then run on the global pool, with the same results).
+///
+/// dfdx splits a product by `rayon::current_num_threads()`, which on this
+/// thread is the pool's size; the split changes which thread computes a
+/// block of the result, never the order of a sum, so every result is the
+/// same bit for bit. The pool must outlive every product the thread
+/// starts: the worker keeps it until its thread ends.
+fn own_pool() -> Option<rayon::ThreadPool> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .use_current_thread()
+        .thread_name(|i| format!("{COMPUTE_THREAD_PREFIX}-{i}"))
+        .build()
+        .ok()
+}
 
 /// Commands that may wait in a worker's queue. Every caller blocks for its
 /// reply, so the queue never holds more than one command per caller thread.
@@ -203,10 +235,11 @@ impl InputGrad {
 
 /// Sets `grad[i]` to `+0.0` wherever `input[i]` is `+0.0`.
 pub fn skip_zero_inputs(grad: &mut [f32], input: &[f32]) {
+    // A mask, not a branch: zeros fall at random places, and the loop
+    // vectorises.
     for (g, x) in grad.iter_mut().zip(input) {
-        if x.to_bits() == 0 {
-            *g = 0.0;
-        }
+        let keep = 0u32.wrapping_sub(u32::from(x.to_bits() != 0));
+        *g = f32::from_bits(g.to_bits() & keep);
     }
 }
 
@@ -509,6 +542,9 @@ impl Drop for SlotWorker {
 /// The worker thread: serves commands until the channel closes, a command
 /// panics, or it is told to finish.
 fn serve(slot: Slot, rx: Receiver<Command>, death: Arc<OnceLock<String>>) {
+    // Dropped when this function returns, after the last product, as the
+    // thread ends.
+    let _pool = own_pool();
     let setup = Arc::clone(&death);
     let started = catch_unwind(AssertUnwindSafe(|| TapedStage::from_slot(slot, death)));
     let mut stage = match started {
@@ -603,5 +639,61 @@ mod tests {
             .call(|_| std::thread::current().name().map(str::to_owned))
             .expect("alive");
         assert_eq!(name.as_deref(), Some(THREAD_NAME));
+    }
+
+    /// Names of this process's threads (Linux).
+    #[cfg(target_os = "linux")]
+    fn thread_names() -> Vec<String> {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(|e| std::fs::read_to_string(e.ok()?.path().join("comm")).ok())
+            .map(|n| n.trim_end().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_worker_thread_is_the_first_of_its_own_compute_pool() {
+        let w = worker();
+        let (index, threads) = w
+            .call(|_| (rayon::current_thread_index(), rayon::current_num_threads()))
+            .expect("alive");
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores >= 2 {
+            assert_eq!(index, Some(0));
+            assert_eq!(threads, cores);
+        } else {
+            assert_eq!(index, None);
+        }
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stopped_worker_leaves_no_helper_thread_behind() {
+        let helpers = || {
+            thread_names()
+                .iter()
+                .filter(|n| n.starts_with(COMPUTE_THREAD_PREFIX) || n.as_str() == THREAD_NAME)
+                .count()
+        };
+        // Other tests of this binary start workers too: count only what
+        // this one leaves, after it has started and stopped many.
+        let before = helpers();
+        for _ in 0..20 {
+            let w = worker();
+            w.forward(0, &HostTensor::zeros(vec![2, w.input_dim()]))
+                .expect("forward");
+            drop(w);
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while helpers() > before + 8 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Twenty workers with their pools would leave 20 x cores threads.
+        assert!(
+            helpers() <= before + 8,
+            "{} worker and helper threads, {before} before, {cores} cores",
+            helpers()
+        );
     }
 }

@@ -194,8 +194,9 @@ pub async fn run_paper(
         None => data.train.clone(),
     };
     let examples = tc.epochs as u64 * train.len() as u64;
-    // dfdx multiplies matrices on rayon's pool, which every slot worker of
-    // the process shares: named, its CPU can be told from the client's.
+    // dfdx multiplies matrices on rayon's pools: local training on the
+    // global one, each slot worker on its own (its thread and helpers
+    // named like these). Named, their CPU can be told from the client's.
     let _ = rayon::ThreadPoolBuilder::new()
         .thread_name(|i| format!("{COMPUTE_POOL}-{i}"))
         .build_global();
@@ -420,13 +421,14 @@ fn cpu_seconds(before: Option<u64>, after: Option<u64>) -> Option<f64> {
     Some(after?.saturating_sub(before?) as f64 / 1e9)
 }
 
-/// The names of rayon's threads in `mixnn bench paper` (with `-N`).
-const COMPUTE_POOL: &str = "mixnn-compute";
+/// How the names of rayon's threads in `mixnn bench paper` begin: the
+/// global pool's and the slot workers' helpers.
+const COMPUTE_POOL: &str = mixnn_model::COMPUTE_THREAD_PREFIX;
 
 /// What the process and each volunteer had used at one moment.
 struct Usage {
     process: Option<u64>,
-    /// rayon's threads (the slot workers' matrix products).
+    /// rayon's threads (the slot workers' helpers in matrix products).
     pool: Option<u64>,
     /// Per volunteer: its threads' CPU (ns), its slot workers' CPU
     /// (seconds), bytes it relayed or sent.
