@@ -278,6 +278,80 @@ impl StageCore {
         self.steps = self.steps.saturating_add(1);
     }
 
+    /// Whether the stage is one linear layer, alone or followed by a ReLU:
+    /// its backward pass may then run by hand, in pieces
+    /// ([`StageCore::linear_pre_grad`], [`StageCore::linear_input_grad`],
+    /// [`StageCore::apply_linear_grads`]), the input gradient first.
+    pub(crate) fn is_linear(&self) -> bool {
+        self.param == Param::Linear && matches!(self.post.as_slice(), [] | [Post::Relu])
+    }
+
+    /// The first piece of a linear stage's backward pass: turns `grad`,
+    /// the gradient at the stage's output `out`, into the gradient at
+    /// `x·Wᵀ + b` in place, and returns the bias's gradient.
+    ///
+    /// These are the values dfdx's tape computes, bit for bit: [`backprop`]
+    /// sets the output's gradient to `grad + 0.0`; the ReLU's backward adds
+    /// `df(y) · g` to zero (`df` is 1 where `y > 0`, which is where the
+    /// output is, and 0 elsewhere); the bias addition's adds `1 · g` to
+    /// zero for the product, and `1 · g` row after row into the bias's
+    /// zeroed gradient. Adding to `+0.0` turns `-0.0` into `+0.0` and
+    /// keeps every other value.
+    pub(crate) fn linear_pre_grad(&self, grad: &mut [f32], out: &[f32]) -> Vec<f32> {
+        let relu = !self.post.is_empty();
+        for (g, y) in grad.iter_mut().zip(out) {
+            let through = !relu || *y > 0.0;
+            *g = if through { *g + 0.0 } else { 0.0 };
+        }
+        let mut bias = vec![0f32; self.outputs];
+        for row in grad.chunks_exact(self.outputs) {
+            for (b, g) in bias.iter_mut().zip(row) {
+                *b += 1.0 * *g;
+            }
+        }
+        bias
+    }
+
+    /// The gradient at the stage's input from `g_pre`, the gradient at
+    /// `x·Wᵀ + b` ([`StageCore::linear_pre_grad`]): `g_pre · W`, the
+    /// product dfdx's backward pass makes (the same operands, strides and
+    /// sizes; it adds into zeros, so `-0.0` becomes `+0.0` here too).
+    pub(crate) fn linear_input_grad(&self, g_pre: &Mat) -> Result<Vec<f32>, ModelError> {
+        let g = g_pre.clone().try_matmul(self.weight.clone())?;
+        Ok(positive_zeros(&g))
+    }
+
+    /// The rest of a linear stage's backward pass and its optimizer step:
+    /// the weight's gradient `g_preᵀ · x` (dfdx's product: gemm turns the
+    /// row-major `[outputs, inputs]` result into the same column-major
+    /// problem dfdx's backward pass writes into the weight's gradient),
+    /// then [`StageCore::apply_param_grads`] with `bias`.
+    pub(crate) fn apply_linear_grads(
+        &mut self,
+        x: &Mat,
+        g_pre: Mat,
+        bias: &[f32],
+    ) -> Result<(), ModelError> {
+        let gt = g_pre.permute::<(usize, usize), Axes2<1, 0>>();
+        let weight = positive_zeros(&gt.try_matmul(x.clone())?);
+        self.apply_param_grads(&weight, bias);
+        Ok(())
+    }
+
+    /// [`StageCore::apply_grads`] from gradients in hand: the same updates
+    /// in the same order.
+    pub(crate) fn apply_param_grads(&mut self, weight: &[f32], bias: &[f32]) {
+        self.opt_state.begin_step();
+        self.opt_state
+            .update(&self.opt, 0, &mut self.host_w, weight);
+        self.weight.copy_from(&self.host_w);
+        if !self.host_b.is_empty() {
+            self.opt_state.update(&self.opt, 1, &mut self.host_b, bias);
+            self.bias.copy_from(&self.host_b);
+        }
+        self.steps = self.steps.saturating_add(1);
+    }
+
     /// blake3 over the weight then the bias, little-endian `f32`.
     pub(crate) fn digest(&self) -> [u8; 32] {
         let mut h = blake3::Hasher::new();
@@ -338,6 +412,17 @@ pub(crate) fn check_finite(data: &[f32], what: &'static str) -> Result<(), Model
         Some(index) => Err(ModelError::NonFinite { what, index }),
         None => Ok(()),
     }
+}
+
+/// `m`'s values with `-0.0` made `+0.0` (`0 + v`, what adding into a
+/// zeroed gradient gives).
+fn positive_zeros(m: &Mat) -> Vec<f32> {
+    let mut v = vec![0f32; m.shape().0 * m.shape().1];
+    m.copy_into(&mut v);
+    for x in &mut v {
+        *x += 0.0;
+    }
+    v
 }
 
 /// Backpropagates `grad` (same shape as `out`) into `out`'s tape.

@@ -79,6 +79,16 @@ struct Kept {
     tape: OwnedTape<f32, Cpu>,
 }
 
+/// What a backward pass does once its input gradient is out.
+enum Rest {
+    /// Apply the tape's parameter gradients.
+    Tape(Gradients<f32, Cpu>),
+    /// A linear stage: its weight's gradient from the step's input and the
+    /// gradient at `x·Wᵀ + b`, then the optimizer step with the bias's
+    /// gradient.
+    Linear { x: Mat, g_pre: Mat, bias: Vec<f32> },
+}
+
 /// A stage that keeps each step's tape; lives on the worker thread only
 /// (the tapes are not `Send`).
 struct TapedStage {
@@ -90,6 +100,8 @@ struct TapedStage {
     death: Arc<OnceLock<String>>,
     /// A step's input values, reused from step to step.
     input_values: Vec<f32>,
+    /// A step's output values, reused from step to step.
+    output_values: Vec<f32>,
 }
 
 impl TapedStage {
@@ -108,6 +120,7 @@ impl TapedStage {
             max_in_flight,
             death,
             input_values: Vec::new(),
+            output_values: Vec::new(),
         }
     }
 
@@ -147,20 +160,35 @@ impl TapedStage {
         grad_out: HostTensor,
         input_grad: InputGrad,
     ) -> Result<HostTensor, ModelError> {
-        let (grad_in, mut grads) = self.gradients(step, grad_out, input_grad)?;
-        self.core.apply_grads(&mut grads);
+        let (grad_in, rest) = self.gradients(step, grad_out, input_grad)?;
+        self.finish(rest)?;
         Ok(grad_in)
     }
 
-    /// [`TapedStage::backward`] up to the optimizer step: the input
-    /// gradient to send on, and the parameter gradients that
-    /// [`StageCore::apply_grads`] applies. The step is no longer in flight.
+    /// What [`TapedStage::gradients`] left: the parameter gradients and
+    /// the optimizer step.
+    fn finish(&mut self, rest: Rest) -> Result<(), ModelError> {
+        match rest {
+            Rest::Tape(mut grads) => {
+                self.core.apply_grads(&mut grads);
+                Ok(())
+            }
+            Rest::Linear { x, g_pre, bias } => self.core.apply_linear_grads(&x, g_pre, &bias),
+        }
+    }
+
+    /// [`TapedStage::backward`] up to the parameter gradients: the input
+    /// gradient to send on, and what [`TapedStage::finish`] does after.
+    /// A linear stage whose input gradient is wanted computes only that
+    /// here (by hand, the values the tape would give), and its weight's
+    /// gradient in `finish`, while the input gradient is on its way. The
+    /// step is no longer in flight.
     fn gradients(
         &mut self,
         step: u64,
         grad_out: HostTensor,
         input_grad: InputGrad,
-    ) -> Result<(HostTensor, Gradients<f32, Cpu>), ModelError> {
+    ) -> Result<(HostTensor, Rest), ModelError> {
         let kept = self
             .pending
             .get(&step)
@@ -168,6 +196,9 @@ impl TapedStage {
         let batch = kept.x.shape().0;
         let outputs = self.core.outputs();
         check_grad_out(&self.core, &grad_out, batch)?;
+        if input_grad != InputGrad::None && self.core.is_linear() {
+            return self.linear_gradients(step, grad_out, batch, input_grad);
+        }
         let g = self.core.upload_owned(grad_out, batch, outputs)?;
         let Kept { x, out, tape } = self
             .pending
@@ -177,7 +208,10 @@ impl TapedStage {
             self.core.set_skip_input_grad(true);
             let grads = backprop(out.put_tape(tape), g);
             self.core.set_skip_input_grad(false);
-            return Ok((HostTensor::zeros(self.core.input_shape(batch)), grads));
+            return Ok((
+                HostTensor::zeros(self.core.input_shape(batch)),
+                Rest::Tape(grads),
+            ));
         }
         let mut grads = backprop(out.put_tape(tape), g);
         // The input gradient's buffer leaves the gradients without a copy
@@ -188,15 +222,53 @@ impl TapedStage {
             _ => crate::conv::values(&grads.get(&x)),
         };
         if input_grad == InputGrad::SkipZeroInputs {
-            self.input_values.resize(numel, 0.0);
-            x.copy_into(&mut self.input_values);
-            skip_zero_inputs(&mut grad_in, &self.input_values);
+            self.skip_zero_inputs(&x, &mut grad_in);
         }
         let grad_in = HostTensor {
             shape: self.core.input_shape(batch),
             data: grad_in,
         };
-        Ok((grad_in, grads))
+        Ok((grad_in, Rest::Tape(grads)))
+    }
+
+    /// [`TapedStage::gradients`] of a linear stage whose input gradient is
+    /// wanted: the checks are done and `grad_out` fits.
+    fn linear_gradients(
+        &mut self,
+        step: u64,
+        mut grad_out: HostTensor,
+        batch: usize,
+        input_grad: InputGrad,
+    ) -> Result<(HostTensor, Rest), ModelError> {
+        crate::stage::check_finite(&grad_out.data, "tensor")?;
+        let Kept { x, out, .. } = self
+            .pending
+            .remove(&step)
+            .ok_or(ModelError::UnknownStep(step))?;
+        self.output_values.resize(grad_out.data.len(), 0.0);
+        out.copy_into(&mut self.output_values);
+        let bias = self
+            .core
+            .linear_pre_grad(&mut grad_out.data, &self.output_values);
+        let g_pre = self
+            .core
+            .upload_owned(grad_out, batch, self.core.outputs())?;
+        let mut grad_in = self.core.linear_input_grad(&g_pre)?;
+        if input_grad == InputGrad::SkipZeroInputs {
+            self.skip_zero_inputs(&x, &mut grad_in);
+        }
+        let grad_in = HostTensor {
+            shape: self.core.input_shape(batch),
+            data: grad_in,
+        };
+        Ok((grad_in, Rest::Linear { x, g_pre, bias }))
+    }
+
+    /// [`skip_zero_inputs`] against the step's input `x`.
+    fn skip_zero_inputs(&mut self, x: &Mat, grad_in: &mut [f32]) {
+        self.input_values.resize(grad_in.len(), 0.0);
+        x.copy_into(&mut self.input_values);
+        skip_zero_inputs(grad_in, &self.input_values);
     }
 
     fn infer(&self, input: HostTensor) -> Result<HostTensor, ModelError> {
@@ -486,12 +558,19 @@ impl SlotWorker {
                     grad_out,
                     input_grad,
                 } => match st.gradients(step, grad_out, input_grad) {
-                    // The input gradient goes out before the optimizer
-                    // step: the same arithmetic, earlier on the wire. The
-                    // next command runs after the step, on this thread.
-                    Ok((grad_in, mut grads)) => {
+                    // The input gradient goes out before the parameter
+                    // gradients it does not need and the optimizer step:
+                    // the same arithmetic, earlier on the wire. The next
+                    // command runs after the step, on this thread.
+                    Ok((grad_in, rest)) => {
                         answer(Ok(grad_in));
-                        st.core.apply_grads(&mut grads);
+                        if let Err(e) = st.finish(rest) {
+                            // The step is lost and the parameters would
+                            // fall behind: stop serving them.
+                            let _ = st
+                                .death
+                                .set(format!("a step's optimizer update failed: {e}"));
+                        }
                     }
                     Err(e) => answer(Err(e)),
                 },

@@ -472,3 +472,92 @@ fn skipped_input_gradient_is_the_full_one_elsewhere() {
         .zip(&h.data)
         .any(|(f, x)| x.to_bits() == 0 && *f != 0.0));
 }
+
+/// A linear stage's backward pass on a worker (by hand, its input gradient
+/// first) gives what the tape gives on a recomputing slot, bit for bit: the
+/// input gradient, including the sign of its zeros, and the parameters
+/// after each optimizer step. The values are hard on purpose: output
+/// gradients with `-0.0`, `+0.0` and tiny values, rows of them all `-0.0`
+/// or all `+0.0` (with one or two outputs, their input gradients are
+/// sums of zeros only, whose sign depends on every operation), inputs with
+/// zeros and both signs, pre-activations on both sides of the ReLU.
+#[test]
+fn a_linear_stage_worker_backward_is_the_tapes_bit_for_bit() {
+    let (inputs, batch) = (37, 9);
+    let mut s = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    let mut value = move |zeros: bool| {
+        let r = next();
+        match r % 8 {
+            0 if zeros => 0.0,
+            1 if zeros => -0.0,
+            2 => f32::from_bits(1 + (r >> 40) as u32 % 1000) * if r & 1 == 0 { 1.0 } else { -1.0 },
+            _ => ((r >> 40) as f32 / 16_777_216.0 - 0.5) * 4.0,
+        }
+    };
+    for (relu, outputs) in [(true, 13), (false, 13), (true, 2), (false, 1)] {
+        let mut layers = vec![LayerSpec::Linear { inputs, outputs }];
+        if relu {
+            layers.push(LayerSpec::Relu);
+        }
+        let spec = StageSpec { layers };
+        for opt in optimizers() {
+            let init = InitSpec {
+                seed: 11,
+                stage_index: 1,
+            };
+            let mut slot = Slot::new(&spec, init, opt).expect("slot");
+            let worker =
+                SlotWorker::spawn(Slot::new(&spec, init, opt).expect("slot")).expect("worker");
+            for step in 0..4u64 {
+                let x = HostTensor::new(
+                    vec![batch, inputs],
+                    (0..batch * inputs).map(|_| value(true)).collect(),
+                )
+                .expect("x");
+                let g = HostTensor::new(
+                    vec![batch, outputs],
+                    (0..batch * outputs)
+                        .map(|i| match i / outputs {
+                            0 => -0.0,
+                            1 => 0.0,
+                            _ => value(true),
+                        })
+                        .collect(),
+                )
+                .expect("g");
+                let a = slot.forward(step, &x).expect("slot forward");
+                let b = worker.forward(step, &x).expect("worker forward");
+                assert_eq!(
+                    bits(&a.data),
+                    bits(&b.data),
+                    "forward, relu {relu}, {opt:?}"
+                );
+                let ga = slot.backward(step, &g).expect("slot backward");
+                let gb = worker
+                    .backward_owned(step, g, InputGrad::Full)
+                    .expect("worker backward");
+                assert_eq!(ga.shape, gb.shape);
+                assert_eq!(
+                    bits(&ga.data),
+                    bits(&gb.data),
+                    "input gradient, step {step}, relu {relu}, {opt:?}"
+                );
+                assert_eq!(
+                    slot.params_digest(),
+                    worker.params_digest().expect("digest"),
+                    "parameters, step {step}, relu {relu}, {opt:?}"
+                );
+            }
+        }
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}
