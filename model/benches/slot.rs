@@ -74,8 +74,12 @@ fn model(c: &mut Criterion, name: &str, arch: &str, batch: usize) {
             }
             let (_, mut grad) = softmax_cross_entropy(&act, &labels).expect("loss");
             for (i, w) in workers.iter().enumerate().rev() {
-                let previous = i.checked_sub(1).map(|p| workers[p].spec());
-                let input_grad = InputGrad::after(previous.as_ref());
+                // As the network drives them: the first stage returns no
+                // input gradient.
+                let input_grad = match i.checked_sub(1) {
+                    None => InputGrad::None,
+                    Some(p) => InputGrad::after(Some(&workers[p].spec())),
+                };
                 grad = w.backward_owned(step, grad, input_grad).expect("bwd");
             }
             step += 1;

@@ -300,8 +300,9 @@ impl StageCore {
     pub(crate) fn linear_pre_grad(&self, grad: &mut [f32], out: &[f32]) -> Vec<f32> {
         let relu = !self.post.is_empty();
         for (g, y) in grad.iter_mut().zip(out) {
-            let through = !relu || *y > 0.0;
-            *g = if through { *g + 0.0 } else { 0.0 };
+            // ReLU's derivative: 1 where `y > 0`, 0 elsewhere (NaN too).
+            let df = if !relu || *y > 0.0 { 1.0 } else { 0.0 };
+            *g = 0.0 + df * (*g + 0.0);
         }
         let mut bias = vec![0f32; self.outputs];
         for row in grad.chunks_exact(self.outputs) {

@@ -179,10 +179,10 @@ impl TapedStage {
 
     /// [`TapedStage::backward`] up to the parameter gradients: the input
     /// gradient to send on, and what [`TapedStage::finish`] does after.
-    /// A linear stage whose input gradient is wanted computes only that
-    /// here (by hand, the values the tape would give), and its weight's
-    /// gradient in `finish`, while the input gradient is on its way. The
-    /// step is no longer in flight.
+    /// A linear stage computes only its input gradient here (by hand, the
+    /// values the tape would give; none at all for the model's first
+    /// stage), and its weight's gradient in `finish`, while the input
+    /// gradient is on its way. The step is no longer in flight.
     fn gradients(
         &mut self,
         step: u64,
@@ -196,7 +196,7 @@ impl TapedStage {
         let batch = kept.x.shape().0;
         let outputs = self.core.outputs();
         check_grad_out(&self.core, &grad_out, batch)?;
-        if input_grad != InputGrad::None && self.core.is_linear() {
+        if self.core.is_linear() {
             return self.linear_gradients(step, grad_out, batch, input_grad);
         }
         let g = self.core.upload_owned(grad_out, batch, outputs)?;
@@ -231,8 +231,9 @@ impl TapedStage {
         Ok((grad_in, Rest::Tape(grads)))
     }
 
-    /// [`TapedStage::gradients`] of a linear stage whose input gradient is
-    /// wanted: the checks are done and `grad_out` fits.
+    /// [`TapedStage::gradients`] of a linear stage: the checks are done and
+    /// `grad_out` fits. With [`InputGrad::None`] the input gradient is not
+    /// computed at all (zeros stand for it).
     fn linear_gradients(
         &mut self,
         step: u64,
@@ -253,13 +254,16 @@ impl TapedStage {
         let g_pre = self
             .core
             .upload_owned(grad_out, batch, self.core.outputs())?;
-        let mut grad_in = self.core.linear_input_grad(&g_pre)?;
-        if input_grad == InputGrad::SkipZeroInputs {
-            self.skip_zero_inputs(&x, &mut grad_in);
-        }
-        let grad_in = HostTensor {
-            shape: self.core.input_shape(batch),
-            data: grad_in,
+        let shape = self.core.input_shape(batch);
+        let grad_in = match input_grad {
+            InputGrad::None => HostTensor::zeros(shape),
+            InputGrad::Full | InputGrad::SkipZeroInputs => {
+                let mut data = self.core.linear_input_grad(&g_pre)?;
+                if input_grad == InputGrad::SkipZeroInputs {
+                    self.skip_zero_inputs(&x, &mut data);
+                }
+                HostTensor { shape, data }
+            }
         };
         Ok((grad_in, Rest::Linear { x, g_pre, bias }))
     }
