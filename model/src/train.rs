@@ -12,7 +12,7 @@ use crate::loss::{correct, softmax_cross_entropy};
 use crate::optim::OptimizerSpec;
 use crate::slot::{core_to_bytes, Slot};
 use crate::spec::Arch;
-use crate::stage::{backprop, check_batch, Mat, StageCore};
+use crate::stage::{backprop, check_batch, StageCore};
 use crate::tensor::HostTensor;
 use crate::ModelError;
 
@@ -112,42 +112,18 @@ impl LocalModel {
     /// A first stage that is linear runs its backward pass by hand, as a
     /// slot worker runs it for the network's first stage: the values the
     /// tape would give, without the gradient at the data, which nothing
-    /// reads.
+    /// reads. The tape then starts at its output.
     pub fn train_step(&mut self, x: &HostTensor, labels: &[u8]) -> Result<f32, ModelError> {
         let first = &self.stages[0];
         let x = first.upload_input(x)?;
-        if first.is_linear() && self.stages.len() > 1 {
-            return self.train_step_linear_first(x, labels);
-        }
-        let mut y = x.trace(Gradients::leaky());
-        for stage in &self.stages {
-            y = stage.forward(y);
-        }
-        let (logits, tape) = y.split_tape();
-        let (batch, classes) = *logits.shape();
-        let host = HostTensor {
-            shape: vec![batch, classes],
-            data: crate::conv::values(&logits),
+        let by_hand = first.is_linear() && self.stages.len() > 1;
+        let (h, taped) = if by_hand {
+            (first.forward(x.clone()), 1)
+        } else {
+            (x.clone(), 0)
         };
-        let (loss, grad) = softmax_cross_entropy(&host, labels)?;
-        let g = first
-            .device()
-            .try_tensor_from_vec(grad.data, (batch, classes))?;
-        let mut grads = backprop(logits.put_tape(tape), g);
-        for stage in &mut self.stages {
-            stage.apply_grads(&mut grads);
-        }
-        // Saturating: the count may come from states of any count.
-        self.steps = self.steps.saturating_add(1);
-        Ok(loss)
-    }
-
-    /// [`LocalModel::train_step`] with a linear first stage and more
-    /// stages after it: the tape starts at the first stage's output.
-    fn train_step_linear_first(&mut self, x: Mat, labels: &[u8]) -> Result<f32, ModelError> {
-        let h = self.stages[0].forward(x.clone());
         let mut y = h.clone().trace(Gradients::leaky());
-        for stage in &self.stages[1..] {
+        for stage in &self.stages[taped..] {
             y = stage.forward(y);
         }
         let (logits, tape) = y.split_tape();
@@ -161,17 +137,20 @@ impl LocalModel {
             .device()
             .try_tensor_from_vec(grad.data, (batch, classes))?;
         let mut grads = backprop(logits.put_tape(tape), g);
-        for stage in &mut self.stages[1..] {
+        for stage in &mut self.stages[taped..] {
             stage.apply_grads(&mut grads);
         }
-        let first = &mut self.stages[0];
-        let mut g_h = crate::conv::values(&grads.get(&h));
-        drop(grads);
-        let bias = first.linear_pre_grad(&mut g_h, &crate::conv::values(&h));
-        let g_pre = first
-            .device()
-            .try_tensor_from_vec(g_h, (batch, first.outputs()))?;
-        first.apply_linear_grads(&x, g_pre, &bias)?;
+        if by_hand {
+            let first = &mut self.stages[0];
+            let mut g_h = crate::conv::values(&grads.get(&h));
+            drop(grads);
+            let bias = first.linear_pre_grad(&mut g_h, &crate::conv::values(&h));
+            let g_pre = first
+                .device()
+                .try_tensor_from_vec(g_h, (batch, first.outputs()))?;
+            first.apply_linear_grads(&x, g_pre, &bias)?;
+        }
+        // Saturating: the count may come from states of any count.
         self.steps = self.steps.saturating_add(1);
         Ok(loss)
     }
