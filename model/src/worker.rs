@@ -76,7 +76,9 @@ struct Kept {
     x: Mat,
     /// The output, without its tape.
     out: Mat,
-    tape: OwnedTape<f32, Cpu>,
+    /// `None` for a linear stage ([`StageCore::is_linear`]): its backward
+    /// pass runs by hand from `x` and `out`.
+    tape: Option<OwnedTape<f32, Cpu>>,
 }
 
 /// What a backward pass does once its input gradient is out.
@@ -196,14 +198,18 @@ impl TapedStage {
         let batch = kept.x.shape().0;
         let outputs = self.core.outputs();
         check_grad_out(&self.core, &grad_out, batch)?;
-        if self.core.is_linear() {
-            return self.linear_gradients(step, grad_out, batch, input_grad);
-        }
-        let g = self.core.upload_owned(grad_out, batch, outputs)?;
+        crate::stage::check_finite(&grad_out.data, "tensor")?;
         let Kept { x, out, tape } = self
             .pending
             .remove(&step)
             .ok_or(ModelError::UnknownStep(step))?;
+        let Some(tape) = tape else {
+            return self.linear_gradients(x, &out, grad_out.data, input_grad);
+        };
+        let g = self
+            .core
+            .device()
+            .try_tensor_from_vec(grad_out.data, (batch, outputs))?;
         if input_grad == InputGrad::None {
             self.core.set_skip_input_grad(true);
             let grads = backprop(out.put_tape(tape), g);
@@ -231,29 +237,25 @@ impl TapedStage {
         Ok((grad_in, Rest::Tape(grads)))
     }
 
-    /// [`TapedStage::gradients`] of a linear stage: the checks are done and
-    /// `grad_out` fits. With [`InputGrad::None`] the input gradient is not
-    /// computed at all (zeros stand for it).
+    /// [`TapedStage::gradients`] of a linear stage, kept without a tape:
+    /// `grad` is the checked gradient at its output `out`. With
+    /// [`InputGrad::None`] the input gradient is not computed at all
+    /// (zeros stand for it).
     fn linear_gradients(
         &mut self,
-        step: u64,
-        mut grad_out: HostTensor,
-        batch: usize,
+        x: Mat,
+        out: &Mat,
+        mut grad: Vec<f32>,
         input_grad: InputGrad,
     ) -> Result<(HostTensor, Rest), ModelError> {
-        crate::stage::check_finite(&grad_out.data, "tensor")?;
-        let Kept { x, out, .. } = self
-            .pending
-            .remove(&step)
-            .ok_or(ModelError::UnknownStep(step))?;
-        self.output_values.resize(grad_out.data.len(), 0.0);
+        let batch = x.shape().0;
+        self.output_values.resize(grad.len(), 0.0);
         out.copy_into(&mut self.output_values);
-        let bias = self
-            .core
-            .linear_pre_grad(&mut grad_out.data, &self.output_values);
+        let bias = self.core.linear_pre_grad(&mut grad, &self.output_values);
         let g_pre = self
             .core
-            .upload_owned(grad_out, batch, self.core.outputs())?;
+            .device()
+            .try_tensor_from_vec(grad, (batch, self.core.outputs()))?;
         let shape = self.core.input_shape(batch);
         let grad_in = match input_grad {
             InputGrad::None => HostTensor::zeros(shape),
@@ -319,10 +321,21 @@ pub fn skip_zero_inputs(grad: &mut [f32], input: &[f32]) {
     }
 }
 
-/// The stage's forward pass on `x` with a fresh tape, kept for backward.
+/// The stage's forward pass on `x`, kept for backward: with a fresh tape,
+/// or without one for a linear stage, whose backward pass runs by hand
+/// (its output and input are all that pass needs, and the untaped pass
+/// works in place instead of allocating each intermediate result).
 fn trace(core: &StageCore, x: Mat) -> Kept {
+    if core.is_linear() {
+        let out = core.forward(x.clone());
+        return Kept { x, out, tape: None };
+    }
     let (out, tape) = core.forward(x.trace(Gradients::leaky())).split_tape();
-    Kept { x, out, tape }
+    Kept {
+        x,
+        out,
+        tape: Some(tape),
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut TapedStage) + Send>;
