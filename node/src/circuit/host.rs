@@ -675,16 +675,18 @@ impl Host {
         Ok((shared, true))
     }
 
-    fn persist(&self, id: &SlotId, s: &HostedSlot, state: Vec<u8>) -> Result<(), HostError> {
-        self.store.put_slot(&StoredSlot {
+    /// Store `state` as the slot's current version; gives it back.
+    fn persist(&self, id: &SlotId, s: &HostedSlot, state: Vec<u8>) -> Result<Vec<u8>, HostError> {
+        let stored = StoredSlot {
             id: *id,
             owner: s.owner,
             version: s.version,
             param_count: s.slot.spec().param_count() as u64,
             lease: s.lease,
             state,
-        })?;
-        Ok(())
+        };
+        self.store.put_slot(&stored)?;
+        Ok(stored.state)
     }
 
     /// Persist the slot's current state as a new version.
@@ -694,8 +696,7 @@ impl Host {
             .to_bytes()
             .map_err(|e| HostError::Compute(e.to_string()))?;
         s.version += 1;
-        self.persist(id, s, state.clone())?;
-        Ok(state)
+        self.persist(id, s, state)
     }
 
     /// Forget the in-memory copy `slot` (if it is still the live one): the

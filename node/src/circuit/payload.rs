@@ -8,7 +8,7 @@
 //! - Reports: a hop seals what only the client may read (errors, digests)
 //!   with a key from its onion secrets; relays pass them on unopened.
 
-use chacha20poly1305::aead::{Aead, KeyInit};
+use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use mixnn_crypto::onion::HOP_PAYLOAD_BYTES;
 use mixnn_crypto::{verify_signature, Identity};
@@ -737,23 +737,28 @@ pub fn state_window_len(capacity: usize) -> usize {
 }
 
 /// Seal `state` into `window` (its whole length): length-prefixed and
-/// zero-padded, so every state of the stage seals to the same size.
+/// zero-padded, so every state of the stage seals to the same size. The
+/// bytes are [`seal_report`]'s (nonce, ciphertext, tag), written in place:
+/// a state of megabytes is copied once, with no buffer beside the window.
 pub fn seal_state(key: &[u8; 32], state: &[u8], window: &mut [u8]) -> Result<(), PayloadError> {
-    let plain_len = window
-        .len()
-        .checked_sub(STATE_OVERHEAD - 8)
-        .ok_or(PayloadError::BadMessage("state window too small"))?;
-    if state.len() + 8 > plain_len {
+    if window.len() < STATE_OVERHEAD - 8 {
+        return Err(PayloadError::BadMessage("state window too small"));
+    }
+    let (nonce, rest) = window.split_at_mut(12);
+    let (plain, tag) = rest.split_at_mut(rest.len() - 16);
+    if state.len() + 8 > plain.len() {
         return Err(PayloadError::BadMessage("state larger than its window"));
     }
-    let mut plain = vec![0u8; plain_len];
-    plain[..8].copy_from_slice(&(state.len() as u64).to_le_bytes());
-    plain[8..8 + state.len()].copy_from_slice(state);
-    let sealed = seal_report(key, &plain);
-    if sealed.len() != window.len() {
-        return Err(PayloadError::BadMessage("state sealing failed"));
-    }
-    window.copy_from_slice(&sealed);
+    rand::rngs::OsRng.fill_bytes(nonce);
+    let (len, body) = plain.split_at_mut(8);
+    len.copy_from_slice(&(state.len() as u64).to_le_bytes());
+    let (filled, padding) = body.split_at_mut(state.len());
+    filled.copy_from_slice(state);
+    padding.fill(0);
+    let sealed = ChaCha20Poly1305::new(key.into())
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), b"", plain)
+        .map_err(|_| PayloadError::BadMessage("state sealing failed"))?;
+    tag.copy_from_slice(&sealed);
     Ok(())
 }
 
@@ -785,6 +790,30 @@ pub fn open_slot_report(key: &[u8; 32], sealed: &[u8]) -> Result<SlotReport, Pay
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sealed_state_is_a_sealed_report_of_its_length_state_and_zeros() {
+        let key = [7u8; 32];
+        for (state_len, window_len) in [(0, STATE_OVERHEAD), (5, 64), (1000, 1000 + STATE_OVERHEAD)]
+        {
+            let state: Vec<u8> = (0..state_len).map(|i| (i * 31 % 251) as u8).collect();
+            let mut window = vec![0xAAu8; window_len];
+            seal_state(&key, &state, &mut window).expect("seal");
+            // The same bytes the allocating sealer makes: nonce, then the
+            // ciphertext and tag of length, state and zero padding.
+            let plain = open_report(&key, &window).expect("opens as a report");
+            let mut want = (state_len as u64).to_le_bytes().to_vec();
+            want.extend_from_slice(&state);
+            want.resize(window_len - STATE_OVERHEAD + 8, 0);
+            assert_eq!(plain, want);
+            assert_eq!(open_state(&key, &window).expect("opens"), state);
+        }
+        let mut small = vec![0u8; STATE_OVERHEAD - 9];
+        assert!(seal_state(&key, &[], &mut small).is_err());
+        let mut tight = vec![0u8; STATE_OVERHEAD + 3];
+        assert!(seal_state(&key, &[1, 2, 3, 4], &mut tight).is_err());
+        assert!(seal_state(&key, &[1, 2, 3], &mut tight).is_ok());
+    }
     use mixnn_model::Arch;
 
     fn body(create: bool) -> AssignmentBody {

@@ -152,6 +152,9 @@ pub enum JobEvent {
     Failover {
         number: u32,
         reason: String,
+        /// The peers the failure was put down to (none: a timeout or an
+        /// error no hop could be named for); the next rings avoid them.
+        blamed: Vec<PeerId>,
         restore_step: u64,
     },
     /// New rings are up and every stage is at the checkpoint again.
@@ -1012,7 +1015,7 @@ impl<'a> Driver<'a> {
                     let before = m.failovers().len();
                     m.on(
                         Event::Failed {
-                            blamed,
+                            blamed: blamed.clone(),
                             reason: reason.clone(),
                         },
                         Instant::now(),
@@ -1022,6 +1025,7 @@ impl<'a> Driver<'a> {
                             on_event(JobEvent::Failover {
                                 number: m.failovers().len() as u32,
                                 reason,
+                                blamed,
                                 restore_step: f.restored_step,
                             });
                         }

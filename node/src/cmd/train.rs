@@ -170,10 +170,19 @@ pub fn on_event(bar: &ProgressBar, epochs: u32) -> impl FnMut(JobEvent) + Send +
         JobEvent::Failover {
             number,
             reason,
+            blamed,
             restore_step,
-        } => bar.println(format!(
-            "failover {number}: {reason}; going back to the checkpoint of step {restore_step}"
-        )),
+        } => {
+            let who = if blamed.is_empty() {
+                String::new()
+            } else {
+                let peers: Vec<String> = blamed.iter().map(|p| p.to_string()).collect();
+                format!(" (avoiding {})", peers.join(", "))
+            };
+            bar.println(format!(
+                "failover {number}: {reason}{who}; going back to the checkpoint of step {restore_step}"
+            ))
+        }
         JobEvent::Resumed { step, seconds } => bar.println(format!(
             "running again from step {step} after {seconds:.1} s"
         )),
