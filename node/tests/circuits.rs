@@ -21,7 +21,16 @@ async fn network_training_equals_local_training_and_inference_matches() {
     let net = common::testnet(7, 2, None).await;
     let (client, vols) = (&*net.client, &net.volunteers);
 
-    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let mut data = mixnn_node::dataset::load("synthetic").expect("data");
+    // Three times the test split: four evaluation batches, the last one
+    // short, so evaluation runs with two batches on the ring at once and
+    // refills.
+    let once = data.test.clone();
+    for _ in 0..2 {
+        data.test.images.extend_from_slice(&once.images);
+        data.test.labels.extend_from_slice(&once.labels);
+    }
+    assert!(data.test.len() > 3 * mixnn_model::train::EVAL_BATCH);
     let cfg = config(
         "mlp:784-64-32-10",
         OptimizerSpec::Momentum {

@@ -423,8 +423,19 @@ pub(crate) async fn control(
     Ok(out)
 }
 
+/// Evaluation batches on the forward ring at once: while the hosts after
+/// the first work on one batch, the first works on the next.
+///
+/// Two cannot deadlock the ring, though the client does not read while it
+/// sends: a hop reads a whole message before it writes, and writes all of
+/// it before it reads the next. When the client sends batch `i + 1`,
+/// batch `i - 1` has come back, so batch `i` is the only other message on
+/// the ring; wherever it is, the first hop is free to read batch `i + 1` or
+/// soon will be, and the client then reads batch `i`.
+const EVAL_IN_FLIGHT: usize = 2;
+
 /// Run the test split through the forward ring in batches of EVAL_BATCH,
-/// exactly as the local trainer evaluates.
+/// exactly as the local trainer evaluates ([`EVAL_IN_FLIGHT`] at once).
 async fn evaluate(
     network: &Network,
     ring: &mut Ring,
@@ -434,35 +445,41 @@ async fn evaluate(
     timeout: Duration,
 ) -> Result<(f32, usize), JobError> {
     let mut hits = 0usize;
-    let mut start = 0usize;
+    let mut next = 0usize;
     let mut step = u64::MAX / 2;
-    while start < test.len() {
-        let n = EVAL_BATCH.min(test.len() - start);
-        let (x, labels) = test.slice(start, n);
-        let x = match first {
-            Some(s) => s.infer(&x)?,
-            None => x,
+    // Batches sent and not yet back: their step, first example and size.
+    let mut pending = std::collections::VecDeque::with_capacity(EVAL_IN_FLIGHT);
+    loop {
+        while pending.len() < EVAL_IN_FLIGHT && next < test.len() {
+            let n = EVAL_BATCH.min(test.len() - next);
+            let (x, _) = test.slice(next, n);
+            let x = match first {
+                Some(s) => s.infer(&x)?,
+                None => x,
+            };
+            step += 1;
+            if let Err(e) = ring.send(&JobMsg::Infer { step, tensor: x }).await {
+                let during = format!("evaluation batch at example {next}");
+                return Err(with_probe(network, &during, ring, e).await);
+            }
+            pending.push_back((step, next, n));
+            next += n;
+        }
+        let Some((step, start, n)) = pending.pop_front() else {
+            break;
         };
-        step += 1;
         let during = format!("evaluation batch at example {start}");
-        let y = match exchange(
-            network,
-            ring,
-            &JobMsg::Infer { step, tensor: x },
-            &during,
-            timeout,
-        )
-        .await?
-        {
-            JobMsg::Infer { step: s, tensor } if s == step => tensor,
-            other => return Err(unexpected(&during, &other)),
+        let y = match ring.recv(timeout).await {
+            Ok(JobMsg::Infer { step: s, tensor }) if s == step => tensor,
+            Ok(other) => return Err(unexpected(&during, &other)),
+            Err(e) => return Err(with_probe(network, &during, ring, e).await),
         };
         let logits = match last {
             Some(s) => s.infer(&y)?,
             None => y,
         };
+        let labels = &test.labels[start..start + n];
         hits += (accuracy(&logits, labels) * n as f32).round() as usize;
-        start += n;
     }
     let acc = if test.is_empty() {
         0.0
