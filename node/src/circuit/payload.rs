@@ -162,21 +162,37 @@ impl AssignmentBody {
     /// Choose the nonce so that the claim carries its work for the host
     /// with `hop_onion_key`: about `2^work_bits` hashes. Bound to the
     /// host, the slot, the owner and every other field.
+    ///
+    /// The nonce's first 8 bytes count up from 0 and the first count that
+    /// works is taken, as a search one count after another would take it;
+    /// the counts are tried a block at a time on every core of rayon's
+    /// pool.
     pub fn solve_work(&mut self, hop_onion_key: &[u8; 32]) -> Result<(), PayloadError> {
+        use rayon::prelude::*;
+        /// Counts per block: a few milliseconds of hashing on one core.
+        const BLOCK: u64 = 1 << 14;
         let bits = self.work_bits();
         if bits == 0 {
             return Ok(());
         }
         let prefix = self.work_prefix(hop_onion_key)?;
-        let mut nonce = self.nonce;
-        for counter in 0u64.. {
+        let with_count = |counter: u64| {
+            let mut nonce = self.nonce;
             nonce[..8].copy_from_slice(&counter.to_le_bytes());
+            nonce
+        };
+        let works = |counter: &u64| {
             let mut h = prefix.clone();
-            h.update(&nonce);
-            if leading_zeros(h.finalize().as_bytes()) >= bits {
-                self.nonce = nonce;
+            h.update(&with_count(*counter));
+            leading_zeros(h.finalize().as_bytes()) >= bits
+        };
+        let mut start = 0u64;
+        while let Some(end) = start.checked_add(BLOCK) {
+            if let Some(counter) = (start..end).into_par_iter().find_first(works) {
+                self.nonce = with_count(counter);
                 return Ok(());
             }
+            start = end;
         }
         Err(PayloadError::Malformed)
     }
@@ -947,6 +963,26 @@ mod tests {
         let unworked = Assignment::sign_as_is(b, &owner, &[9; 32]).expect("sign");
         assert_eq!(unworked.verify(&[9; 32]), Ok(()));
         assert!(!unworked.body.has_work(&[9; 32]));
+    }
+
+    #[test]
+    fn the_work_found_on_every_core_is_the_first_nonce_that_works() {
+        let mut b = body(true);
+        b.owner = Identity::generate().public_key();
+        // Another slot, so that the test does not lean on one lucky nonce.
+        b.slot_id = [3; 16];
+        let mut solved = b.clone();
+        solved.solve_work(&[5; 32]).expect("solve");
+        assert!(solved.has_work(&[5; 32]));
+        // Counting one by one from 0 finds the same nonce, and nothing
+        // before it works.
+        let count = u64::from_le_bytes(solved.nonce[..8].try_into().expect("8 bytes"));
+        assert_eq!(solved.nonce[8..], b.nonce[8..]);
+        let mut probe = b.clone();
+        for c in 0..count {
+            probe.nonce[..8].copy_from_slice(&c.to_le_bytes());
+            assert!(!probe.has_work(&[5; 32]), "count {c} works before {count}");
+        }
     }
 
     #[test]
