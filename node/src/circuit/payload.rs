@@ -696,15 +696,31 @@ impl JobDecoder {
 
 /// Seal `plain` for the client with `key` (random nonce prepended).
 pub fn seal_report(key: &[u8; 32], plain: &[u8]) -> Vec<u8> {
-    let cipher = ChaCha20Poly1305::new(key.into());
-    let mut nonce = [0u8; 12];
-    rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let mut out = nonce.to_vec();
-    // Encryption with a valid key and a small buffer cannot fail.
-    if let Ok(ct) = cipher.encrypt(Nonce::from_slice(&nonce), plain) {
-        out.extend_from_slice(&ct);
+    let mut out = vec![0u8; 12 + plain.len() + 16];
+    out[12..12 + plain.len()].copy_from_slice(plain);
+    // Encryption with a valid key and a small buffer cannot fail; should
+    // it, the nonce alone goes out, never the plaintext.
+    if seal_in_place(key, &mut out).is_err() {
+        out.truncate(12);
     }
     out
+}
+
+/// Seal `buf` where it is: a random nonce into its first 12 bytes, the
+/// bytes between them and its last 16 encrypted, the tag into those 16.
+/// What [`open_report`] opens.
+fn seal_in_place(key: &[u8; 32], buf: &mut [u8]) -> Result<(), PayloadError> {
+    if buf.len() < 12 + 16 {
+        return Err(PayloadError::BadMessage("no room for a nonce and a tag"));
+    }
+    let (nonce, rest) = buf.split_at_mut(12);
+    let (plain, tag) = rest.split_at_mut(rest.len() - 16);
+    rand::rngs::OsRng.fill_bytes(nonce);
+    let sealed = ChaCha20Poly1305::new(key.into())
+        .encrypt_in_place_detached(Nonce::from_slice(nonce), b"", plain)
+        .map_err(|_| PayloadError::BadMessage("sealing failed"))?;
+    tag.copy_from_slice(&sealed);
+    Ok(())
 }
 
 pub fn open_report(key: &[u8; 32], sealed: &[u8]) -> Result<Vec<u8>, PayloadError> {
@@ -757,25 +773,19 @@ pub fn state_window_len(capacity: usize) -> usize {
 /// bytes are [`seal_report`]'s (nonce, ciphertext, tag), written in place:
 /// a state of megabytes is copied once, with no buffer beside the window.
 pub fn seal_state(key: &[u8; 32], state: &[u8], window: &mut [u8]) -> Result<(), PayloadError> {
-    if window.len() < STATE_OVERHEAD - 8 {
-        return Err(PayloadError::BadMessage("state window too small"));
-    }
-    let (nonce, rest) = window.split_at_mut(12);
-    let (plain, tag) = rest.split_at_mut(rest.len() - 16);
-    if state.len() + 8 > plain.len() {
+    let plain_len = window
+        .len()
+        .checked_sub(STATE_OVERHEAD - 8)
+        .ok_or(PayloadError::BadMessage("state window too small"))?;
+    if state.len() + 8 > plain_len {
         return Err(PayloadError::BadMessage("state larger than its window"));
     }
-    rand::rngs::OsRng.fill_bytes(nonce);
-    let (len, body) = plain.split_at_mut(8);
+    let (len, body) = window[12..12 + plain_len].split_at_mut(8);
     len.copy_from_slice(&(state.len() as u64).to_le_bytes());
     let (filled, padding) = body.split_at_mut(state.len());
     filled.copy_from_slice(state);
     padding.fill(0);
-    let sealed = ChaCha20Poly1305::new(key.into())
-        .encrypt_in_place_detached(Nonce::from_slice(nonce), b"", plain)
-        .map_err(|_| PayloadError::BadMessage("state sealing failed"))?;
-    tag.copy_from_slice(&sealed);
-    Ok(())
+    seal_in_place(key, window)
 }
 
 /// Open a window sealed by [`seal_state`].

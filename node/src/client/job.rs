@@ -1030,19 +1030,13 @@ impl<'a> Driver<'a> {
                     self.rings = None;
                     self.labels.clear();
                     let before = m.failovers().len();
-                    m.on(
-                        Event::Failed {
-                            blamed: blamed.clone(),
-                            reason: reason.clone(),
-                        },
-                        Instant::now(),
-                    );
+                    m.on(Event::Failed { blamed, reason }, Instant::now());
                     if m.failovers().len() > before {
                         if let Some(f) = m.failovers().last() {
                             on_event(JobEvent::Failover {
                                 number: m.failovers().len() as u32,
-                                reason,
-                                blamed,
+                                reason: f.reason.clone(),
+                                blamed: f.blamed.clone(),
                                 restore_step: f.restored_step,
                             });
                         }
