@@ -9,6 +9,7 @@ pub mod config;
 pub mod cpu;
 pub mod dataset;
 pub mod discovery;
+pub mod heap;
 pub mod input;
 pub mod local_net;
 pub mod memcopy;

@@ -105,6 +105,9 @@ fn main() -> std::process::ExitCode {
     // First, before any thread: may start this program again with glibc's
     // copies tuned (see the module).
     mixnn_node::memcopy::tune_or_continue();
+    // Base pages for the heap (see the module): it applies to what the
+    // allocator has mapped already.
+    mixnn_node::heap::no_huge_pages();
     let cli = Cli::parse();
     let json = std::env::args().skip(1).any(|a| a == "--json");
     // Long-running services log their events; one-shot commands only warnings.

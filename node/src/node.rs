@@ -324,6 +324,7 @@ impl RunningNode {
             roles = %roles,
             free_slots = state.free_slots(),
             copies = %crate::memcopy::describe(),
+            heap = %crate::heap::describe(),
         );
         Ok(Self {
             network,

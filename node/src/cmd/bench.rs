@@ -137,7 +137,7 @@ impl ExperimentArgs {
 
 fn environment() -> String {
     format!(
-        "{} CPU cores, {} {}, mixnn {}; {}; `{}`",
+        "{} CPU cores, {} {}, mixnn {}; {}; {}; `{}`",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
@@ -145,6 +145,7 @@ fn environment() -> String {
         std::env::consts::ARCH,
         env!("CARGO_PKG_VERSION"),
         mixnn_node::memcopy::describe(),
+        mixnn_node::heap::describe(),
         std::env::args().collect::<Vec<_>>().join(" ")
     )
 }
