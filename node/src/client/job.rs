@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -881,6 +881,81 @@ struct Driver<'a> {
     /// Advertised addresses of the volunteers, for the map.
     addresses: HashMap<PeerId, Vec<String>>,
     test_accuracy: Option<f32>,
+    /// The last checkpoint's files, being written while the job goes on.
+    saving: PendingSave,
+}
+
+/// A checkpoint and its model map written on a thread of their own, so the
+/// steps after a checkpoint do not wait for the disk (10-25 ms for MNIST's
+/// 4 MB here). Whatever writes either file next, and the job's end on
+/// every path, waits for it first, so the files are written in order and a
+/// job returns only with its last checkpoint on disk. A job dropped
+/// mid-save (its future cancelled) waits for the write as it goes, so a
+/// resume in the same process never races it.
+#[derive(Default)]
+struct PendingSave(Option<Save>);
+
+struct Save {
+    thread: std::thread::JoinHandle<()>,
+    done: tokio::sync::oneshot::Receiver<Result<(), MapError>>,
+}
+
+impl PendingSave {
+    /// Write `ckpt` (already in its file form) and then `map`, after any
+    /// save still under way.
+    async fn start(
+        &mut self,
+        ckpt: Vec<u8>,
+        map: ModelMap,
+        map_path: &Path,
+    ) -> Result<(), MapError> {
+        self.wait().await?;
+        let map_path = map_path.to_path_buf();
+        let io = |source| MapError::Io {
+            path: map_path.clone(),
+            source,
+        };
+        let (tx, done) = tokio::sync::oneshot::channel();
+        let write = {
+            let map_path = map_path.clone();
+            move || {
+                let r = checkpoint::write_private(&checkpoint::path_for(&map_path), &ckpt)
+                    .and_then(|()| map.save(&map_path));
+                let _ = tx.send(r);
+            }
+        };
+        let thread = std::thread::Builder::new()
+            .name("mixnn-checkpoint".into())
+            .spawn(write)
+            .map_err(io)?;
+        self.0 = Some(Save { thread, done });
+        Ok(())
+    }
+
+    /// Until the save under way (if any) is on disk; its error if it failed.
+    async fn wait(&mut self) -> Result<(), MapError> {
+        let Some(save) = self.0.take() else {
+            return Ok(());
+        };
+        let r = save.done.await;
+        // It has sent its result, so it is at its end.
+        let _ = save.thread.join();
+        r.unwrap_or_else(|_| {
+            Err(MapError::Io {
+                path: PathBuf::new(),
+                source: std::io::Error::other("the checkpoint writer stopped"),
+            })
+        })
+    }
+}
+
+impl Drop for PendingSave {
+    fn drop(&mut self) {
+        if let Some(save) = self.0.take() {
+            // Blocks for the rest of one file write at most.
+            let _ = save.thread.join();
+        }
+    }
 }
 
 impl<'a> Driver<'a> {
@@ -926,6 +1001,7 @@ impl<'a> Driver<'a> {
                 .map(|v| (v.peer_id, v.descriptor.addresses.clone()))
                 .collect(),
             test_accuracy: None,
+            saving: PendingSave::default(),
             job,
         })
     }
@@ -936,6 +1012,22 @@ impl<'a> Driver<'a> {
 
     async fn run(
         mut self,
+        fresh: bool,
+        on_event: &mut (dyn FnMut(JobEvent) + Send),
+    ) -> Result<NetworkReport, JobError> {
+        let r = self.drive(fresh, on_event).await;
+        // On every path, the last checkpoint is on disk before the job
+        // returns; a failed write is the job's error unless it has one.
+        let saved = self.saving.wait().await;
+        match (r, saved) {
+            (Ok(report), Ok(())) => Ok(report),
+            (Ok(_), Err(e)) => Err(e.into()),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    async fn drive(
+        &mut self,
         fresh: bool,
         on_event: &mut (dyn FnMut(JobEvent) + Send),
     ) -> Result<NetworkReport, JobError> {
@@ -1223,6 +1315,7 @@ impl<'a> Driver<'a> {
             .map(|h| Some((h.host.peer, h.slot_id)))
             .collect();
         self.current = hosts;
+        self.saving.wait().await?;
         self.write_map(None)?;
         let route_lines: Vec<String> = planned
             .forward
@@ -1507,7 +1600,11 @@ impl<'a> Driver<'a> {
             Err(RingError::Timeout(_)) => return Err(Fault::TimedOut),
             Err(e) => return Err(with_probe(network, &during, &rings.fwd, e).await.into()),
         };
-        let mut stages = self.ckpt.stages.clone();
+        // Each stage's state, read once: checked against the step and the
+        // stage, and its parameter digest taken for the map.
+        let n = self.stages.len();
+        let mut stages: Vec<Option<Vec<u8>>> = vec![None; n];
+        let mut digests: Vec<Option<[u8; 32]>> = vec![None; n];
         for (j, stage) in remote.enumerate() {
             let pos = rings.forward_hosts[j];
             let peer = rings.fwd.hops.get(pos).map(|h| h.peer);
@@ -1533,33 +1630,48 @@ impl<'a> Driver<'a> {
                     slot.steps_applied()
                 )));
             }
-            stages[stage] = state;
+            digests[stage] = Some(slot.params_digest());
+            stages[stage] = Some(state);
         }
-        let n = self.stages.len();
-        if let Some(f) = &self.first {
-            stages[0] = f.to_bytes();
+        for (i, kept) in [(0, &self.first), (n - 1, &self.last)] {
+            if let Some(s) = kept {
+                if s.steps_applied() != step {
+                    return Err(Fault::Hop {
+                        blamed: vec![],
+                        reason: format!(
+                            "{during}: stage {i} here has applied {} steps",
+                            s.steps_applied()
+                        ),
+                    });
+                }
+                digests[i] = Some(s.params_digest());
+                stages[i] = Some(s.to_bytes());
+            }
         }
-        if let Some(l) = &self.last {
-            stages[n - 1] = l.to_bytes();
-        }
+        let (Some(stages), Some(digests)) = (
+            stages.into_iter().collect::<Option<Vec<_>>>(),
+            digests.into_iter().collect::<Option<Vec<_>>>(),
+        ) else {
+            return Err(Fault::Fatal(JobError::Invalid(format!(
+                "{during}: a stage is neither on a host nor kept here"
+            ))));
+        };
         let ckpt = Checkpoint {
             step,
             stages,
             losses: self.losses[..(step as usize).min(self.losses.len())].to_vec(),
         };
-        let digest = ckpt.digest().map_err(|e| Fault::Hop {
-            blamed: vec![],
-            reason: format!("{during}: {e}"),
-        })?;
-        ckpt.save(&checkpoint::path_for(self.job.map_path))?;
-        self.ckpt = ckpt;
-        self.checkpoints += 1;
         self.map.steps = step;
-        self.map.params_digest = to_hex(&digest);
+        self.map.params_digest = to_hex(&model_digest(&digests));
         if let Some(j) = self.map.job.as_mut() {
             j.checkpoint_step = step;
         }
-        self.map.save(self.job.map_path)?;
+        // The files are written while the next steps run (see PendingSave).
+        self.saving
+            .start(ckpt.to_bytes(), self.map.clone(), self.job.map_path)
+            .await?;
+        self.ckpt = ckpt;
+        self.checkpoints += 1;
         Ok(())
     }
 
@@ -1677,6 +1789,7 @@ impl<'a> Driver<'a> {
         self.map.complete = true;
         self.map.steps = self.ckpt.step;
         self.map.params_digest = to_hex(&model_digest(&digests));
+        self.saving.wait().await?;
         self.write_map(Some(&reports))?;
         self.teardown().await;
         let epoch_losses = mixnn_model::epoch_losses(&self.losses, self.batches.per_epoch as usize);
@@ -1951,6 +2064,76 @@ pub fn decode_limits_for(stages: &[StageSpec], max_batch: u32) -> DecodeLimits {
 mod tests {
     use super::*;
     use crate::circuit::wire::CELL_FRAME_BYTES;
+
+    fn map(steps: u64) -> ModelMap {
+        ModelMap {
+            format: FORMAT,
+            arch: "mlp:4-3-2".into(),
+            optimizer: mixnn_model::OptimizerSpec::Sgd { lr: 0.1 },
+            seed: 7,
+            batch: 8,
+            steps,
+            owner_secret: hex::encode([1u8; 32]),
+            stages: vec![],
+            params_digest: String::new(),
+            complete: false,
+            job: None,
+            trained_on: None,
+        }
+    }
+
+    fn ckpt(step: u64) -> Checkpoint {
+        Checkpoint {
+            step,
+            stages: vec![vec![step as u8; 100_000]],
+            losses: vec![0.5; step as usize],
+        }
+    }
+
+    /// The checkpoint and then the map are on disk once `wait` returns,
+    /// one save after another in order; a dropped saver still finishes
+    /// the write it started; a write that fails is the waiter's error.
+    #[tokio::test]
+    async fn checkpoint_files_are_written_in_order_and_before_the_job_lets_go() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("m.json");
+        let mut saving = PendingSave::default();
+        saving.wait().await.expect("nothing to wait for");
+        for step in [20, 40] {
+            saving
+                .start(ckpt(step).to_bytes(), map(step), &path)
+                .await
+                .expect("save started");
+        }
+        saving.wait().await.expect("saved");
+        assert_eq!(
+            Checkpoint::load(&checkpoint::path_for(&path)).expect("load"),
+            ckpt(40)
+        );
+        assert_eq!(ModelMap::load(&path).expect("map").steps, 40);
+
+        let mut dropped = PendingSave::default();
+        dropped
+            .start(ckpt(60).to_bytes(), map(60), &path)
+            .await
+            .expect("save started");
+        drop(dropped);
+        assert_eq!(
+            Checkpoint::load(&checkpoint::path_for(&path))
+                .expect("load")
+                .step,
+            60
+        );
+        assert_eq!(ModelMap::load(&path).expect("map").steps, 60);
+
+        let gone = dir.path().join("no-such-dir").join("m.json");
+        let mut failing = PendingSave::default();
+        failing
+            .start(ckpt(80).to_bytes(), map(80), &gone)
+            .await
+            .expect("save started");
+        assert!(matches!(failing.wait().await, Err(MapError::Io { .. })));
+    }
 
     /// A classifier's results ride in one cell each, so two of them fit
     /// in a fresh yamux stream window and a third batch goes out; results
