@@ -7,10 +7,11 @@
 //! back to the kernel after a second. Each range touched again then faults
 //! in a whole 2 MiB page, zeroed, where the step needed a few KiB of it.
 //! Measured on a 2-core AMD EPYC (Zen 3) VM, `bench paper`, alternating
-//! runs: with huge pages every run zeroed about 430 of them and the
-//! parties spent 44–51 ms of CPU per step; without, 41–44 ms, and the
-//! process as a whole about a tenth less CPU. Base pages cost more faults
-//! (about 190,000 against 20,000 a run), each one cheap.
+//! runs (12 with huge pages, 8 without): with them every run faulted in
+//! about 430 huge pages, the parties spent a median 46.2 ms of CPU per
+//! step and the process 19.2 s in all; without, 44.5 ms and 17.7 s. Base
+//! pages cost more faults (about 190,000 against 20,000 a run), each one
+//! cheap.
 //!
 //! The setting is the process's own (`PR_SET_THP_DISABLE`): it leaves the
 //! machine's policy for every other program alone, and children inherit
