@@ -46,7 +46,10 @@ pub use train::{
     epoch_losses, train_local, train_local_model, LocalModel, StepInfo, TrainConfig, TrainReport,
     EVAL_BATCH,
 };
-pub use worker::{skip_zero_inputs, InputGrad, SlotOp, SlotWorker, COMPUTE_THREAD_PREFIX};
+pub use worker::{
+    skip_zero_inputs, InputGrad, SlotOp, SlotWorker, COMPUTE_THREAD_PREFIX, UPDATE_NICENESS,
+    UPDATE_THREAD_PREFIX,
+};
 
 /// Result type of the model crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

@@ -14,6 +14,13 @@
 //! share waits for a helper to wake, where a product sent to the global
 //! pool would wake a thread to start it and the worker again to go on.
 //!
+//! A backward pass that returns an input gradient sends it first and then
+//! applies the step's update on a second pool of the worker's, whose
+//! threads run at a lower priority ([`UPDATE_NICENESS`]): where parties
+//! share cores, the update then takes only what the job's critical path
+//! leaves over, and is done before the slot's next forward pass, which
+//! waits for it.
+//!
 //! Both run the same [`StageCore`] operations in the same order, so a chain
 //! of workers trains bit for bit like [`crate::LocalModel`] and like a chain
 //! of [`Slot`]s when every step's backward comes before the next step's
@@ -66,6 +73,47 @@ fn own_pool() -> Option<rayon::ThreadPool> {
         .ok()
 }
 
+/// How the names of a worker's update threads begin (`mixnn-update-0`
+/// and on): they apply a step's parameter gradients and optimizer step
+/// once its input gradient is on its way.
+pub const UPDATE_THREAD_PREFIX: &str = "mixnn-update";
+
+/// The niceness of a worker's update threads: below every other thread of
+/// the process, so that the update only takes CPU that the sends, the
+/// relays and the matrix products on the job's critical path leave over.
+pub const UPDATE_NICENESS: i32 = 10;
+
+/// A pool for the work a backward pass defers until its input gradient is
+/// out: as many threads as [`own_pool`], each lowering its own priority to
+/// [`UPDATE_NICENESS`] as it starts. `None` where [`own_pool`] is (the
+/// update then runs on the worker, as before). The split of a product
+/// across its threads is the same as on the worker's own pool, so the
+/// parameters are the same bit for bit.
+///
+/// Why: on a machine whose cores the job shares (a laptop running a mix
+/// and a slot, or every party on one host), an update at full priority
+/// takes every core while the input gradient it must not delay waits to
+/// be sealed and sent. The update has until the step's next forward pass
+/// to finish, and nothing on the job's path waits for it before then.
+fn update_pool() -> Option<rayon::ThreadPool> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 {
+        return None;
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("{UPDATE_THREAD_PREFIX}-{i}"))
+        .start_handler(|_| {
+            // Lowering one's own priority needs no privilege; where it
+            // fails the update runs at the usual priority, with the same
+            // results.
+            let me = rustix::thread::gettid();
+            let _ = rustix::process::setpriority_process(Some(me), UPDATE_NICENESS);
+        })
+        .build()
+        .ok()
+}
+
 /// Commands that may wait in a worker's queue. Every caller blocks for its
 /// reply, so the queue never holds more than one command per caller thread.
 const QUEUE: usize = 16;
@@ -104,6 +152,9 @@ struct TapedStage {
     input_values: Vec<f32>,
     /// A step's output values, reused from step to step.
     output_values: Vec<f32>,
+    /// Where a backward pass's update runs once its input gradient is out
+    /// ([`update_pool`]).
+    update: Option<rayon::ThreadPool>,
 }
 
 impl TapedStage {
@@ -123,6 +174,7 @@ impl TapedStage {
             death,
             input_values: Vec::new(),
             output_values: Vec::new(),
+            update: None,
         }
     }
 
@@ -170,12 +222,17 @@ impl TapedStage {
     /// What [`TapedStage::gradients`] left: the parameter gradients and
     /// the optimizer step.
     fn finish(&mut self, rest: Rest) -> Result<(), ModelError> {
-        match rest {
-            Rest::Tape(mut grads) => {
-                self.core.apply_grads(&mut grads);
-                Ok(())
-            }
-            Rest::Linear { x, g_pre, bias } => self.core.apply_linear_grads(&x, g_pre, &bias),
+        apply(&mut self.core, rest)
+    }
+
+    /// [`TapedStage::finish`] after the input gradient went out: on the
+    /// update pool, at its lower priority, where there is one. The worker
+    /// waits for it, so the next command still sees the step applied.
+    fn finish_deferred(&mut self, rest: Rest) -> Result<(), ModelError> {
+        let TapedStage { core, update, .. } = self;
+        match update {
+            Some(pool) => pool.install(|| apply(core, rest)),
+            None => apply(core, rest),
         }
     }
 
@@ -280,6 +337,18 @@ impl TapedStage {
     fn infer(&self, input: HostTensor) -> Result<HostTensor, ModelError> {
         let x = self.core.upload_input_owned(input)?;
         Ok(to_host(&self.core, &self.core.forward(x)))
+    }
+}
+
+/// Applies what [`TapedStage::gradients`] left: the parameter gradients
+/// and the optimizer step.
+fn apply(core: &mut StageCore, rest: Rest) -> Result<(), ModelError> {
+    match rest {
+        Rest::Tape(mut grads) => {
+            core.apply_grads(&mut grads);
+            Ok(())
+        }
+        Rest::Linear { x, g_pre, bias } => core.apply_linear_grads(&x, g_pre, &bias),
     }
 }
 
@@ -581,7 +650,14 @@ impl SlotWorker {
                     // command runs after the step, on this thread.
                     Ok((grad_in, rest)) => {
                         answer(Ok(grad_in));
-                        if let Err(e) = st.finish(rest) {
+                        // A first stage's reply is only an acknowledgement:
+                        // its update is what the next step waits for, and
+                        // runs at full priority.
+                        let applied = match input_grad {
+                            InputGrad::None => st.finish(rest),
+                            InputGrad::Full | InputGrad::SkipZeroInputs => st.finish_deferred(rest),
+                        };
+                        if let Err(e) = applied {
                             // The step is lost and the parameters would
                             // fall behind: stop serving them.
                             let _ = st
@@ -644,7 +720,10 @@ fn serve(slot: Slot, rx: Receiver<Command>, death: Arc<OnceLock<String>>) {
     let setup = Arc::clone(&death);
     let started = catch_unwind(AssertUnwindSafe(|| TapedStage::from_slot(slot, death)));
     let mut stage = match started {
-        Ok(stage) => stage,
+        Ok(mut stage) => {
+            stage.update = update_pool();
+            stage
+        }
         Err(payload) => {
             let _ = setup.set(format!(
                 "the slot worker panicked while starting: {}",
@@ -762,13 +841,130 @@ mod tests {
         }
     }
 
+    /// This process's threads (Linux): id, name, niceness, CPU ticks.
+    #[cfg(target_os = "linux")]
+    fn threads() -> Vec<(u32, String, i32, u64)> {
+        std::fs::read_dir("/proc/self/task")
+            .expect("tasks")
+            .filter_map(|e| {
+                let path = e.ok()?.path();
+                let tid = path.file_name()?.to_str()?.parse().ok()?;
+                let stat = std::fs::read_to_string(path.join("stat")).ok()?;
+                // The name is in parentheses and may hold spaces; the
+                // fields after it are numbered from 3.
+                let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+                let f: Vec<&str> = rest.split(' ').collect();
+                let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+                Some((tid, name.to_string(), f.get(16)?.parse().ok()?, ticks))
+            })
+            .collect()
+    }
+
+    /// A backward pass that returns an input gradient applies its update on
+    /// the worker's update threads, which run below the usual priority;
+    /// a first stage's (no input gradient) stays on the worker's own pool.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn an_update_after_the_input_gradient_runs_on_threads_of_lower_priority() {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let stage = StageSpec {
+            layers: vec![LayerSpec::Linear {
+                inputs: 512,
+                outputs: 512,
+            }],
+        };
+        let init = InitSpec {
+            seed: 2,
+            stage_index: 1,
+        };
+        let slot = Slot::new(&stage, init, OptimizerSpec::Sgd { lr: 0.1 }).expect("slot");
+        let w = SlotWorker::spawn(slot).expect("spawn");
+        // This worker's update threads, each asked for its id (a thread
+        // has set its niceness before it takes any work).
+        let ids: Vec<u32> = w
+            .call(|st| {
+                st.update.as_ref().map_or_else(Vec::new, |pool| {
+                    pool.broadcast(|_| rustix::thread::gettid().as_raw_nonzero().get() as u32)
+                })
+            })
+            .expect("alive");
+        let mine = || -> Vec<(u32, String, i32, u64)> {
+            threads()
+                .into_iter()
+                .filter(|t| ids.contains(&t.0))
+                .collect()
+        };
+        let ticks = |ts: &[(u32, String, i32, u64)]| ts.iter().map(|t| t.3).sum::<u64>();
+        if cores < 2 {
+            assert!(ids.is_empty(), "{ids:?}");
+            return;
+        }
+        let start = mine();
+        assert_eq!(start.len(), cores, "{start:?}");
+        for (_, name, nice, _) in &start {
+            assert!(name.starts_with(UPDATE_THREAD_PREFIX), "{name}");
+            assert_eq!(*nice, UPDATE_NICENESS, "{name}");
+        }
+
+        let run = |steps: u64, input_grad: InputGrad| {
+            let x = HostTensor::new(vec![256, 512], vec![0.5; 256 * 512]).expect("x");
+            let g = HostTensor::new(vec![256, 512], vec![0.01; 256 * 512]).expect("g");
+            let t0 = ticks(&mine());
+            let first = w.steps_applied().expect("alive");
+            for step in first..first + steps {
+                let (tx, rx) = sync_channel(1);
+                w.submit(
+                    SlotOp::Forward {
+                        step,
+                        input: x.clone(),
+                    },
+                    move |r| {
+                        let _ = tx.send(r.map(|_| ()));
+                    },
+                )
+                .expect("queued");
+                rx.recv().expect("reply").expect("forward");
+                let (tx, rx) = sync_channel(1);
+                w.submit(
+                    SlotOp::Backward {
+                        step,
+                        grad_out: g.clone(),
+                        input_grad,
+                    },
+                    move |r| {
+                        let _ = tx.send(r.map(|_| ()));
+                    },
+                )
+                .expect("queued");
+                rx.recv().expect("reply").expect("backward");
+            }
+            assert_eq!(w.steps_applied().expect("alive"), first + steps);
+            ticks(&mine()) - t0
+        };
+        // A clock tick is 10 ms: enough steps that the updates take many.
+        let deferred = run(100, InputGrad::Full);
+        assert!(deferred > 0, "the update threads took no CPU");
+        // Idle pool threads spin a little before they sleep.
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let first_stage = run(100, InputGrad::None);
+        assert!(
+            first_stage * 10 <= deferred,
+            "a first stage's update left the worker: {first_stage} ticks on the update threads, \
+             {deferred} for the deferred updates"
+        );
+    }
+
     #[cfg(target_os = "linux")]
     #[test]
     fn a_stopped_worker_leaves_no_helper_thread_behind() {
         let helpers = || {
             thread_names()
                 .iter()
-                .filter(|n| n.starts_with(COMPUTE_THREAD_PREFIX) || n.as_str() == THREAD_NAME)
+                .filter(|n| {
+                    n.starts_with(COMPUTE_THREAD_PREFIX)
+                        || n.starts_with(UPDATE_THREAD_PREFIX)
+                        || n.as_str() == THREAD_NAME
+                })
                 .count()
         };
         // Other tests of this binary start workers too: count only what
@@ -785,7 +981,7 @@ mod tests {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        // Twenty workers with their pools would leave 20 x cores threads.
+        // Twenty workers with their pools would leave 20 x 2 x cores threads.
         assert!(
             helpers() <= before + 8,
             "{} worker and helper threads, {before} before, {cores} cores",

@@ -428,7 +428,8 @@ const COMPUTE_POOL: &str = mixnn_model::COMPUTE_THREAD_PREFIX;
 /// What the process and each volunteer had used at one moment.
 struct Usage {
     process: Option<u64>,
-    /// rayon's threads (the slot workers' helpers in matrix products).
+    /// rayon's threads (the slot workers' helpers in matrix products, and
+    /// their update threads).
     pool: Option<u64>,
     /// Per volunteer: its threads' CPU (ns), its slot workers' CPU
     /// (seconds), bytes it relayed or sent.
@@ -441,7 +442,10 @@ impl Usage {
     fn read(net: &LocalNet) -> Usage {
         let pool = crate::cpu::threads_cpu_ns().map(|t| {
             t.iter()
-                .filter(|(name, _)| name.starts_with(COMPUTE_POOL))
+                .filter(|(name, _)| {
+                    name.starts_with(COMPUTE_POOL)
+                        || name.starts_with(mixnn_model::UPDATE_THREAD_PREFIX)
+                })
                 .map(|(_, ns)| ns)
                 .sum()
         });
