@@ -432,6 +432,9 @@ async fn setups_that_never_send_a_cell_do_not_lock_out_an_honest_client() {
     let mut extra = Vec::new();
     for i in 0..4 {
         let s = stranger(&net, &format!("198.51.{i}.7")).await;
+        // Places the groups before this one left: a setup of theirs that
+        // failed on its way to the victim (a loaded machine) leaves one.
+        let taken = metric(victim, "mixnn_circuit_setups");
         let v = c[0].clone();
         let more = futures::future::join_all((0..20).map(|_| {
             let k = rand::random();
@@ -447,7 +450,11 @@ async fn setups_that_never_send_a_cell_do_not_lock_out_an_honest_client() {
         if i < 3 {
             assert!((12..=16).contains(&ok), "group {i}: {ok} setups");
         } else if first_setup.elapsed() < Duration::from_secs(4) {
-            assert_eq!(ok, 0, "group {i}");
+            let left = 64u64.saturating_sub(taken);
+            assert!(
+                ok as u64 <= left,
+                "group {i}: {ok} setups where the others left {left} of 64 places"
+            );
         } else {
             // A machine this slow let the first setups become overdue, and
             // an overdue setup rightly gives way; the preemption is checked
