@@ -726,7 +726,7 @@ async fn a_message_never_makes_a_node_allocate_past_its_budget() {
     // At 16 rows it fits. Messages beyond the slot's shapes are refused
     // from their header: a sparse all-zero batch of 1024 rows (100 KB on
     // the wire, 3 MB decoded), a tensor of the output's width in place of
-    // the input.
+    // the input; one longer than any the slot takes, from its size.
     let owner = Identity::generate();
     let id: [u8; 16] = rand::random();
     let mut refusals = Vec::new();
@@ -734,6 +734,10 @@ async fn a_message_never_makes_a_node_allocate_past_its_budget() {
         forward(0, 1024, 784, 0.0),
         forward(0, 16, 16_384, 0.0),
         forward(0, 16, 784, 0.0),
+        // 3 MB dense: fifty cells, refused at the first, while the client
+        // is still sending; its send says why, not just that the stream
+        // shut.
+        forward(1, 1024, 784, 1.5),
     ]
     .into_iter()
     .enumerate()
@@ -759,8 +763,15 @@ async fn a_message_never_makes_a_node_allocate_past_its_budget() {
         )
         .await
         .expect("the 16-row slot fits");
-        r.send(&msg).await.expect("send");
-        match (k, r.recv(Duration::from_secs(30)).await) {
+        // The host refuses a message from its first cell's header and
+        // closes the circuit, so the rest of a message of several cells
+        // may find the stream shut: the refusal then comes back from the
+        // send, or else from the reply.
+        let reply = match r.send(&msg).await {
+            Ok(()) => r.recv(Duration::from_secs(30)).await,
+            Err(e) => Err(e),
+        };
+        match (k, reply) {
             (
                 0 | 1,
                 Err(RingError::HopReported {
@@ -776,6 +787,17 @@ async fn a_message_never_makes_a_node_allocate_past_its_budget() {
                 refusals.push(detail);
             }
             (2, Ok(JobMsg::Forward { tensor, .. })) => assert_eq!(tensor.shape, vec![16, 16_384]),
+            (
+                3,
+                Err(RingError::HopReported {
+                    code: ErrorCode::BadMessage,
+                    detail,
+                    ..
+                }),
+            ) => {
+                assert!(detail.contains("exceeds the limit"), "{detail}");
+                refusals.push(detail);
+            }
             (_, other) => panic!("message {k}: {other:?}"),
         }
     }

@@ -85,6 +85,11 @@ pub struct EndListener {
 
 pub const END_EPOCH: u64 = 0;
 
+/// How long a ring whose stream broke waits for a hop's report of why:
+/// a hop that refuses a message closes the circuit and reports, and the
+/// close may reach the client before the report.
+const REPORT_GRACE: Duration = Duration::from_secs(2);
+
 impl EndListener {
     #[allow(clippy::result_large_err, reason = "cold error path")]
     pub fn start(network: &Network, cancel: CancellationToken) -> Result<Self, RingError> {
@@ -347,9 +352,19 @@ impl Ring {
             wire::write_cell_frames(&mut self.down, self.down_cid, &mut self.cells),
         );
         tokio::select! {
-            r = write => r
-                .map_err(|_| RingError::Timeout(self.io_timeout))?
-                .map_err(|e| RingError::Broken(format!("sending to the first hop: {e}")))?,
+            r = write => match r {
+                Err(_) => return Err(RingError::Timeout(self.io_timeout)),
+                Ok(Err(e)) => {
+                    // A hop that refused the message may still be saying why.
+                    if let Ok(Some(report)) =
+                        tokio::time::timeout(REPORT_GRACE, self.errors.recv()).await
+                    {
+                        return Err(attribute(&self.hops, &self.secrets, Some(report)));
+                    }
+                    return Err(RingError::Broken(format!("sending to the first hop: {e}")));
+                }
+                Ok(Ok(())) => {}
+            },
             e = self.errors.recv() => return Err(attribute(&self.hops, &self.secrets, e)),
         }
         self.bytes_sent += (total * CELL_BYTES) as u64;
@@ -371,7 +386,7 @@ impl Ring {
                 Ok(Err(WireError::Closed)) => {
                     // A hop before us may still be reporting why.
                     if let Ok(Some(e)) =
-                        tokio::time::timeout(Duration::from_secs(2), self.errors.recv()).await
+                        tokio::time::timeout(REPORT_GRACE, self.errors.recv()).await
                     {
                         return Err(attribute(&self.hops, &self.secrets, Some(e)));
                     }
