@@ -36,6 +36,21 @@ pub struct StepBreakdown {
     pub total_ms: f64,
 }
 
+/// The steady step: the median time between consecutive steps, which a
+/// run's fixed costs (ring setup, checkpoints, the final evaluation) leave
+/// out. On a noisy machine it moves less than a whole run's wall time.
+#[derive(Clone, Debug, Serialize)]
+pub struct SteadyStep {
+    /// The run with the median wall-time ratio: local and network, ms.
+    pub local_ms: f64,
+    pub network_ms: f64,
+    /// Network over local, each run, and their spread.
+    pub ratios: Vec<f64>,
+    pub ratio_min: f64,
+    pub ratio_median: f64,
+    pub ratio_max: f64,
+}
+
 /// Route discovery at one network size.
 #[derive(Clone, Debug, Serialize)]
 pub struct ScalingPoint {
@@ -78,6 +93,9 @@ pub struct PaperReport {
     pub breakdown: StepBreakdown,
     /// A local training step, milliseconds.
     pub local_step_ms: f64,
+    /// Steady step times and their ratio (`None` for runs of under three
+    /// steps).
+    pub steady: Option<SteadyStep>,
     /// CPU and bytes per step of each party: the client, then the
     /// volunteers on the rings.
     pub parties: Vec<PartyCost>,
@@ -173,11 +191,20 @@ struct Run {
     links_per_step: usize,
     /// Inference through a circuit and locally, and the circuit's accuracy.
     inference: Option<(Latency, Latency, f32)>,
+    /// Median time between steps, local and network, in milliseconds
+    /// ([`parties::median_step_ms`]).
+    local_step_median_ms: Option<f64>,
+    network_step_median_ms: Option<f64>,
 }
 
 impl Run {
     fn ratio(&self) -> f64 {
         self.net.seconds / self.local_seconds.max(1e-9)
+    }
+
+    /// The network's steady step over local training's.
+    fn step_ratio(&self) -> Option<f64> {
+        Some(self.network_step_median_ms? / self.local_step_median_ms?.max(1e-9))
     }
 }
 
@@ -214,6 +241,7 @@ pub async fn run_paper(
         runs.push(one_run(cfg, data, &train, examples, progress, last, &label).await?);
     }
     let ratios: Vec<f64> = runs.iter().map(Run::ratio).collect();
+    let step_ratios: Option<Vec<f64>> = runs.iter().map(Run::step_ratio).collect();
     let (ratio_min, ratio_median, ratio_max) = parties::spread(&ratios);
     let digests_equal = runs
         .iter()
@@ -232,6 +260,24 @@ pub async fn run_paper(
 
     let stages = tc.arch.num_stages();
     let local_step_ms = run.local_seconds * 1000.0 / run.local.steps.max(1) as f64;
+    let steady = match (
+        step_ratios,
+        run.local_step_median_ms,
+        run.network_step_median_ms,
+    ) {
+        (Some(ratios), Some(local_ms), Some(network_ms)) => {
+            let (ratio_min, ratio_median, ratio_max) = parties::spread(&ratios);
+            Some(SteadyStep {
+                local_ms,
+                network_ms,
+                ratios,
+                ratio_min,
+                ratio_median,
+                ratio_max,
+            })
+        }
+        _ => None,
+    };
     let projection = parties::project(
         &run.parties,
         run.links_per_step,
@@ -296,6 +342,7 @@ pub async fn run_paper(
         rows,
         breakdown: run.breakdown,
         local_step_ms,
+        steady,
         parties: run.parties,
         projection,
         projected_ratio,
@@ -328,7 +375,11 @@ async fn one_run(
     progress.phase(&label("local"), examples);
     let cpu0 = crate::cpu::process_cpu_ns();
     let t = Instant::now();
-    let local = train_local(tc, data, &mut |s| progress.step(s))?;
+    let mut local_steps = Vec::new();
+    let local = train_local(tc, data, &mut |s| {
+        local_steps.push(Instant::now());
+        progress.step(s)
+    })?;
     let local_seconds = t.elapsed().as_secs_f64();
     let local_cpu = cpu_seconds(cpu0, crate::cpu::process_cpu_ns());
 
@@ -349,6 +400,7 @@ async fn one_run(
         ..JobOptions::default()
     };
     progress.phase(&label("network"), examples);
+    let mut network_steps = Vec::new();
     let before = Usage::read(&net);
     let net_report = train_network(
         &client,
@@ -364,6 +416,7 @@ async fn one_run(
         },
         &mut |e| {
             if let JobEvent::Step(s) = e {
+                network_steps.push(Instant::now());
                 progress.step(s)
             }
         },
@@ -414,6 +467,8 @@ async fn one_run(
         parties,
         links_per_step,
         inference,
+        local_step_median_ms: parties::median_step_ms(&local_steps),
+        network_step_median_ms: parties::median_step_ms(&network_steps),
     })
 }
 

@@ -134,6 +134,22 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Smallest, median and largest of `v` (NaN when empty).
+/// The median time between consecutive steps, in milliseconds, from the
+/// moment each step finished: a run's steady step time, which the run's
+/// fixed costs (setup, checkpoints, the evaluation at its end) leave out
+/// and a moment of the machine's noise barely moves. `None` under three
+/// steps.
+pub fn median_step_ms(finished: &[std::time::Instant]) -> Option<f64> {
+    if finished.len() < 3 {
+        return None;
+    }
+    let gaps: Vec<f64> = finished
+        .windows(2)
+        .map(|w| w[1].saturating_duration_since(w[0]).as_secs_f64() * 1000.0)
+        .collect();
+    Some(spread(&gaps).1)
+}
+
 pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
@@ -162,6 +178,17 @@ mod tests {
             bytes_sent,
             relayed_messages: relayed,
         }
+    }
+
+    #[test]
+    fn the_steady_step_is_the_median_gap_between_steps() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        // Steps every 10 ms, one checkpoint (50 ms) among them: the median
+        // gap is the step, whatever the checkpoint took.
+        let finished = [at(100), at(110), at(120), at(170), at(180), at(190)];
+        assert_eq!(median_step_ms(&finished), Some(10.0));
+        assert_eq!(median_step_ms(&finished[..2]), None);
     }
 
     #[test]

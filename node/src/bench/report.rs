@@ -189,6 +189,26 @@ pub fn deployment(report: &PaperReport) -> String {
             "no"
         },
     );
+    if let Some(st) = &report.steady {
+        let _ = writeln!(
+            s,
+            "Steady step (the median time between steps, without setup, checkpoints and \
+             evaluation): network {} ms against local {} ms; network over local, {} run{}: \
+             min {} / median {} / max {} (each run: {}).\n",
+            fixed(st.network_ms, 2),
+            fixed(st.local_ms, 2),
+            st.ratios.len(),
+            if st.ratios.len() == 1 { "" } else { "s" },
+            ratio(st.ratio_min),
+            ratio(st.ratio_median),
+            ratio(st.ratio_max),
+            st.ratios
+                .iter()
+                .map(|r| ratio(*r))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
     s.push_str("CPU per training step, by party (the run with the median ratio):\n\n");
     s.push_str("| party | CPU ms per step | kB sent per step |\n|---|---:|---:|\n");
     let mut total = 0.0;
@@ -628,7 +648,7 @@ fn ranges(a: &[(f64, f64)], b: &[(f64, f64)]) -> (Range<f64>, Range<f64>) {
 #[cfg(test)]
 mod tests {
     use super::super::parties::{Latency, Links, PartyCost, Projection};
-    use super::super::{Row, ScalingPoint, StepBreakdown};
+    use super::super::{Row, ScalingPoint, SteadyStep, StepBreakdown};
     use super::*;
 
     fn sample() -> PaperReport {
@@ -684,6 +704,14 @@ mod tests {
                 total_ms: 4.0,
             },
             local_step_ms: 1.3,
+            steady: Some(SteadyStep {
+                local_ms: 1.25,
+                network_ms: 3.5,
+                ratios: vec![2.7, 2.8, 3.0],
+                ratio_min: 2.7,
+                ratio_median: 2.8,
+                ratio_max: 3.0,
+            }),
             parties: vec![
                 PartyCost {
                     party: "client".into(),
@@ -811,13 +839,18 @@ mod tests {
             "network over local: 2.50x",
             "through a circuit median 3.50 ms, p99 6.00 ms",
             "local median 0.50 ms, p99 0.90 ms",
+            "Steady step (the median time between steps, without setup, checkpoints and \
+             evaluation): network 3.50 ms against local 1.25 ms; network over local, 3 runs: \
+             min 2.70x / median 2.80x / max 3.00x (each run: 2.70x, 2.80x, 3.00x)",
         ] {
             assert!(d.contains(want), "missing {want:?} in:\n{d}");
         }
         let mut none = sample();
         none.infer_network = None;
         none.cpu_cost_ratio = None;
+        none.steady = None;
         let d = deployment(&none);
+        assert!(!d.contains("Steady step"), "{d}");
         assert!(
             d.contains("Inference: not measured.") && d.contains("local: n/a."),
             "{d}"
