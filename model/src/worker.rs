@@ -103,15 +103,21 @@ fn update_pool() -> Option<rayon::ThreadPool> {
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("{UPDATE_THREAD_PREFIX}-{i}"))
-        .start_handler(|_| {
-            // Lowering one's own priority needs no privilege; where it
-            // fails the update runs at the usual priority, with the same
-            // results.
-            let me = rustix::thread::gettid();
-            let _ = rustix::process::setpriority_process(Some(me), UPDATE_NICENESS);
-        })
+        .start_handler(|_| lower_priority())
         .build()
         .ok()
+}
+
+/// Lowers the calling thread's priority to [`UPDATE_NICENESS`]. Lowering
+/// one's own priority needs no privilege; where it fails, or off Linux
+/// (where niceness is the whole process's), the update runs at the usual
+/// priority, with the same results.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let me = rustix::thread::gettid();
+        let _ = rustix::process::setpriority_process(Some(me), UPDATE_NICENESS);
+    }
 }
 
 /// Commands that may wait in a worker's queue. Every caller blocks for its
