@@ -61,16 +61,17 @@ pub const COMPUTE_THREAD_PREFIX: &str = "mixnn-compute";
 /// same bit for bit. The pool must outlive every product the thread
 /// starts: the worker keeps it until its thread ends.
 fn own_pool() -> Option<rayon::ThreadPool> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 {
-        return None;
-    }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+    one_per_core()?
         .use_current_thread()
         .thread_name(|i| format!("{COMPUTE_THREAD_PREFIX}-{i}"))
         .build()
         .ok()
+}
+
+/// A pool of one thread per core; `None` on one core.
+fn one_per_core() -> Option<rayon::ThreadPoolBuilder> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (threads >= 2).then(|| rayon::ThreadPoolBuilder::new().num_threads(threads))
 }
 
 /// How the names of a worker's update threads begin (`mixnn-update-0`
@@ -96,12 +97,7 @@ pub const UPDATE_NICENESS: i32 = 10;
 /// be sealed and sent. The update has until the step's next forward pass
 /// to finish, and nothing on the job's path waits for it before then.
 fn update_pool() -> Option<rayon::ThreadPool> {
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if threads < 2 {
-        return None;
-    }
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
+    one_per_core()?
         .thread_name(|i| format!("{UPDATE_THREAD_PREFIX}-{i}"))
         .start_handler(|_| lower_priority())
         .build()
