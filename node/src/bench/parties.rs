@@ -133,7 +133,6 @@ pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
-/// Smallest, median and largest of `v` (NaN when empty).
 /// The median time between consecutive steps, in milliseconds, from the
 /// moment each step finished: a run's steady step time, which the run's
 /// fixed costs (setup, checkpoints, the evaluation at its end) leave out
@@ -150,6 +149,7 @@ pub fn median_step_ms(finished: &[std::time::Instant]) -> Option<f64> {
     Some(spread(&gaps).1)
 }
 
+/// Smallest, median and largest of `v` (NaN when empty).
 pub fn spread(v: &[f64]) -> (f64, f64, f64) {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
