@@ -22,7 +22,7 @@ use std::time::Duration;
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Tag};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
-use mixnn_crypto::aead::{Backend, CellAead};
+use mixnn_crypto::aead::{Backend, CellAead, CellSuite};
 use mixnn_crypto::cells::{
     seal_message, CellKey, CellOpener, CellSealer, MessageCells, MessageReader, CELL_BYTES,
     CELL_PAYLOAD,
@@ -100,40 +100,46 @@ fn cells(c: &mut Criterion) {
     let mut g = c.benchmark_group("cells");
     g.throughput(Throughput::Bytes(msg.len() as u64));
 
-    // As a host seals: cell by cell into cell buffers it reuses.
+    // As a host seals: cell by cell into cell buffers it reuses; and as a
+    // host opens, cell by cell into the message. Both suites.
     let mut wire = vec![0u8; 32 * CELL_BYTES];
-    let mut sealer = CellSealer::new(&key);
-    g.bench_function("seal_1MiB", |b| {
-        b.iter(|| {
-            let mut cells = MessageCells::new(&mut sealer, black_box(&msg))?;
-            for cell in wire.chunks_exact_mut(CELL_BYTES).take(cells.total()) {
-                cells.seal_next(cell)?;
-            }
-            Ok::<_, mixnn_crypto::cells::CellError>(())
-        })
-    });
-
-    let mut sealed = Vec::new();
-    if let Err(e) = seal_message(&mut CellSealer::new(&key), &msg, &mut sealed) {
-        panic!("seal: {e}");
-    }
     let mut reader = MessageReader::new(1 << 21);
-    g.bench_function("open_1MiB", |b| {
-        b.iter_batched_ref(
-            || sealed.clone(),
-            |cells| {
-                let mut opener = CellOpener::new(&key);
-                let mut got = None;
-                for cell in cells.chunks_exact_mut(CELL_BYTES) {
-                    got = reader.push(&mut opener, cell).ok().flatten().or(got);
+    for (prefix, suite) in [
+        ("", CellSuite::ChaCha20Poly1305),
+        ("aes256gcm_", CellSuite::Aes256Gcm),
+    ] {
+        let mut sealer = CellSealer::with_suite(&key, suite);
+        g.bench_function(format!("{prefix}seal_1MiB"), |b| {
+            b.iter(|| {
+                let mut cells = MessageCells::new(&mut sealer, black_box(&msg))?;
+                for cell in wire.chunks_exact_mut(CELL_BYTES).take(cells.total()) {
+                    cells.seal_next(cell)?;
                 }
-                if let Some(m) = got {
-                    reader.recycle(m);
-                }
-            },
-            BatchSize::LargeInput,
-        )
-    });
+                Ok::<_, mixnn_crypto::cells::CellError>(())
+            })
+        });
+
+        let mut sealed = Vec::new();
+        if let Err(e) = seal_message(&mut CellSealer::with_suite(&key, suite), &msg, &mut sealed) {
+            panic!("seal: {e}");
+        }
+        g.bench_function(format!("{prefix}open_1MiB"), |b| {
+            b.iter_batched_ref(
+                || sealed.clone(),
+                |cells| {
+                    let mut opener = CellOpener::with_suite(&key, suite);
+                    let mut got = None;
+                    for cell in cells.chunks_exact_mut(CELL_BYTES) {
+                        got = reader.push(&mut opener, cell).ok().flatten().or(got);
+                    }
+                    if let Some(m) = got {
+                        reader.recycle(m);
+                    }
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
 
     let seal_open = |name: &str, msg: &[u8], g: &mut criterion::BenchmarkGroup<'_, _>| {
         let mut sealer = CellSealer::new(&key);
@@ -266,9 +272,23 @@ fn cells(c: &mut Criterion) {
         &|chunk, i, tag| gcm.borrow_mut().open(&nonce(i), chunk, tag),
     );
 
-    // OpenSSL, the backend cells use, and aws-lc, its fallback.
-    for (name, backend) in [("openssl", Backend::OpenSsl), ("aws_lc", Backend::Assembly)] {
-        let aead = RefCell::new(CellAead::with_backend(&[3u8; 32], backend));
+    // OpenSSL, the ChaCha20-Poly1305 backend cells use, and aws-lc, its
+    // fallback; aws-lc's AES-256-GCM, the backend of AES cells.
+    for (name, aead) in [
+        (
+            "openssl",
+            CellAead::with_backend(&[3u8; 32], Backend::OpenSsl),
+        ),
+        (
+            "aws_lc",
+            CellAead::with_backend(&[3u8; 32], Backend::Assembly),
+        ),
+        (
+            "aws_lc_aes256gcm",
+            CellAead::for_suite(&[3u8; 32], CellSuite::Aes256Gcm),
+        ),
+    ] {
+        let aead = RefCell::new(aead);
         raw(
             &mut g,
             name,

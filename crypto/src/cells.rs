@@ -5,8 +5,15 @@
 //! Every cell is [`CELL_BYTES`] on the wire after the node's 8-byte circuit id:
 //!
 //! ```text
-//! seq: u64 LE (8) | ChaCha20-Poly1305 ciphertext (CELL_PAYLOAD) | tag (16)
+//! seq: u64 LE (8) | AEAD ciphertext (CELL_PAYLOAD) | tag (16)
 //! ```
+//!
+//! The AEAD is the segment's [`CellSuite`]: ChaCha20-Poly1305, or
+//! AES-256-GCM where both ends of the segment have AES instructions (the
+//! client chooses, and tells each layer host the suite of its two
+//! segments in its setup payload). Both have the same key, nonce and tag
+//! sizes, so the layout, the size classes and every check below are the
+//! same under either.
 //!
 //! The nonce is `0u32 || seq LE`, so the sequence number is bound to the
 //! ciphertext without associated data. A [`CellSealer`] numbers cells 0, 1,
@@ -16,7 +23,7 @@
 //! cells are not decrypted and do not move the opener. Keys are per segment
 //! and per direction ([`CellKey::derive`]); never use one key in two sealers.
 //! The AEAD runs through [`crate::aead`]: assembly, and the same bytes as
-//! the RustCrypto crate.
+//! the RustCrypto crates.
 //!
 //! # Messages
 //!
@@ -43,6 +50,7 @@ use rand::RngCore;
 use sha2::Sha256;
 use zeroize::Zeroize;
 
+pub use crate::aead::CellSuite;
 use crate::aead::{CellAead, NONCE_BYTES, TAG_BYTES};
 
 /// Bytes of one cell on the wire, not counting the node's circuit id.
@@ -115,8 +123,8 @@ impl CellKey {
         &self.0
     }
 
-    fn cipher(&self) -> CellAead {
-        CellAead::new(&self.0)
+    fn cipher(&self, suite: CellSuite) -> CellAead {
+        CellAead::for_suite(&self.0, suite)
     }
 }
 
@@ -156,12 +164,22 @@ pub struct CellSealer {
 }
 
 impl CellSealer {
-    /// A sealer for `key`, starting at sequence number 0.
+    /// A ChaCha20-Poly1305 sealer for `key`, starting at sequence number 0.
     pub fn new(key: &CellKey) -> Self {
+        Self::with_suite(key, CellSuite::ChaCha20Poly1305)
+    }
+
+    /// A sealer for `key` under `suite`, starting at sequence number 0.
+    pub fn with_suite(key: &CellKey, suite: CellSuite) -> Self {
         Self {
-            cipher: key.cipher(),
+            cipher: key.cipher(suite),
             next_seq: 0,
         }
+    }
+
+    /// The suite this sealer seals with.
+    pub fn suite(&self) -> CellSuite {
+        self.cipher.suite()
     }
 
     /// The sequence number the next cell will carry.
@@ -254,13 +272,26 @@ pub struct CellOpener {
 }
 
 impl CellOpener {
-    /// An opener for `key`, expecting sequence number 0 first.
+    /// A ChaCha20-Poly1305 opener for `key`, expecting sequence number 0
+    /// first.
     pub fn new(key: &CellKey) -> Self {
+        Self::with_suite(key, CellSuite::ChaCha20Poly1305)
+    }
+
+    /// An opener for `key` under `suite`, expecting sequence number 0
+    /// first. A cell sealed under the other suite fails as
+    /// [`CellError::Auth`].
+    pub fn with_suite(key: &CellKey, suite: CellSuite) -> Self {
         Self {
-            cipher: key.cipher(),
+            cipher: key.cipher(suite),
             next_seq: 0,
             ahead: None,
         }
+    }
+
+    /// The suite this opener opens.
+    pub fn suite(&self) -> CellSuite {
+        self.cipher.suite()
     }
 
     /// The sequence number the next cell must carry.

@@ -59,6 +59,10 @@ pub struct Capacity {
     pub max_params: u64,
     /// Memory the node sets aside for slots, in bytes.
     pub memory_bytes: u64,
+    /// The node seals and opens cells with AES-256-GCM in hardware
+    /// ([`crate::aead::aes_in_hardware`]): a client uses that suite for a
+    /// segment between two such ends ([`crate::aead::CellSuite::for_segment`]).
+    pub aes_gcm: bool,
 }
 
 /// A peer's public description of itself.
@@ -360,6 +364,7 @@ mod tests {
             capacity: Capacity {
                 max_params: 1 << 20,
                 memory_bytes: 1 << 30,
+                aes_gcm: true,
             },
             addresses: vec!["/ip4/127.0.0.1/tcp/4001".into()],
         }

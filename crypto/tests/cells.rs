@@ -400,15 +400,17 @@ proptest! {
     }
 }
 
-/// Every backend against the `chacha20poly1305` crate, byte for byte: the
-/// same ciphertext and tag for random keys, nonces, associated data and
-/// lengths (every length up to a few blocks, then around block and cell
-/// boundaries), and each opens what the other sealed. One key object seals
-/// and opens in turn, as a circuit's keys do.
+/// Every backend of each suite against the RustCrypto crate of that suite
+/// (`chacha20poly1305`, `aes-gcm`), byte for byte: the same ciphertext
+/// and tag for random keys, nonces, associated data and lengths (every
+/// length up to a few blocks, then around block and cell boundaries), and
+/// each opens what the other sealed. One key object seals and opens in
+/// turn, as a circuit's keys do.
 mod backend_matches_the_rustcrypto_crate {
+    use aes_gcm::Aes256Gcm;
     use chacha20poly1305::aead::{AeadInPlace, KeyInit};
     use chacha20poly1305::ChaCha20Poly1305;
-    use mixnn_crypto::aead::{Backend, CellAead};
+    use mixnn_crypto::aead::{Backend, CellAead, CellSuite};
     use proptest::prelude::*;
     use rand::rngs::StdRng;
     use rand::{Rng, RngCore, SeedableRng};
@@ -417,15 +419,53 @@ mod backend_matches_the_rustcrypto_crate {
 
     fn check(key: [u8; 32], nonce: [u8; 12], aad: &[u8], plain: &[u8]) {
         assert_eq!(CellAead::new(&key).backend(), Backend::OpenSsl);
-        let reference = ChaCha20Poly1305::new(&key.into());
+        let chacha: Vec<CellAead> = BACKENDS
+            .iter()
+            .map(|&b| {
+                let aead = CellAead::with_backend(&key, b);
+                assert_eq!(aead.backend(), b);
+                aead
+            })
+            .collect();
+        check_suite(
+            &ChaCha20Poly1305::new(&key.into()),
+            chacha,
+            nonce,
+            aad,
+            plain,
+        );
+        let fastest = CellAead::for_suite(&key, CellSuite::Aes256Gcm);
+        assert_eq!(fastest.backend(), Backend::Assembly);
+        let aes: Vec<CellAead> = [Backend::Assembly, Backend::Portable]
+            .iter()
+            .map(|&b| {
+                let aead = CellAead::aes_with_backend(&key, b);
+                assert_eq!((aead.backend(), aead.suite()), (b, CellSuite::Aes256Gcm));
+                aead
+            })
+            .chain([fastest])
+            .collect();
+        check_suite(&Aes256Gcm::new(&key.into()), aes, nonce, aad, plain);
+    }
+
+    fn check_suite<R: AeadInPlace>(
+        reference: &R,
+        aeads: Vec<CellAead>,
+        nonce: [u8; 12],
+        aad: &[u8],
+        plain: &[u8],
+    ) {
         let mut want = plain.to_vec();
         let want_tag = reference
-            .encrypt_in_place_detached(&nonce.into(), aad, &mut want)
+            .encrypt_in_place_detached(nonce.as_slice().into(), aad, &mut want)
             .expect("reference seal");
-        for backend in BACKENDS {
-            let mut aead = CellAead::with_backend(&key, backend);
-            assert_eq!(aead.backend(), backend);
-            let what = format!("{} bytes, {backend:?}", plain.len());
+        for mut aead in aeads {
+            let what = format!(
+                "{} bytes, {:?} {:?}",
+                plain.len(),
+                aead.suite(),
+                aead.backend()
+            );
 
             let mut got = plain.to_vec();
             let got_tag = aead.seal_in_place(&nonce, aad, &mut got).expect("seal");
@@ -441,7 +481,7 @@ mod backend_matches_the_rustcrypto_crate {
             assert_eq!(back, plain, "{what}");
             let mut back = got;
             reference
-                .decrypt_in_place_detached(&nonce.into(), aad, &mut back, &want_tag)
+                .decrypt_in_place_detached(nonce.as_slice().into(), aad, &mut back, &want_tag)
                 .expect("reference open");
             assert_eq!(back, plain, "{what}");
 
@@ -518,14 +558,32 @@ mod backend_matches_the_rustcrypto_crate {
         }
     }
 
-    /// Whole cells: a cell sealed by the node's sealer opens with the
-    /// reference crate under the cell nonce `0^4 || seq LE`.
+    /// Whole cells of either suite: a cell sealed by the node's sealer is
+    /// the reference crate's ciphertext under the cell nonce
+    /// `0^4 || seq LE`, and opens under its own suite only.
     #[test]
     fn sealed_cells_are_reference_ciphertexts() {
-        use mixnn_crypto::cells::{CellKey, CellSealer, CELL_BYTES, CELL_PAYLOAD};
         let key_bytes = [0x42u8; 32];
-        let mut sealer = CellSealer::new(&CellKey::from_bytes(key_bytes));
-        let reference = ChaCha20Poly1305::new(&key_bytes.into());
+        cells_match(
+            CellSuite::ChaCha20Poly1305,
+            &ChaCha20Poly1305::new(&key_bytes.into()),
+        );
+        cells_match(CellSuite::Aes256Gcm, &Aes256Gcm::new(&key_bytes.into()));
+    }
+
+    fn cells_match<R: AeadInPlace>(suite: CellSuite, reference: &R) {
+        use mixnn_crypto::cells::{
+            CellError, CellKey, CellOpener, CellSealer, CELL_BYTES, CELL_PAYLOAD,
+        };
+        let key = CellKey::from_bytes([0x42u8; 32]);
+        let mut sealer = CellSealer::with_suite(&key, suite);
+        assert_eq!(sealer.suite(), suite);
+        let mut opener = CellOpener::with_suite(&key, suite);
+        let other = match suite {
+            CellSuite::ChaCha20Poly1305 => CellSuite::Aes256Gcm,
+            CellSuite::Aes256Gcm => CellSuite::ChaCha20Poly1305,
+        };
+        let mut stranger = CellOpener::with_suite(&key, other);
         let mut rng = StdRng::seed_from_u64(7);
         for seq in 0u64..5 {
             let mut pt = Box::new([0u8; CELL_PAYLOAD]);
@@ -536,11 +594,20 @@ mod backend_matches_the_rustcrypto_crate {
             nonce[4..].copy_from_slice(&seq.to_le_bytes());
             let mut want = pt.to_vec();
             let tag = reference
-                .encrypt_in_place_detached(&nonce.into(), &[], &mut want)
+                .encrypt_in_place_detached(nonce.as_slice().into(), &[], &mut want)
                 .expect("seal");
             assert_eq!(&cell[..8], &seq.to_le_bytes());
-            assert_eq!(&cell[8..8 + CELL_PAYLOAD], &want[..]);
-            assert_eq!(&cell[8 + CELL_PAYLOAD..], tag.as_slice());
+            assert_eq!(&cell[8..8 + CELL_PAYLOAD], &want[..], "{suite:?}");
+            assert_eq!(&cell[8 + CELL_PAYLOAD..], tag.as_slice(), "{suite:?}");
+            // The same key under the other suite refuses the cell it
+            // expects, and stays where it was.
+            if seq == 0 {
+                let mut copy = cell.clone();
+                assert_eq!(stranger.open_in_place(&mut copy), Err(CellError::Auth));
+                assert_eq!(stranger.next_seq(), 0);
+            }
+            let opened = opener.open_in_place(&mut cell).expect("open");
+            assert_eq!(opened, &pt[..], "{suite:?}");
         }
     }
 }

@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub slot_idle_secs: Option<u64>,
     pub circuits_per_group: Option<usize>,
     pub first_cell_secs: Option<u64>,
+    pub aes_cells: Option<bool>,
 }
 
 impl FileConfig {
@@ -118,7 +119,12 @@ impl FileConfig {
              \n\
              # A circuit that has not carried a cell this many seconds after it opened gives\n\
              # its place to a new one when the node needs it.\n\
-             first_cell_secs = {first_cell_secs}\n",
+             first_cell_secs = {first_cell_secs}\n\
+             \n\
+             # Offer AES-256-GCM for cells (a client uses it on a segment whose two ends\n\
+             # offer it, ChaCha20-Poly1305 elsewhere). The default is true where this CPU\n\
+             # has AES instructions (here: {aes_cells}); false: --no-aes-cells.\n\
+             # aes_cells = {aes_cells}\n",
             listen = list(&c.listen),
             bootstrap = list(&c.bootstrap),
             slots = c.slots,
@@ -136,6 +142,7 @@ impl FileConfig {
             slot_idle_secs = c.slot_idle_secs,
             circuits_per_group = c.circuits_per_group,
             first_cell_secs = c.first_cell_secs,
+            aes_cells = c.aes_cells,
         )
     }
 
@@ -190,6 +197,10 @@ pub struct NodeConfig {
     pub transport: TransportKind,
     /// Kademlia client mode: the node takes no DHT records (jobs, `peers`).
     pub dht_client: bool,
+    /// Offer AES-256-GCM cells (the descriptor's `capacity.aes_gcm`); by
+    /// default where this CPU has AES instructions. False offers
+    /// ChaCha20-Poly1305 only.
+    pub aes_cells: bool,
 }
 
 #[derive(Debug, Error)]
@@ -230,6 +241,7 @@ impl NodeConfig {
             first_cell_secs: 10,
             transport: TransportKind::Tcp,
             dht_client: false,
+            aes_cells: mixnn_crypto::aead::aes_in_hardware(),
         }
     }
 

@@ -25,6 +25,11 @@ pub struct Security {
     pub security: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Suite {
+    pub suite: String,
+}
+
 /// All metrics of one node. Cheap to clone.
 #[derive(Clone)]
 pub struct Metrics {
@@ -68,6 +73,9 @@ pub struct Metrics {
     /// Connections secured, by what secures them: a TLS 1.3 cipher suite
     /// or Noise.
     pub links_secured: Family<Security, Counter>,
+    /// A layer host's cell streams (each circuit's incoming and outgoing
+    /// segment), by the cipher suite the client chose for them.
+    pub segments: Family<Suite, Counter>,
 }
 
 impl Default for Metrics {
@@ -103,6 +111,12 @@ impl Metrics {
         let circuit_setups = Gauge::default();
         let circuits_preempted = Counter::default();
         let links_secured = Family::<Security, Counter>::default();
+        let segments = Family::<Suite, Counter>::default();
+        registry.register(
+            "segments",
+            "A layer host's cell streams (in and out of each circuit), by cipher suite",
+            segments.clone(),
+        );
         registry.register(
             "links_secured",
             "Connections secured, by TLS 1.3 cipher suite or Noise",
@@ -245,7 +259,26 @@ impl Metrics {
             circuit_setups,
             circuits_preempted,
             links_secured,
+            segments,
         }
+    }
+
+    /// Count one cell stream sealed or opened with `suite`.
+    pub fn segment(&self, suite: mixnn_crypto::cells::CellSuite) {
+        self.segments
+            .get_or_create(&Suite {
+                suite: suite.name().into(),
+            })
+            .inc();
+    }
+
+    /// Cell streams so far under `suite`.
+    pub fn segments_with(&self, suite: mixnn_crypto::cells::CellSuite) -> u64 {
+        self.segments
+            .get_or_create(&Suite {
+                suite: suite.name().into(),
+            })
+            .get()
     }
 
     pub fn link_secured(&self, security: &str) {

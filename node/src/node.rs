@@ -681,6 +681,7 @@ async fn publish_once(state: &NodeState, network: &Network, addresses: &[String]
         capacity: Capacity {
             max_params: state.config.max_params,
             memory_bytes: state.config.max_memory_bytes,
+            aes_gcm: state.config.aes_cells,
         },
         addresses: addresses.to_vec(),
     };

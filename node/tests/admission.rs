@@ -124,6 +124,8 @@ fn host_hop(
         }),
         in_key: keys.0,
         out_key: keys.1,
+        in_suite: Default::default(),
+        out_suite: Default::default(),
         first: false,
         skip_zero_inputs: false,
         max_batch,
@@ -159,6 +161,8 @@ async fn ring(
         RingKeys {
             first_segment: keys.0,
             last_segment: keys.1,
+            first_suite: Default::default(),
+            last_suite: Default::default(),
         },
         DecodeLimits::default(),
         64 << 20,

@@ -472,6 +472,7 @@ fn dead_volunteer() -> mixnn_node::discovery::Volunteer {
         capacity: Capacity {
             max_params: 1 << 30,
             memory_bytes: 1 << 34,
+            aes_gcm: true,
         },
         addresses: vec!["/memory/987654321".into(), "/ip4/127.0.0.1/tcp/1".into()],
         seq: 1,

@@ -194,3 +194,73 @@ async fn training_from_given_parameters_restores_them_into_fresh_slots() {
     .expect_err("wrong stages");
     assert!(err.to_string().contains("initial state"), "{err}");
 }
+
+/// A route whose layer hosts differ in what they offer: two of three offer
+/// AES-256-GCM cells, one only ChaCha20-Poly1305, and the client offers
+/// both. In any order of the three, some segments use AES-256-GCM (a
+/// segment whose two ends offer it) and some ChaCha20-Poly1305; training
+/// through it ends where local training does, and inference through a
+/// fresh circuit agrees. The hosts count each of their segments by suite:
+/// the one that offers no AES never seals or opens an AES cell.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_mixing_both_cell_suites_trains_as_local_training_does() {
+    use mixnn_crypto::cells::CellSuite;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    // Nodes 0..3 hold layers (AES, no AES, AES); the other four are mixes.
+    let offers = [true, false, true, true, true, true, true];
+    let next = AtomicUsize::new(0);
+    let net = common::testnet_with(7, 1, None, |c| {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        c.aes_cells = offers[i];
+        if i >= 3 {
+            c.layers = false;
+            c.slots = 0;
+        }
+    })
+    .await;
+    let data = mixnn_node::dataset::load("synthetic").expect("data");
+    let cfg = config("mlp:784-64-32-10", OptimizerSpec::Sgd { lr: 0.1 });
+    let local = train_local(&cfg, &data, &mut |_| {}).expect("local");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let map_path = dir.path().join("model.json");
+    let train = data.train.clone().limit(640);
+    let opts = JobOptions {
+        aes_cells: true,
+        ..JobOptions::default()
+    };
+    let report = train_network(
+        &net.client,
+        &net.volunteers,
+        common::job(&cfg, &train, &data.test, &opts, &map_path),
+        &mut |_| {},
+    )
+    .await
+    .expect("network training");
+    assert_eq!(report.losses, local.losses);
+    assert_eq!(report.params_digest, local.params_digest_hex);
+    let map = ModelMap::load(&map_path).expect("map");
+    let inferred = infer_network(&net.client, &net.volunteers, &map, &data.test, &opts)
+        .await
+        .expect("inference");
+    assert_eq!(inferred.test_accuracy, local.test_accuracy);
+
+    let count = |i: usize, suite| net.nodes[i].state.metrics.segments_with(suite);
+    let total = |suite| (0..3).map(|i| count(i, suite)).sum::<u64>();
+    assert!(
+        total(CellSuite::Aes256Gcm) > 0,
+        "no segment used AES-256-GCM"
+    );
+    assert!(
+        total(CellSuite::ChaCha20Poly1305) > 0,
+        "no segment used ChaCha20-Poly1305"
+    );
+    assert_eq!(count(1, CellSuite::Aes256Gcm), 0, "the host without AES");
+    assert!(count(1, CellSuite::ChaCha20Poly1305) > 0);
+    for i in 3..7 {
+        assert_eq!(
+            count(i, CellSuite::Aes256Gcm) + count(i, CellSuite::ChaCha20Poly1305),
+            0,
+            "a mix opens no cells"
+        );
+    }
+}

@@ -91,6 +91,8 @@ fn host_hop(
         }),
         in_key: keys.0,
         out_key: keys.1,
+        in_suite: Default::default(),
+        out_suite: Default::default(),
         first: false,
         skip_zero_inputs: false,
         max_batch: 8,
@@ -133,6 +135,8 @@ async fn open(
         RingKeys {
             first_segment: first_key,
             last_segment: last_key,
+            first_suite: Default::default(),
+            last_suite: Default::default(),
         },
         DecodeLimits::default(),
         1 << 20,

@@ -192,6 +192,8 @@ async fn onion_keys_rotate_each_epoch_and_the_previous_key_still_works() {
         RingKeys {
             first_segment: [1; 32],
             last_segment: [1; 32],
+            first_suite: Default::default(),
+            last_suite: Default::default(),
         },
         DecodeLimits::default(),
         1 << 20,

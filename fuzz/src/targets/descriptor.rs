@@ -107,6 +107,7 @@ fn descriptor(id: &Identity) -> Descriptor {
         capacity: Capacity {
             max_params: 1 << 20,
             memory_bytes: 1 << 30,
+            aes_gcm: false,
         },
         addresses: vec!["/ip4/127.0.0.1/tcp/4001".into()],
     }

@@ -140,6 +140,8 @@ fn hop_payload_seeds() -> Vec<Vec<u8>> {
         }),
         in_key: [2; 32],
         out_key: [3; 32],
+        in_suite: Default::default(),
+        out_suite: Default::default(),
         first: true,
         skip_zero_inputs: true,
         max_batch: 16,

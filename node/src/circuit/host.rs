@@ -1097,6 +1097,8 @@ mod tests {
             }),
             in_key: [1; 32],
             out_key: [2; 32],
+            in_suite: Default::default(),
+            out_suite: Default::default(),
             first: true,
             skip_zero_inputs: false,
             max_batch: 4,

@@ -10,6 +10,7 @@
 
 use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
+use mixnn_crypto::cells::CellSuite;
 use mixnn_crypto::onion::HOP_PAYLOAD_BYTES;
 use mixnn_crypto::{verify_signature, Identity};
 use mixnn_model::tensor::StreamDecoder;
@@ -68,6 +69,11 @@ pub struct AssignmentBody {
     pub in_key: [u8; 32],
     /// Segment key shared with the next layer host (or the client).
     pub out_key: [u8; 32],
+    /// The cipher suite of the cells under `in_key` (the client's choice:
+    /// AES-256-GCM where both ends of the segment offer it).
+    pub in_suite: CellSuite,
+    /// The cipher suite of the cells under `out_key`.
+    pub out_suite: CellSuite,
     /// The first stage of the model: on the backward ring it acknowledges
     /// instead of sending an input gradient nobody needs.
     pub first: bool,
@@ -867,6 +873,8 @@ mod tests {
             }),
             in_key: [2; 32],
             out_key: [3; 32],
+            in_suite: Default::default(),
+            out_suite: Default::default(),
             first: true,
             skip_zero_inputs: false,
             max_batch: 256,

@@ -695,8 +695,12 @@ impl CircuitServer {
         let expect: Expect = Host::expect(slot, a);
         let max_msg = expect.max_message();
         let mut first = true;
-        let mut opener = CellOpener::new(&CellKey::from_bytes(a.body.in_key));
-        let mut sealer = CellSealer::new(&CellKey::from_bytes(a.body.out_key));
+        let mut opener =
+            CellOpener::with_suite(&CellKey::from_bytes(a.body.in_key), a.body.in_suite);
+        let mut sealer =
+            CellSealer::with_suite(&CellKey::from_bytes(a.body.out_key), a.body.out_suite);
+        self.metrics().segment(a.body.in_suite);
+        self.metrics().segment(a.body.out_suite);
         let mut reader = MessageReader::new(max_msg);
         let mut incoming = JobDecoder::default();
         let mut encoded = Vec::new();

@@ -108,6 +108,10 @@ pub struct JobOptions {
     /// How long the model's slots live after this job (each host caps it
     /// with its own maximum).
     pub lease: Duration,
+    /// Offer AES-256-GCM on the segments that start or end at this client
+    /// (a segment uses it where its other end offers it too); by default
+    /// where this CPU has AES instructions.
+    pub aes_cells: bool,
 }
 
 impl Default for JobOptions {
@@ -121,6 +125,7 @@ impl Default for JobOptions {
             max_failovers: 5,
             probe_timeout: Duration::from_secs(3),
             lease: DEFAULT_LEASE,
+            aes_cells: mixnn_crypto::aead::aes_in_hardware(),
         }
     }
 }
@@ -1297,6 +1302,7 @@ impl<'a> Driver<'a> {
             optimizer: self.job.cfg.optimizer,
             max_batch: self.max_batch,
             lease_secs: self.job.opts.lease.as_secs(),
+            aes_gcm: self.job.opts.aes_cells,
         };
         let planned = plan::training_rings(
             &layout,
@@ -1901,6 +1907,7 @@ impl Inference {
             optimizer: map.optimizer,
             max_batch,
             lease_secs: opts.lease.as_secs(),
+            aes_gcm: opts.aes_cells,
         };
         let planned = plan::inference_ring(&layout, &hosts, &mixes, &owner, &mut rng)?;
         let (limits, max_message) = limits(&stages, max_batch);

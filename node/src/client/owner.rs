@@ -192,6 +192,7 @@ async fn ask_stage(
             OwnerOp::Renew(d) => d.as_secs().max(1),
             OwnerOp::Status | OwnerOp::Release => 0,
         },
+        aes_gcm: opts.aes_cells,
     };
     let hosts = [StageHost {
         stage: stage.index,

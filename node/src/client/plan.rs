@@ -4,6 +4,7 @@
 //! owner and a random source in, ring hops out. Training, inference and
 //! the tests all build their rings here.
 
+use mixnn_crypto::cells::CellSuite;
 use mixnn_crypto::Identity;
 use mixnn_model::{max_state_bytes, InitSpec, InputGrad, OptimizerSpec, StageSpec};
 use rand::seq::SliceRandom;
@@ -28,6 +29,9 @@ pub struct Layout<'a> {
     pub max_batch: u32,
     /// The lease each use asks of the hosts, in seconds (0: leave it).
     pub lease_secs: u64,
+    /// The client offers AES-256-GCM cells (its CPU has AES instructions):
+    /// the segments that start or end at the client may use them.
+    pub aes_gcm: bool,
 }
 
 /// A remote stage and where it lives.
@@ -110,6 +114,23 @@ pub fn state_windows<R: Rng>(capacities: &[usize], rng: &mut R) -> (Vec<StateWin
     (windows, at)
 }
 
+/// The cipher suite of each segment of a ring through `hosts`: segment
+/// `j` runs from host `j - 1` (the client for `j = 0`) to host `j` (the
+/// client for the last), and uses AES-256-GCM where both its ends offer it
+/// (`client_aes` for the client). Only a segment's two ends seal and open
+/// its cells; the mixes between them relay cells they cannot open, so
+/// their CPUs do not count. Both rings of a job use the same suite per
+/// segment.
+pub fn segment_suites(client_aes: bool, hosts: &[StageHost]) -> Vec<CellSuite> {
+    let ends: Vec<bool> = std::iter::once(client_aes)
+        .chain(hosts.iter().map(|h| h.host.aes_gcm))
+        .chain(std::iter::once(client_aes))
+        .collect();
+    ends.windows(2)
+        .map(|w| CellSuite::for_segment(w[0], w[1]))
+        .collect()
+}
+
 /// The hops of both training rings through `hosts` (one per remote stage,
 /// in order) and the mixes of each segment.
 pub fn training_rings<R: RngCore + CryptoRng>(
@@ -127,6 +148,7 @@ pub fn training_rings<R: RngCore + CryptoRng>(
     }
     let fkeys: Vec<[u8; 32]> = (0..=m).map(|_| random(rng)).collect();
     let bkeys: Vec<[u8; 32]> = (0..=m).map(|_| random(rng)).collect();
+    let suites = segment_suites(layout.aes_gcm, hosts);
     let capacities: Vec<usize> = hosts
         .iter()
         .map(|h| max_state_bytes(&layout.stages[h.stage], &layout.optimizer))
@@ -140,9 +162,9 @@ pub fn training_rings<R: RngCore + CryptoRng>(
     let mut assignment = |j: usize, dir: Direction| -> Result<RingHop, PayloadError> {
         let h = &hosts[j];
         let stage = h.stage;
-        let (in_key, out_key) = match dir {
-            Direction::Forward => (fkeys[j], fkeys[j + 1]),
-            Direction::Backward => (bkeys[j + 1], bkeys[j]),
+        let (in_key, out_key, in_suite, out_suite) = match dir {
+            Direction::Forward => (fkeys[j], fkeys[j + 1], suites[j], suites[j + 1]),
+            Direction::Backward => (bkeys[j + 1], bkeys[j], suites[j + 1], suites[j]),
         };
         let body = AssignmentBody {
             slot_id: h.slot_id,
@@ -161,6 +183,8 @@ pub fn training_rings<R: RngCore + CryptoRng>(
             }),
             in_key,
             out_key,
+            in_suite,
+            out_suite,
             first: dir == Direction::Backward && stage == 0,
             skip_zero_inputs: InputGrad::after(stage.checked_sub(1).map(|p| &layout.stages[p]))
                 == InputGrad::SkipZeroInputs,
@@ -197,12 +221,16 @@ pub fn training_rings<R: RngCore + CryptoRng>(
         forward_keys: RingKeys {
             first_segment: fkeys[0],
             last_segment: fkeys[m],
+            first_suite: suites[0],
+            last_suite: suites[m],
         },
         forward_hosts,
         backward,
         backward_keys: RingKeys {
             first_segment: bkeys[m],
             last_segment: bkeys[0],
+            first_suite: suites[m],
+            last_suite: suites[0],
         },
         windows,
         state_total,
@@ -223,6 +251,7 @@ pub fn inference_ring<R: RngCore + CryptoRng>(
         return Err(PayloadError::BadMessage("a ring needs a segment per gap"));
     }
     let keys: Vec<[u8; 32]> = (0..=m).map(|_| random(rng)).collect();
+    let suites = segment_suites(layout.aes_gcm, hosts);
     let session = random(rng);
     let mut hops = Vec::new();
     for (j, h) in hosts.iter().enumerate() {
@@ -235,6 +264,8 @@ pub fn inference_ring<R: RngCore + CryptoRng>(
             create: None,
             in_key: keys[j],
             out_key: keys[j + 1],
+            in_suite: suites[j],
+            out_suite: suites[j + 1],
             first: false,
             skip_zero_inputs: false,
             max_batch: layout.max_batch,
@@ -257,6 +288,8 @@ pub fn inference_ring<R: RngCore + CryptoRng>(
         keys: RingKeys {
             first_segment: keys[0],
             last_segment: keys[m],
+            first_suite: suites[0],
+            last_suite: suites[m],
         },
     })
 }
@@ -277,6 +310,7 @@ mod tests {
             mix: true,
             free_slots: 1,
             max_params: 1 << 30,
+            aes_gcm: i.is_multiple_of(2),
             hosts: vec![],
         }
     }
@@ -308,6 +342,7 @@ mod tests {
             optimizer: OptimizerSpec::Sgd { lr: 0.1 },
             max_batch: 64,
             lease_secs: 60,
+            aes_gcm: true,
         };
         let hosts: Vec<StageHost> = (0..3)
             .map(|i| StageHost {
@@ -356,5 +391,66 @@ mod tests {
         }
         let infer = inference_ring(&layout, &hosts, &mixes, &owner, &mut rng).expect("ring");
         assert_eq!(infer.hops.len(), 7);
+    }
+
+    /// Hosts 0 and 2 offer AES-256-GCM, host 1 does not (`cand`): with a
+    /// client that offers it, the segments client–L1 and L3–client use it,
+    /// the two touching L2 ChaCha20-Poly1305; each host learns the suites of
+    /// its own two segments in both rings, and the client's ends match.
+    #[test]
+    fn each_segment_uses_aes_only_where_both_its_ends_offer_it() {
+        use CellSuite::{Aes256Gcm as Aes, ChaCha20Poly1305 as ChaCha};
+        let arch = Arch::parse("mlp:784-64-32-10").expect("arch");
+        let stages = arch.stages();
+        let hosts: Vec<StageHost> = (0..3)
+            .map(|i| StageHost {
+                stage: i,
+                host: cand(i as u8),
+                slot_id: [i as u8; 16],
+            })
+            .collect();
+        assert_eq!(segment_suites(true, &hosts), vec![Aes, ChaCha, ChaCha, Aes]);
+        assert_eq!(segment_suites(false, &hosts), vec![ChaCha; 4]);
+        assert_eq!(segment_suites(true, &hosts[..1]), vec![Aes, Aes]);
+        assert_eq!(segment_suites(true, &hosts[1..2]), vec![ChaCha, ChaCha]);
+
+        let layout = Layout {
+            stages: &stages,
+            seed: 7,
+            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            max_batch: 64,
+            lease_secs: 60,
+            aes_gcm: true,
+        };
+        let mixes: Vec<Vec<Candidate>> = (10..14).map(|i| vec![cand(i)]).collect();
+        let owner = Identity::generate();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let rings = training_rings(&layout, &hosts, &mixes, &mixes, &owner, [9; 16], &mut rng)
+            .expect("rings");
+        let suites = |ring: &[RingHop]| -> Vec<(CellSuite, CellSuite)> {
+            ring.iter()
+                .filter_map(|h| match &h.role {
+                    HopRole::Host(a) => Some((a.body.in_suite, a.body.out_suite)),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(
+            suites(&rings.forward),
+            vec![(Aes, ChaCha), (ChaCha, ChaCha), (ChaCha, Aes)]
+        );
+        // The backward ring meets the hosts from the last.
+        assert_eq!(
+            suites(&rings.backward),
+            vec![(Aes, ChaCha), (ChaCha, ChaCha), (ChaCha, Aes)]
+        );
+        let ends = |k: &RingKeys| (k.first_suite, k.last_suite);
+        assert_eq!(ends(&rings.forward_keys), (Aes, Aes));
+        assert_eq!(ends(&rings.backward_keys), (Aes, Aes));
+
+        let infer =
+            inference_ring(&layout, &hosts[1..], &mixes[1..], &owner, &mut rng).expect("ring");
+        assert_eq!(suites(&infer.hops), vec![(ChaCha, ChaCha), (ChaCha, Aes)]);
+        assert_eq!(ends(&infer.keys), (ChaCha, Aes));
     }
 }

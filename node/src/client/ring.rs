@@ -10,7 +10,7 @@ use futures::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use futures::StreamExt;
 use libp2p::{PeerId, Stream};
 use mixnn_crypto::cells::{
-    CellKey, CellOpener, CellSealer, MessageCells, MessageReader, CELL_BYTES,
+    CellKey, CellOpener, CellSealer, CellSuite, MessageCells, MessageReader, CELL_BYTES,
 };
 use mixnn_crypto::onion::{build_setup, peel_setup, HopSecrets, HopSpec};
 use mixnn_crypto::replay::MemoryReplayCache;
@@ -189,6 +189,10 @@ pub struct Ring {
 pub struct RingKeys {
     pub first_segment: [u8; 32],
     pub last_segment: [u8; 32],
+    /// The cipher suite of the first segment's cells.
+    pub first_suite: CellSuite,
+    /// The cipher suite of the last segment's cells.
+    pub last_suite: CellSuite,
 }
 
 impl Ring {
@@ -308,8 +312,14 @@ impl Ring {
             down_cid,
             end,
             _end_w: end_w,
-            sealer: CellSealer::new(&CellKey::from_bytes(keys.first_segment)),
-            opener: CellOpener::new(&CellKey::from_bytes(keys.last_segment)),
+            sealer: CellSealer::with_suite(
+                &CellKey::from_bytes(keys.first_segment),
+                keys.first_suite,
+            ),
+            opener: CellOpener::with_suite(
+                &CellKey::from_bytes(keys.last_segment),
+                keys.last_suite,
+            ),
             reader: MessageReader::new(max_message),
             errors,
             limits,

@@ -24,6 +24,9 @@ pub struct Candidate {
     pub mix: bool,
     pub free_slots: u32,
     pub max_params: u64,
+    /// The peer offers AES-256-GCM cells (its descriptor's
+    /// `capacity.aes_gcm`).
+    pub aes_gcm: bool,
     /// Network addresses (IP part only) for diversity.
     pub hosts: Vec<String>,
 }
@@ -44,6 +47,7 @@ impl From<&Volunteer> for Candidate {
             mix: d.roles.mix,
             free_slots: d.free_slots,
             max_params: d.capacity.max_params,
+            aes_gcm: d.capacity.aes_gcm,
             hosts,
         }
     }
@@ -248,6 +252,7 @@ mod tests {
             mix,
             free_slots: 1,
             max_params: 1_000_000,
+            aes_gcm: false,
             hosts: vec![format!("10.0.0.{i}")],
         }
     }

@@ -70,6 +70,11 @@ pub struct NodeArgs {
     /// at once, whatever identities it uses [default: 64].
     #[arg(long, env = "MIXNN_CIRCUITS_PER_GROUP", hide_short_help = true)]
     circuits_per_group: Option<usize>,
+    /// Offer ChaCha20-Poly1305 cells only, even where this CPU has AES
+    /// instructions (by default the node offers AES-256-GCM there, which
+    /// clients use on segments whose both ends offer it).
+    #[arg(long, env = "MIXNN_NO_AES_CELLS", hide_short_help = true)]
+    no_aes_cells: bool,
 }
 
 /// Where `--init-config` suggests keeping the node's data.
@@ -177,6 +182,7 @@ impl NodeArgs {
         if let Some(v) = self.circuits_per_group.or(file.circuits_per_group) {
             c.circuits_per_group = v;
         }
+        c.aes_cells = !self.no_aes_cells && file.aes_cells.unwrap_or(c.aes_cells);
         if let Some(v) = file.first_cell_secs {
             c.first_cell_secs = v;
         }
@@ -278,5 +284,36 @@ mod tests {
             "512M",
         ]);
         assert_eq!(c.max_memory_bytes, 512 << 20);
+    }
+
+    #[test]
+    fn aes_cells_follow_the_cpu_unless_turned_off() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let c = resolve(&["--data-dir", "/tmp/n"]);
+        assert_eq!(c.aes_cells, mixnn_crypto::aead::aes_in_hardware());
+        let c = resolve(&["--data-dir", "/tmp/n", "--no-aes-cells"]);
+        assert!(!c.aes_cells);
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "aes_cells = false\n").expect("write");
+        let c = resolve(&[
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--data-dir",
+            "/tmp/n",
+        ]);
+        assert!(!c.aes_cells);
+        // A file may turn it on where the CPU lacks AES instructions (slow,
+        // but the same bytes); the flag still turns it off.
+        std::fs::write(&path, "aes_cells = true\n").expect("write");
+        let args = [
+            "--config",
+            path.to_str().expect("utf-8"),
+            "--data-dir",
+            "/tmp/n",
+        ];
+        assert!(resolve(&args).aes_cells);
+        let mut off = args.to_vec();
+        off.push("--no-aes-cells");
+        assert!(!resolve(&off).aes_cells);
     }
 }

@@ -95,23 +95,9 @@ pub fn key_exchanges() -> Vec<&'static dyn rustls::crypto::SupportedKxGroup> {
     vec![X25519, SECP256R1, SECP384R1, X25519MLKEM768]
 }
 
-/// Whether this CPU runs AES-GCM in hardware (AES and carry-less multiply).
-pub fn aes_in_hardware() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("aes")
-            && std::arch::is_x86_feature_detected!("pclmulqdq")
-    }
-    #[cfg(target_arch = "aarch64")]
-    {
-        std::arch::is_aarch64_feature_detected!("aes")
-            && std::arch::is_aarch64_feature_detected!("pmull")
-    }
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    {
-        false
-    }
-}
+/// Whether this CPU runs AES-GCM in hardware (the TLS offer leads with
+/// AES-256-GCM there, and the node offers AES-256-GCM cells).
+pub use mixnn_crypto::aead::aes_in_hardware;
 
 /// The security upgrade of every connection: TLS first, Noise second.
 #[derive(Clone)]
