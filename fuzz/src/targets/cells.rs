@@ -1,11 +1,12 @@
 //! Cells and messages: a `MessageReader` fed cells sealed with the
 //! reader's key (plaintexts of the fuzzer's choosing, so the length prefix
 //! and padding checks see them), cells with a changed sequence number or a
-//! flipped bit, raw cells, and whole messages (round trip).
+//! flipped bit, raw cells, and whole messages (round trip); under either
+//! cell suite.
 
 use mixnn_crypto::cells::{
-    message_cells, seal_message, CellError, CellKey, CellOpener, CellSealer, MessageReader,
-    CELL_BYTES, CELL_PAYLOAD, CELL_SEQ_BYTES,
+    message_cells, seal_message, CellError, CellKey, CellOpener, CellSealer, CellSuite,
+    MessageReader, CELL_BYTES, CELL_PAYLOAD, CELL_SEQ_BYTES,
 };
 
 use crate::input::{seed, Input};
@@ -85,10 +86,17 @@ impl State {
 fn run(data: &[u8]) {
     let mut input = Input::new(data);
     let key = CellKey::from_bytes([7; 32]);
+    // The limit's top bit picks the suite: both see the same checks.
+    let first = input.u32();
+    let suite = if first & (1 << 31) == 0 {
+        CellSuite::ChaCha20Poly1305
+    } else {
+        CellSuite::Aes256Gcm
+    };
     let mut s = State {
-        sealer: CellSealer::new(&key),
-        opener: CellOpener::new(&key),
-        reader: MessageReader::new(input.u32() as usize % (MAX_LIMIT + 1)),
+        sealer: CellSealer::with_suite(&key, suite),
+        opener: CellOpener::with_suite(&key, suite),
+        reader: MessageReader::new((first & !(1 << 31)) as usize % (MAX_LIMIT + 1)),
         refused: false,
         lost: false,
     };
@@ -162,6 +170,7 @@ fn message(s: &mut State, input: &mut Input<'_>) {
 
 fn seeds() -> Vec<Vec<u8>> {
     let limit = (3 * CELL_PAYLOAD as u32).to_le_bytes();
+    let aes_limit = ((3 * CELL_PAYLOAD as u32) | (1 << 31)).to_le_bytes();
     let len = 100u64.to_le_bytes();
     vec![
         seed(&[&limit, &[PREFIX, 8], &len]),
@@ -173,5 +182,9 @@ fn seeds() -> Vec<Vec<u8>> {
             &[SEQ, 1, SEQ, 0xff, FLIP, 9, 0, 0, 0, RAW, 4, 0, 1, 2, 3, 4],
         ]),
         seed(&[&limit, &[SUFFIX, 1, 1]]),
+        seed(&[
+            &aes_limit,
+            &[MESSAGE, 10, 0, 0xAB, SEQ, 1, FLIP, 9, 0, 0, 0],
+        ]),
     ]
 }
