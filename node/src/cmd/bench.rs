@@ -137,13 +137,18 @@ impl ExperimentArgs {
 
 fn environment() -> String {
     format!(
-        "{} CPU cores, {} {}, mixnn {}; {}; {}; `{}`",
+        "{} CPU cores, {} {}, mixnn {}; {}; {}; {}; `{}`",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1),
         std::env::consts::OS,
         std::env::consts::ARCH,
         env!("CARGO_PKG_VERSION"),
+        if mixnn_crypto::aead::aes_in_hardware() {
+            "cells in AES-256-GCM (every party offers it: the CPU has AES instructions)"
+        } else {
+            "cells in ChaCha20-Poly1305 (the CPU has no AES instructions)"
+        },
         mixnn_node::memcopy::describe(),
         mixnn_node::heap::describe(),
         std::env::args().collect::<Vec<_>>().join(" ")
