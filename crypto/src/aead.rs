@@ -28,6 +28,7 @@ use aes_gcm::Aes256Gcm;
 use aws_lc_rs::aead::{
     Aad, LessSafeKey, Nonce as LcNonce, UnboundKey, AES_256_GCM, CHACHA20_POLY1305,
 };
+use chacha20poly1305::aead::consts::{U12, U16};
 use chacha20poly1305::aead::{AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce, Tag};
 use openssl::cipher::Cipher;
@@ -348,24 +349,23 @@ impl CellAead {
                     data,
                 )
                 .is_ok(),
-            Engine::Portable(c) => c
-                .decrypt_in_place_detached(
-                    Nonce::from_slice(nonce),
-                    aad,
-                    data,
-                    Tag::from_slice(tag),
-                )
-                .is_ok(),
-            Engine::PortableAes(c) => c
-                .decrypt_in_place_detached(
-                    Nonce::from_slice(nonce),
-                    aad,
-                    data,
-                    Tag::from_slice(tag),
-                )
-                .is_ok(),
+            Engine::Portable(c) => portable_open(&**c, nonce, aad, data, tag),
+            Engine::PortableAes(c) => portable_open(&**c, nonce, aad, data, tag),
         }
     }
+}
+
+/// A RustCrypto AEAD's open in place with a detached tag.
+fn portable_open<A: AeadInPlace<NonceSize = U12, TagSize = U16>>(
+    cipher: &A,
+    nonce: &[u8; NONCE_BYTES],
+    aad: &[u8],
+    data: &mut [u8],
+    tag: &[u8; TAG_BYTES],
+) -> bool {
+    cipher
+        .decrypt_in_place_detached(Nonce::from_slice(nonce), aad, data, Tag::from_slice(tag))
+        .is_ok()
 }
 
 /// What an OpenSSL operation reads and writes.

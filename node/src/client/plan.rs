@@ -301,6 +301,29 @@ mod tests {
     use mixnn_model::Arch;
     use rand::SeedableRng;
 
+    /// A layout for `stages` whose client offers AES-256-GCM.
+    fn test_layout(stages: &[StageSpec]) -> Layout<'_> {
+        Layout {
+            stages,
+            seed: 7,
+            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
+            max_batch: 64,
+            lease_secs: 60,
+            aes_gcm: true,
+        }
+    }
+
+    /// Three stage hosts on `cand(0..3)`.
+    fn three_hosts() -> Vec<StageHost> {
+        (0..3)
+            .map(|i| StageHost {
+                stage: i,
+                host: cand(i as u8),
+                slot_id: [i as u8; 16],
+            })
+            .collect()
+    }
+
     fn cand(i: u8) -> Candidate {
         Candidate {
             peer: PeerId::random(),
@@ -336,21 +359,8 @@ mod tests {
     fn rings_carry_one_signed_assignment_per_stage_and_direction() {
         let arch = Arch::parse("mlp:784-64-32-10").expect("arch");
         let stages = arch.stages();
-        let layout = Layout {
-            stages: &stages,
-            seed: 7,
-            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
-            max_batch: 64,
-            lease_secs: 60,
-            aes_gcm: true,
-        };
-        let hosts: Vec<StageHost> = (0..3)
-            .map(|i| StageHost {
-                stage: i,
-                host: cand(i as u8),
-                slot_id: [i as u8; 16],
-            })
-            .collect();
+        let layout = test_layout(&stages);
+        let hosts = three_hosts();
         let mixes: Vec<Vec<Candidate>> = (10..14).map(|i| vec![cand(i)]).collect();
         let owner = Identity::generate();
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
@@ -402,26 +412,13 @@ mod tests {
         use CellSuite::{Aes256Gcm as Aes, ChaCha20Poly1305 as ChaCha};
         let arch = Arch::parse("mlp:784-64-32-10").expect("arch");
         let stages = arch.stages();
-        let hosts: Vec<StageHost> = (0..3)
-            .map(|i| StageHost {
-                stage: i,
-                host: cand(i as u8),
-                slot_id: [i as u8; 16],
-            })
-            .collect();
+        let hosts = three_hosts();
         assert_eq!(segment_suites(true, &hosts), vec![Aes, ChaCha, ChaCha, Aes]);
         assert_eq!(segment_suites(false, &hosts), vec![ChaCha; 4]);
         assert_eq!(segment_suites(true, &hosts[..1]), vec![Aes, Aes]);
         assert_eq!(segment_suites(true, &hosts[1..2]), vec![ChaCha, ChaCha]);
 
-        let layout = Layout {
-            stages: &stages,
-            seed: 7,
-            optimizer: OptimizerSpec::Sgd { lr: 0.1 },
-            max_batch: 64,
-            lease_secs: 60,
-            aes_gcm: true,
-        };
+        let layout = test_layout(&stages);
         let mixes: Vec<Vec<Candidate>> = (10..14).map(|i| vec![cand(i)]).collect();
         let owner = Identity::generate();
         let mut rng = rand::rngs::StdRng::seed_from_u64(2);
