@@ -77,7 +77,7 @@ impl CellSuite {
         }
     }
 
-    /// The suite's name as TLS and the metrics spell it.
+    /// The suite's name in the metrics (`mixnn_segments_total{suite}`).
     pub fn name(self) -> &'static str {
         match self {
             Self::ChaCha20Poly1305 => "chacha20-poly1305",
