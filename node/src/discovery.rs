@@ -40,6 +40,8 @@ pub struct VolunteerSummary {
     pub free_slots: u32,
     pub max_params: u64,
     pub memory_bytes: u64,
+    /// The peer offers AES-256-GCM cells (ChaCha20-Poly1305 always).
+    pub aes_gcm: bool,
     pub epoch: u64,
     pub expires_at: u64,
     pub addresses: Vec<String>,
@@ -60,6 +62,7 @@ impl From<&Volunteer> for VolunteerSummary {
             free_slots: v.descriptor.free_slots,
             max_params: v.descriptor.capacity.max_params,
             memory_bytes: v.descriptor.capacity.memory_bytes,
+            aes_gcm: v.descriptor.capacity.aes_gcm,
             epoch: v.descriptor.epoch,
             expires_at: v.descriptor.expires_at,
             addresses: v.descriptor.addresses.clone(),

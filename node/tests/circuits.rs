@@ -218,6 +218,16 @@ async fn a_route_mixing_both_cell_suites_trains_as_local_training_does() {
         }
     })
     .await;
+    // Each descriptor says what its node offers (`mixnn peers` shows it).
+    for (i, node) in net.nodes.iter().enumerate() {
+        let v = net
+            .volunteers
+            .iter()
+            .find(|v| v.peer_id == node.peer_id())
+            .expect("discovered");
+        let summary = mixnn_node::discovery::VolunteerSummary::from(v);
+        assert_eq!(summary.aes_gcm, offers[i], "node {i}");
+    }
     let data = mixnn_node::dataset::load("synthetic").expect("data");
     let cfg = config("mlp:784-64-32-10", OptimizerSpec::Sgd { lr: 0.1 });
     let local = train_local(&cfg, &data, &mut |_| {}).expect("local");

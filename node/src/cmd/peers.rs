@@ -48,16 +48,17 @@ pub fn run(args: PeersArgs) -> anyhow::Result<()> {
             );
         } else {
             println!(
-                "{:<54} {:<16} {:>5} {:>12} {:>8}",
-                "PEER", "ROLES", "FREE", "MAX PARAMS", "EPOCH"
+                "{:<54} {:<16} {:>5} {:>12} {:<12} {:>8}",
+                "PEER", "ROLES", "FREE", "MAX PARAMS", "CELLS", "EPOCH"
             );
             for r in &rows {
                 println!(
-                    "{:<54} {:<16} {:>5} {:>12} {:>8}",
+                    "{:<54} {:<16} {:>5} {:>12} {:<12} {:>8}",
                     r.peer_id,
                     r.roles.join("+"),
                     r.free_slots,
                     r.max_params,
+                    if r.aes_gcm { "aes+chacha" } else { "chacha" },
                     r.epoch
                 );
             }
