@@ -128,7 +128,6 @@ enum Engine {
 /// A cell key of one [`CellSuite`] ready to seal and open in place.
 pub struct CellAead {
     engine: Engine,
-    suite: CellSuite,
 }
 
 impl CellAead {
@@ -153,7 +152,6 @@ impl CellAead {
             if let Some(k) = OpenSslKey::new(key) {
                 return Self {
                     engine: Engine::OpenSsl(Box::new(k)),
-                    suite: CellSuite::ChaCha20Poly1305,
                 };
             }
         }
@@ -161,7 +159,6 @@ impl CellAead {
             if let Ok(k) = UnboundKey::new(&CHACHA20_POLY1305, key) {
                 return Self {
                     engine: Engine::Assembly(LessSafeKey::new(k)),
-                    suite: CellSuite::ChaCha20Poly1305,
                 };
             }
         }
@@ -176,13 +173,11 @@ impl CellAead {
             if let Ok(k) = UnboundKey::new(&AES_256_GCM, key) {
                 return Self {
                     engine: Engine::Assembly(LessSafeKey::new(k)),
-                    suite: CellSuite::Aes256Gcm,
                 };
             }
         }
         Self {
             engine: Engine::PortableAes(Box::new(Aes256Gcm::new(key.into()))),
-            suite: CellSuite::Aes256Gcm,
         }
     }
 
@@ -190,7 +185,6 @@ impl CellAead {
     pub fn portable(key: &[u8; 32]) -> Self {
         Self {
             engine: Engine::Portable(Box::new(ChaCha20Poly1305::new(key.into()))),
-            suite: CellSuite::ChaCha20Poly1305,
         }
     }
 
@@ -205,12 +199,18 @@ impl CellAead {
 
     /// Which suite this key seals and opens.
     pub fn suite(&self) -> CellSuite {
-        self.suite
+        match &self.engine {
+            Engine::Assembly(k) if k.algorithm() == &AES_256_GCM => CellSuite::Aes256Gcm,
+            Engine::PortableAes(_) => CellSuite::Aes256Gcm,
+            Engine::OpenSsl(_) | Engine::Assembly(_) | Engine::Portable(_) => {
+                CellSuite::ChaCha20Poly1305
+            }
+        }
     }
 
     /// The longest message the suite takes under one nonce.
     fn max_data(&self) -> u64 {
-        match self.suite {
+        match self.suite() {
             CellSuite::ChaCha20Poly1305 => MAX_DATA_BYTES,
             CellSuite::Aes256Gcm => MAX_AES_DATA_BYTES,
         }
