@@ -51,6 +51,21 @@ pub struct SteadyStep {
     pub ratio_max: f64,
 }
 
+/// What a network run spends outside its steps, beside what local training
+/// spends after its last step (the run with the median wall-time ratio).
+#[derive(Clone, Debug, Serialize)]
+pub struct FixedCosts {
+    /// Route choice, proof of work and setting up both rings, ms.
+    pub setup_ms: f64,
+    /// Checkpoints taken (the final one included) and their time, ms.
+    pub checkpoints: u64,
+    pub checkpoint_ms: f64,
+    /// The test set through the forward ring, ms.
+    pub evaluation_ms: f64,
+    /// Local training from its last step to its end (its evaluation), ms.
+    pub local_evaluation_ms: f64,
+}
+
 /// Route discovery at one network size.
 #[derive(Clone, Debug, Serialize)]
 pub struct ScalingPoint {
@@ -96,6 +111,8 @@ pub struct PaperReport {
     /// Steady step times and their ratio (`None` for runs of under three
     /// steps).
     pub steady: Option<SteadyStep>,
+    /// The network run's setup, checkpoints and evaluation.
+    pub fixed: FixedCosts,
     /// CPU and bytes per step of each party: the client, then the
     /// volunteers on the rings.
     pub parties: Vec<PartyCost>,
@@ -195,6 +212,8 @@ struct Run {
     /// ([`parties::median_step_ms`]).
     local_step_median_ms: Option<f64>,
     network_step_median_ms: Option<f64>,
+    /// Local training from its last step to its end, seconds.
+    local_tail_seconds: f64,
 }
 
 impl Run {
@@ -278,6 +297,14 @@ pub async fn run_paper(
         }
         _ => None,
     };
+    let b = &run.net.breakdown;
+    let fixed = FixedCosts {
+        setup_ms: b.setup_seconds * 1000.0,
+        checkpoints: run.net.checkpoints,
+        checkpoint_ms: b.checkpoint_seconds * 1000.0,
+        evaluation_ms: b.evaluation_seconds * 1000.0,
+        local_evaluation_ms: run.local_tail_seconds * 1000.0,
+    };
     let projection = parties::project(
         &run.parties,
         run.links_per_step,
@@ -343,6 +370,7 @@ pub async fn run_paper(
         breakdown: run.breakdown,
         local_step_ms,
         steady,
+        fixed,
         parties: run.parties,
         projection,
         projected_ratio,
@@ -381,6 +409,11 @@ async fn one_run(
         progress.step(s)
     })?;
     let local_seconds = t.elapsed().as_secs_f64();
+    let local_tail_seconds = local_steps.last().map_or(0.0, |last| {
+        (t + Duration::from_secs_f64(local_seconds))
+            .saturating_duration_since(*last)
+            .as_secs_f64()
+    });
     let local_cpu = cpu_seconds(cpu0, crate::cpu::process_cpu_ns());
 
     let stages = tc.arch.num_stages();
@@ -467,6 +500,7 @@ async fn one_run(
         parties,
         links_per_step,
         inference,
+        local_tail_seconds,
         local_step_median_ms: parties::median_step_ms(&local_steps),
         network_step_median_ms: parties::median_step_ms(&network_steps),
     })

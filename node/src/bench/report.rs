@@ -209,6 +209,19 @@ pub fn deployment(report: &PaperReport) -> String {
                 .join(", "),
         );
     }
+    let fc = &report.fixed;
+    let _ = writeln!(
+        s,
+        "Outside the steps (the run with the median ratio): network setup {} ms, {} \
+         checkpoint{} {} ms, evaluation {} ms; local training after its last step \
+         (evaluation) {} ms.\n",
+        fixed(fc.setup_ms, 0),
+        fc.checkpoints,
+        if fc.checkpoints == 1 { "" } else { "s" },
+        fixed(fc.checkpoint_ms, 0),
+        fixed(fc.evaluation_ms, 0),
+        fixed(fc.local_evaluation_ms, 0),
+    );
     s.push_str("CPU per training step, by party (the run with the median ratio):\n\n");
     s.push_str("| party | CPU ms per step | kB sent per step |\n|---|---:|---:|\n");
     let mut total = 0.0;
@@ -648,7 +661,7 @@ fn ranges(a: &[(f64, f64)], b: &[(f64, f64)]) -> (Range<f64>, Range<f64>) {
 #[cfg(test)]
 mod tests {
     use super::super::parties::{Latency, Links, PartyCost, Projection};
-    use super::super::{Row, ScalingPoint, SteadyStep, StepBreakdown};
+    use super::super::{FixedCosts, Row, ScalingPoint, SteadyStep, StepBreakdown};
     use super::*;
 
     fn sample() -> PaperReport {
@@ -712,6 +725,13 @@ mod tests {
                 ratio_median: 2.8,
                 ratio_max: 3.0,
             }),
+            fixed: FixedCosts {
+                setup_ms: 71.4,
+                checkpoints: 1,
+                checkpoint_ms: 104.6,
+                evaluation_ms: 236.9,
+                local_evaluation_ms: 161.2,
+            },
             parties: vec![
                 PartyCost {
                     party: "client".into(),
@@ -842,6 +862,9 @@ mod tests {
             "Steady step (the median time between steps, without setup, checkpoints and \
              evaluation): network 3.50 ms against local 1.25 ms; network over local, 3 runs: \
              min 2.70x / median 2.80x / max 3.00x (each run: 2.70x, 2.80x, 3.00x)",
+            "Outside the steps (the run with the median ratio): network setup 71 ms, \
+             1 checkpoint 105 ms, evaluation 237 ms; local training after its last step \
+             (evaluation) 161 ms.",
         ] {
             assert!(d.contains(want), "missing {want:?} in:\n{d}");
         }

@@ -187,6 +187,8 @@ pub struct Breakdown {
     pub waiting_seconds: f64,
     /// Collecting and writing checkpoints.
     pub checkpoint_seconds: f64,
+    /// The test set through the forward ring after the last step.
+    pub evaluation_seconds: f64,
     pub bytes_sent: u64,
     pub bytes_received: u64,
 }
@@ -1041,6 +1043,12 @@ impl<'a> Driver<'a> {
         let schedule = Schedule {
             total_steps: self.total_steps(),
             checkpoint_every: self.job.opts.checkpoint_every,
+            checkpoint_estimate: plan::checkpoint_cost_in_steps(
+                &self.stages,
+                self.remote.clone(),
+                self.job.cfg.batch,
+                &self.job.cfg.optimizer,
+            ),
             pipeline: !self.job.opts.keep_ends,
             max_failovers: self.job.opts.max_failovers,
             step_timeout: self.job.opts.step_timeout,
@@ -1126,7 +1134,12 @@ impl<'a> Driver<'a> {
                         ),
                     })
                 }
-                Action::Evaluate => self.evaluate().await.map(|_| Some(Event::Evaluated)),
+                Action::Evaluate => {
+                    let t = Instant::now();
+                    let r = self.evaluate().await;
+                    self.b.evaluation_seconds += t.elapsed().as_secs_f64();
+                    r.map(|_| Some(Event::Evaluated))
+                }
                 Action::Finish => match self.finish(started, start, &m).await {
                     Ok(r) => return Ok(r),
                     Err(f) => Err(f),

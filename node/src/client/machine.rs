@@ -81,6 +81,12 @@ pub struct Schedule {
     /// A checkpoint every this many steps; `None` chooses it so that
     /// checkpoints cost about [`CHECKPOINT_BUDGET`] of the training time.
     pub checkpoint_every: Option<u64>,
+    /// With an automatic interval: what one checkpoint is expected to
+    /// cost, in steps' time, before one has been measured
+    /// ([`crate::client::plan::checkpoint_cost_in_steps`]). The first
+    /// checkpoint then comes where the budget allows it; without an
+    /// estimate, after [`FIRST_CHECKPOINT`] steps.
+    pub checkpoint_estimate: Option<f64>,
     /// Send the next batch while the hosts run the backward pass.
     pub pipeline: bool,
     /// Failovers allowed before the job gives up.
@@ -92,10 +98,22 @@ pub struct Schedule {
 /// The share of a job's time its checkpoints may take when the interval is
 /// chosen automatically (a little under 5%: costs vary).
 pub const CHECKPOINT_BUDGET: f64 = 0.045;
-/// Interval until the first checkpoint's cost is known.
+/// Interval until the first checkpoint's cost is known, where there is no
+/// estimate of it.
 pub const FIRST_CHECKPOINT: u64 = 20;
 /// Longest automatic interval.
 pub const MAX_AUTO_INTERVAL: u64 = 1000;
+
+/// The interval that spreads `middle` checkpoints (any fraction dropped,
+/// none if it is negative) evenly over `remaining` steps ahead of the
+/// final one, within 1 and [`MAX_AUTO_INTERVAL`].
+fn spread(remaining: u64, middle: f64) -> u64 {
+    // `as` saturates: NaN and negatives give 0, huge counts `u64::MAX`.
+    let middle = middle.floor().max(0.0) as u64;
+    remaining
+        .div_ceil(middle.saturating_add(1))
+        .clamp(1, MAX_AUTO_INTERVAL)
+}
 
 /// Peers that failed this job, each kept out for a while that doubles with
 /// every failure.
@@ -195,7 +213,17 @@ impl TrainMachine {
     /// A job that starts at the checkpoint after `start` steps (0 for a
     /// new job whose slots do not exist yet).
     pub fn new(schedule: Schedule, start: u64, fresh: bool) -> Self {
-        let interval = schedule.checkpoint_every.unwrap_or(FIRST_CHECKPOINT).max(1);
+        let remaining = schedule.total_steps.saturating_sub(start);
+        let interval = match (schedule.checkpoint_every, schedule.checkpoint_estimate) {
+            (Some(every), _) => every.max(1),
+            // Checkpoints of `cost` steps each: all of them, the final one
+            // included, within the budget of the steps still to run.
+            (None, Some(cost)) if cost.is_finite() && cost > 0.0 => {
+                let left = CHECKPOINT_BUDGET * remaining as f64 - cost;
+                spread(remaining, left / cost)
+            }
+            (None, _) => FIRST_CHECKPOINT,
+        };
         let mut m = Self {
             schedule,
             phase: Phase::SettingUp,
@@ -422,9 +450,7 @@ impl TrainMachine {
         let job = self.trained_seconds + remaining as f64 * per_step;
         // What the checkpoints still to come may cost, the final one apart.
         let left = CHECKPOINT_BUDGET * job - self.checkpoint_seconds - cost;
-        let middle = (left / cost).floor().max(0.0) as u64;
-        let k = remaining.div_ceil(middle + 1);
-        self.interval = k.clamp(1, MAX_AUTO_INTERVAL);
+        self.interval = spread(remaining, left / cost);
     }
 
     fn fail(&mut self, blamed: Vec<PeerId>, reason: String, now: Instant) {
@@ -507,6 +533,7 @@ mod tests {
         Schedule {
             total_steps: total,
             checkpoint_every: Some(every),
+            checkpoint_estimate: None,
             pipeline: true,
             max_failovers,
             step_timeout: Duration::from_secs(10),
@@ -820,9 +847,24 @@ mod tests {
     /// Runs a whole job with steps of `step_ms` and checkpoints of
     /// `checkpoint_ms`; returns (checkpoint time / job time, checkpoints).
     fn simulate(total: u64, step_ms: u64, checkpoint_ms: u64) -> (f64, u64) {
+        simulate_estimated(total, step_ms, checkpoint_ms, None).0
+    }
+
+    /// A healthy job of `total` steps of `step_ms` each, with an automatic
+    /// interval, checkpoints of `checkpoint_ms` and, when given, an estimate
+    /// of their cost in steps: the share of the time checkpoints took, and
+    /// how many there were; then the step of the first checkpoint.
+    fn simulate_estimated(
+        total: u64,
+        step_ms: u64,
+        checkpoint_ms: u64,
+        estimate: Option<f64>,
+    ) -> ((f64, u64), Option<u64>) {
         let t0 = Instant::now();
         let mut s = schedule(total, 1, 0);
         s.checkpoint_every = None;
+        s.checkpoint_estimate = estimate;
+        let mut first = None;
         let mut m = TrainMachine::new(s, 0, true);
         let mut now = t0;
         let (mut spent, mut count) = (Duration::ZERO, 0);
@@ -839,6 +881,7 @@ mod tests {
                     now += Duration::from_millis(checkpoint_ms);
                     spent += Duration::from_millis(checkpoint_ms);
                     count += 1;
+                    first.get_or_insert(step);
                     Some(Event::Checkpointed { step })
                 }
                 Action::Evaluate => Some(Event::Evaluated),
@@ -849,7 +892,37 @@ mod tests {
             }
         }
         let job = now.saturating_duration_since(t0);
-        (spent.as_secs_f64() / job.as_secs_f64(), count)
+        ((spent.as_secs_f64() / job.as_secs_f64(), count), first)
+    }
+
+    #[test]
+    fn an_estimated_checkpoint_cost_keeps_even_the_first_within_budget() {
+        // `bench paper` on two cores: 235 steps of 16 ms, checkpoints of
+        // 110 ms, estimated at 7.5 steps. The fixed first checkpoint after
+        // 20 steps alone would take 2.8% of the job, and with the final one
+        // more than the budget.
+        let (blind, _) = simulate_estimated(235, 16, 110, None);
+        assert!(blind.0 > 0.05 && blind.1 == 2, "{blind:?}");
+        let ((share, count), first) = simulate_estimated(235, 16, 110, Some(7.5));
+        assert!(share <= 0.05, "{share}");
+        assert_eq!((count, first), (1, Some(235)), "only the final one");
+        // Ten epochs: the first comes where the budget puts every one, not
+        // after 20 steps, and they fill the budget from the start.
+        let ((share, count), first) = simulate_estimated(2350, 16, 110, Some(7.5));
+        assert!(share <= 0.05, "{share}");
+        let most = (0.045 * 2350.0 * 16.0 / 110.0) as u64;
+        assert!(count + 1 >= most && count <= most + 1, "{count} of {most}");
+        let first = first.expect("a checkpoint");
+        assert!((100..=250).contains(&first), "first at {first}");
+        // An estimate far too low is corrected by the first measured cost.
+        let ((share, _), first) = simulate_estimated(2350, 16, 110, Some(0.1));
+        assert!(share <= 0.05, "{share}");
+        assert!(first.expect("a checkpoint") < 20);
+        // Estimates that mean nothing fall back to the fixed first interval.
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let (_, first) = simulate_estimated(235, 16, 110, Some(bad));
+            assert_eq!(first, Some(FIRST_CHECKPOINT), "{bad}");
+        }
     }
 
     #[test]

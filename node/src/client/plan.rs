@@ -4,6 +4,8 @@
 //! owner and a random source in, ring hops out. Training, inference and
 //! the tests all build their rings here.
 
+use std::ops::Range;
+
 use mixnn_crypto::cells::CellSuite;
 use mixnn_crypto::Identity;
 use mixnn_model::{max_state_bytes, InitSpec, InputGrad, OptimizerSpec, StageSpec};
@@ -84,6 +86,43 @@ pub fn host_label(stage: usize, dir: Direction) -> String {
         Direction::Forward => format!("layer host for stage {stage}"),
         Direction::Backward => format!("layer host for stage {stage}, backward"),
     }
+}
+
+/// What one checkpoint of the `remote` stages costs in steps' time, judged
+/// by the bytes each moves round the rings: a state message carries the
+/// whole state blob (every remote stage's window) through every segment of
+/// the forward ring; a training step carries an activation forward and a
+/// gradient back through every segment (an acknowledgement only, back to
+/// the client from the model's first stage), taken at their dense size.
+/// An estimate: the dense size overstates a step's bytes and leaves out
+/// its compute, and the first measured checkpoint replaces it. `None`
+/// where a step moves nothing.
+pub fn checkpoint_cost_in_steps(
+    stages: &[StageSpec],
+    remote: Range<usize>,
+    batch: usize,
+    optimizer: &OptimizerSpec,
+) -> Option<f64> {
+    let held = stages.get(remote.clone())?;
+    let first = held.first()?;
+    // The width of each segment's tensors: the first remote stage's input,
+    // then every remote stage's output.
+    let widths: Vec<usize> = std::iter::once(first.input_dim())
+        .chain(held.iter().map(StageSpec::output_dim))
+        .collect();
+    let forward: usize = widths.iter().sum();
+    let backward = if remote.start == 0 {
+        forward - widths[0]
+    } else {
+        forward
+    };
+    let step = 4.0 * batch as f64 * (forward + backward) as f64;
+    let blob: usize = held
+        .iter()
+        .map(|s| state_window_len(max_state_bytes(s, optimizer)))
+        .sum();
+    let checkpoint = blob as f64 * widths.len() as f64;
+    (step > 0.0).then(|| checkpoint / step)
 }
 
 /// Windows for states of at most `capacities` bytes: in a random order,
@@ -311,6 +350,40 @@ mod tests {
             lease_secs: 60,
             aes_gcm: true,
         }
+    }
+
+    #[test]
+    fn a_checkpoint_costs_the_steps_that_move_its_bytes() {
+        let stages = Arch::parse("mlp:784-512-256-10").expect("arch").stages();
+        let opt = OptimizerSpec::Momentum {
+            lr: 0.1,
+            momentum: 0.9,
+        };
+        let blob: usize = stages
+            .iter()
+            .map(|s| state_window_len(max_state_bytes(s, &opt)))
+            .sum();
+        // Four segments each way; nothing but an acknowledgement goes back
+        // to the data: 784 + 512 + 256 + 10 forward, 10 + 256 + 512 back.
+        let step = 4.0 * 256.0 * (1562.0 + 778.0);
+        let cost = checkpoint_cost_in_steps(&stages, 0..3, 256, &opt).expect("cost");
+        assert!((cost - 4.0 * blob as f64 / step).abs() < 1e-9, "{cost}");
+        // The paper's model: a checkpoint moves what some seven steps move.
+        assert!((7.0..8.0).contains(&cost), "{cost}");
+        // Half the batch, half the bytes a step moves.
+        let half = checkpoint_cost_in_steps(&stages, 0..3, 128, &opt).expect("cost");
+        assert!((half - 2.0 * cost).abs() < 1e-9);
+        // With the ends kept by the client, one stage is remote: two
+        // segments, each carrying 784-wide tensors one way and 512-wide
+        // ones the other, in both directions.
+        let middle = checkpoint_cost_in_steps(&stages, 1..2, 256, &opt).expect("cost");
+        let window = state_window_len(max_state_bytes(&stages[1], &opt)) as f64;
+        let both = 4.0 * 256.0 * 2.0 * (512.0 + 256.0);
+        assert!((middle - 2.0 * window / both).abs() < 1e-9, "{middle}");
+        // No remote stage, or a range past the model: no estimate.
+        assert_eq!(checkpoint_cost_in_steps(&stages, 1..1, 256, &opt), None);
+        assert_eq!(checkpoint_cost_in_steps(&stages, 2..5, 256, &opt), None);
+        assert_eq!(checkpoint_cost_in_steps(&stages, 0..3, 0, &opt), None);
     }
 
     /// Three stage hosts on `cand(0..3)`.

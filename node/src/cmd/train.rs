@@ -89,8 +89,9 @@ pub struct TrainArgs {
     /// Overwrite an existing model map (and with it the only key to its slots).
     #[arg(long)]
     pub force: bool,
-    /// Every stage's state goes to the owner every K steps (default: chosen so checkpoints
-    /// cost at most about 5% of the training time).
+    /// Every stage's state goes to the owner every K steps (default: chosen so checkpoints,
+    /// the final one included, cost at most about 5% of the training time; a short job may
+    /// take only the final one).
     #[arg(long, value_name = "K")]
     pub checkpoint_every: Option<u64>,
     /// New runs from the last checkpoint after failed hops, before the job gives up
