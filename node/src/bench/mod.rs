@@ -408,11 +408,10 @@ async fn one_run(
         local_steps.push(Instant::now());
         progress.step(s)
     })?;
-    let local_seconds = t.elapsed().as_secs_f64();
+    let local_end = Instant::now();
+    let local_seconds = local_end.duration_since(t).as_secs_f64();
     let local_tail_seconds = local_steps.last().map_or(0.0, |last| {
-        (t + Duration::from_secs_f64(local_seconds))
-            .saturating_duration_since(*last)
-            .as_secs_f64()
+        local_end.saturating_duration_since(*last).as_secs_f64()
     });
     let local_cpu = cpu_seconds(cpu0, crate::cpu::process_cpu_ns());
 
