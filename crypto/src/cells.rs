@@ -408,13 +408,39 @@ pub fn seal_message(
     Ok(cells.total())
 }
 
+/// A message written piece by piece, front to back, straight into the
+/// cells that carry it (an encoding that is made as it is sealed).
+pub trait MessageSource {
+    /// The whole message's length in bytes.
+    fn len(&self) -> usize;
+
+    /// Whether the message is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the message's next `dst.len()` bytes into `dst`. Called with
+    /// consecutive pieces that add up to [`MessageSource::len`].
+    fn fill(&mut self, dst: &mut [u8]);
+}
+
+/// Where a message's bytes come from.
+enum Body<'a> {
+    /// All of it in hand: whole cells seal straight from it.
+    Slice(&'a [u8]),
+    /// Written into each cell as it is sealed.
+    Source(&'a mut (dyn MessageSource + Send)),
+}
+
 /// A message being sealed one cell at a time, so that the first cells can
 /// be on their way while the rest are sealed. Produces exactly the cells
 /// [`seal_message`] would.
 pub struct MessageCells<'a> {
     sealer: &'a mut CellSealer,
-    msg: &'a [u8],
-    rest: &'a [u8],
+    body: Body<'a>,
+    len: usize,
+    /// Message bytes sealed so far.
+    given: usize,
     total: usize,
     done: usize,
 }
@@ -423,13 +449,27 @@ impl<'a> MessageCells<'a> {
     /// Checks the size and that the sealer has sequence numbers for every
     /// cell before sealing any.
     pub fn new(sealer: &'a mut CellSealer, msg: &'a [u8]) -> Result<Self, CellError> {
-        if msg.len() > MAX_MESSAGE_BYTES {
+        Self::start(sealer, Body::Slice(msg), msg.len())
+    }
+
+    /// The same for a message written into each cell as it is sealed: the
+    /// same cells as [`MessageCells::new`] on the whole message.
+    pub fn from_source(
+        sealer: &'a mut CellSealer,
+        source: &'a mut (dyn MessageSource + Send),
+    ) -> Result<Self, CellError> {
+        let len = source.len();
+        Self::start(sealer, Body::Source(source), len)
+    }
+
+    fn start(sealer: &'a mut CellSealer, body: Body<'a>, len: usize) -> Result<Self, CellError> {
+        if len > MAX_MESSAGE_BYTES {
             return Err(CellError::MessageTooLarge {
-                len: msg.len() as u64,
+                len: len as u64,
                 max: MAX_MESSAGE_BYTES,
             });
         }
-        let total = message_cells(msg.len());
+        let total = message_cells(len);
         // The last sequence number used must stay below u64::MAX.
         match sealer.next_seq.checked_add(total as u64) {
             Some(end) if end < u64::MAX => {}
@@ -437,8 +477,9 @@ impl<'a> MessageCells<'a> {
         }
         Ok(Self {
             sealer,
-            msg,
-            rest: msg,
+            body,
+            len,
+            given: 0,
             total,
             done: 0,
         })
@@ -462,24 +503,31 @@ impl<'a> MessageCells<'a> {
                 got: cell.len(),
             });
         }
-        if self.done > 0 && self.rest.len() >= CELL_PAYLOAD {
-            // A whole cell of message bytes: sealed where they lie.
-            let (take, rest) = self.rest.split_at(CELL_PAYLOAD);
-            self.sealer.seal_from(take, cell)?;
-            self.rest = rest;
-            self.done += 1;
-            return Ok(());
+        let left = self.len - self.given;
+        if let Body::Slice(msg) = &self.body {
+            if self.done > 0 && left >= CELL_PAYLOAD {
+                // A whole cell of message bytes: sealed where they lie.
+                let take = &msg[self.given..self.given + CELL_PAYLOAD];
+                self.sealer.seal_from(take, cell)?;
+                self.given += CELL_PAYLOAD;
+                self.done += 1;
+                return Ok(());
+            }
         }
         let body = &mut cell[PAYLOAD_RANGE];
         let mut at = 0;
         if self.done == 0 {
-            body[..LEN_PREFIX_BYTES].copy_from_slice(&(self.msg.len() as u64).to_le_bytes());
+            body[..LEN_PREFIX_BYTES].copy_from_slice(&(self.len as u64).to_le_bytes());
             at = LEN_PREFIX_BYTES;
         }
-        let take = self.rest.len().min(CELL_PAYLOAD - at);
-        body[at..at + take].copy_from_slice(&self.rest[..take]);
+        let take = left.min(CELL_PAYLOAD - at);
+        let piece = &mut body[at..at + take];
+        match &mut self.body {
+            Body::Slice(msg) => piece.copy_from_slice(&msg[self.given..self.given + take]),
+            Body::Source(source) => source.fill(piece),
+        }
         body[at + take..].fill(0);
-        self.rest = &self.rest[take..];
+        self.given += take;
         self.sealer.seal_in_place(cell)?;
         self.done += 1;
         Ok(())
@@ -690,6 +738,74 @@ mod tests {
             }
             assert_eq!(appended.len(), 5 + total * CELL_BYTES);
             assert_eq!(cells.remaining(), 0);
+        }
+    }
+
+    /// A source that hands out a message's bytes and records the pieces it
+    /// was asked for.
+    struct Pieces<'a> {
+        msg: &'a [u8],
+        at: usize,
+        asked: Vec<usize>,
+    }
+
+    impl MessageSource for Pieces<'_> {
+        fn len(&self) -> usize {
+            self.msg.len()
+        }
+
+        fn fill(&mut self, dst: &mut [u8]) {
+            dst.copy_from_slice(&self.msg[self.at..self.at + dst.len()]);
+            self.at += dst.len();
+            self.asked.push(dst.len());
+        }
+    }
+
+    /// A message written into each cell as it is sealed gives the cells
+    /// the whole message gives, into a dirty reused buffer, and is asked
+    /// for its bytes once each, in order, a cell's worth at a time.
+    #[test]
+    fn a_message_written_into_its_cells_seals_to_the_same_cells() {
+        let key = CellKey::from_bytes([3; 32]);
+        for len in [
+            0,
+            1,
+            CELL_PAYLOAD - 8,
+            CELL_PAYLOAD - 7,
+            2 * CELL_PAYLOAD,
+            8 * CELL_PAYLOAD + 3,
+            9 * CELL_PAYLOAD,
+        ] {
+            let msg: Vec<u8> = (0..len).map(|i| (i * 17 % 253) as u8).collect();
+            let mut whole = Vec::new();
+            let total = seal_message(&mut CellSealer::new(&key), &msg, &mut whole).expect("seal");
+            let mut source = Pieces {
+                msg: &msg,
+                at: 0,
+                asked: Vec::new(),
+            };
+            let mut sealer = CellSealer::new(&key);
+            let mut cells = MessageCells::from_source(&mut sealer, &mut source).expect("cells");
+            assert_eq!(cells.total(), total);
+            let mut one = vec![0x5Au8; CELL_BYTES];
+            for i in 0..total {
+                cells.seal_next(&mut one).expect("seal next");
+                assert_eq!(
+                    &whole[i * CELL_BYTES..][..CELL_BYTES],
+                    &one[..],
+                    "len {len}, cell {i}"
+                );
+            }
+            assert!(
+                cells.seal_next(&mut one).is_err(),
+                "len {len}: a cell past the end"
+            );
+            assert_eq!(source.at, len);
+            assert!(
+                source.asked.iter().all(|&n| n <= CELL_PAYLOAD),
+                "len {len}: {:?}",
+                source.asked
+            );
         }
     }
 

@@ -142,34 +142,47 @@ impl HostTensor {
     /// matching the shape); a malformed one encodes to bytes that `decode`
     /// rejects.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let mut e = self.encoding();
+        let start = out.len();
+        out.resize(start + e.len(), 0);
+        e.fill(&mut out[start..]);
+    }
+
+    /// The encoding, to be written piece by piece ([`Encoding::fill`]):
+    /// a sender fills each cell straight from the tensor, so its first
+    /// cells can travel while the rest are encoded. Counts the stored
+    /// elements (and, for the sparse form, makes the bitmap) first, so the
+    /// whole length is known before any byte is written.
+    pub fn encoding(&self) -> Encoding<'_> {
         let n = self.data.len();
+        let rank = u8::try_from(self.shape.len()).unwrap_or(u8::MAX);
         let stored = count_stored(&self.data);
         let sparse = prefers_sparse(n, stored);
-        let rank = u8::try_from(self.shape.len()).unwrap_or(u8::MAX);
-        out.reserve(1 + 4 * self.shape.len() + body_len(n, stored) + GROUP_BYTES);
-        out.push(if sparse {
+        let mut head = Vec::with_capacity(1 + 4 * self.shape.len());
+        head.push(if sparse {
             rank.min(!SPARSE) | SPARSE
         } else {
             rank
         });
         for &d in &self.shape {
-            out.extend_from_slice(&u32::try_from(d).unwrap_or(u32::MAX).to_le_bytes());
+            head.extend_from_slice(&u32::try_from(d).unwrap_or(u32::MAX).to_le_bytes());
         }
-        let start = out.len();
-        if sparse {
-            let bitmap_len = n.div_ceil(8);
-            // Spare bytes past the end: a group of eight writes all its
-            // elements at the next places and moves on only past the
-            // stored ones (no branch per element).
-            out.resize(start + bitmap_len + 4 * stored + GROUP_BYTES, 0);
-            let (bitmap, values) = out[start..].split_at_mut(bitmap_len);
-            encode_sparse(&self.data, bitmap, values);
-            out.truncate(start + bitmap_len + 4 * stored);
-        } else {
-            out.resize(start + 4 * n, 0);
-            for (v, x) in out[start..].chunks_exact_mut(4).zip(&self.data) {
-                v.copy_from_slice(&x.to_le_bytes());
-            }
+        let len = head.len() + body_len(n, stored);
+        Encoding {
+            data: &self.data,
+            head,
+            bitmap: if sparse {
+                sparse_bitmap(&self.data)
+            } else {
+                Vec::new()
+            },
+            sparse,
+            len,
+            at: 0,
+            next: 0,
+            pending: [0; GROUP_BYTES],
+            pending_at: 0,
+            pending_end: 0,
         }
     }
 
@@ -508,60 +521,200 @@ fn count_stored(data: &[f32]) -> usize {
 /// Bytes of a group of eight elements: one bitmap byte's worth.
 const GROUP_BYTES: usize = 32;
 
-/// The sparse form's bitmap and values of `data`. `bitmap` holds one bit
-/// per element; `values` the stored elements' bytes, then at least
-/// [`GROUP_BYTES`] spare ones (their contents are unspecified after).
-fn encode_sparse(data: &[f32], bitmap: &mut [u8], values: &mut [u8]) {
-    let mut v = 0usize;
+/// The sparse form's bitmap of `data`: bit `i % 8` of byte `i / 8` set
+/// when element `i` is not `+0.0`.
+fn sparse_bitmap(data: &[f32]) -> Vec<u8> {
+    let mut bitmap = vec![0u8; data.len().div_ceil(8)];
     let mut groups = data.chunks_exact(8);
     for (chunk, byte) in groups.by_ref().zip(bitmap.iter_mut()) {
-        let mut raw = [0u32; 8];
         let mut bits = 0u8;
-        for (j, (r, x)) in raw.iter_mut().zip(chunk).enumerate() {
-            *r = x.to_bits();
-            bits |= u8::from(*r != 0) << j;
+        for (j, x) in chunk.iter().enumerate() {
+            bits |= u8::from(x.to_bits() != 0) << j;
         }
         *byte = bits;
-        if bits == 0 {
-            continue;
-        }
-        let Some(dst) = values
-            .get_mut(v..v + GROUP_BYTES)
-            .and_then(|d| <&mut [u8; GROUP_BYTES]>::try_from(d).ok())
-        else {
-            return;
-        };
-        if bits == 0xFF {
-            for (d, r) in dst.chunks_exact_mut(4).zip(raw) {
-                d.copy_from_slice(&r.to_le_bytes());
-            }
-            v += GROUP_BYTES;
-        } else {
-            let mut w = 0usize;
-            for r in raw {
-                // `w` stays below 32: the mask only tells the compiler so.
-                let at = w & (GROUP_BYTES - 4);
-                dst[at..at + 4].copy_from_slice(&r.to_le_bytes());
-                w += 4 * usize::from(r != 0);
-            }
-            v += w;
-        }
     }
-    // The last, partial group (its byte exists exactly when it does).
     if let Some(byte) = bitmap.get_mut(data.len() / 8) {
         let mut bits = 0u8;
         for (j, x) in groups.remainder().iter().enumerate() {
-            let r = x.to_bits();
-            if r != 0 {
-                if let Some(d) = values.get_mut(v..v + 4) {
-                    d.copy_from_slice(&r.to_le_bytes());
-                }
-                v += 4;
-                bits |= 1 << j;
-            }
+            bits |= u8::from(x.to_bits() != 0) << j;
         }
         *byte = bits;
     }
+    bitmap
+}
+
+/// A tensor's encoding, written front to back in pieces of any size
+/// ([`HostTensor::encoding`]). The pieces, in order, are exactly the
+/// bytes [`HostTensor::encode`] gives.
+#[derive(Debug)]
+pub struct Encoding<'a> {
+    data: &'a [f32],
+    /// The rank byte and the dims.
+    head: Vec<u8>,
+    /// Sparse form: one bit per element.
+    bitmap: Vec<u8>,
+    sparse: bool,
+    len: usize,
+    /// Bytes written so far.
+    at: usize,
+    /// The next group of eight (sparse form) or element (dense form) whose
+    /// bytes are not yet written or pending.
+    next: usize,
+    /// A group's or an element's bytes that did not fit the last piece.
+    pending: [u8; GROUP_BYTES],
+    pending_at: usize,
+    pending_end: usize,
+}
+
+impl Encoding<'_> {
+    /// The whole encoding's length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the encoding is empty (never: it has at least its rank byte).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Bytes not yet written.
+    pub fn remaining(&self) -> usize {
+        self.len - self.at
+    }
+
+    /// Writes the next bytes of the encoding into `dst`, as many as fit
+    /// or remain, and returns how many.
+    pub fn fill(&mut self, dst: &mut [u8]) -> usize {
+        let want = dst.len().min(self.remaining());
+        let mut out = 0;
+        while out < want {
+            let n = self.step(&mut dst[out..want]);
+            self.at += n;
+            out += n;
+        }
+        want
+    }
+
+    /// Writes at least one byte of what comes next into `dst` (not empty,
+    /// and no longer than what remains) and returns how many.
+    fn step(&mut self, dst: &mut [u8]) -> usize {
+        let head = self.head.len();
+        if self.at < head {
+            return copy_part(&self.head[self.at..], dst);
+        }
+        if self.pending_at < self.pending_end {
+            let n = copy_part(&self.pending[self.pending_at..self.pending_end], dst);
+            self.pending_at += n;
+            return n;
+        }
+        let bitmap_end = head + self.bitmap.len();
+        if self.sparse && self.at < bitmap_end {
+            return copy_part(&self.bitmap[self.at - head..], dst);
+        }
+        let n = if self.sparse {
+            self.values(dst)
+        } else {
+            self.dense(dst)
+        };
+        if n > 0 {
+            return n;
+        }
+        // Too little room for the next group or element: its bytes wait
+        // in `pending`, and the piece takes what fits.
+        let mut unit = [0u8; GROUP_BYTES];
+        let size = if self.sparse {
+            self.values(&mut unit)
+        } else {
+            self.dense(&mut unit)
+        };
+        self.pending[..size].copy_from_slice(&unit[..size]);
+        (self.pending_at, self.pending_end) = (0, size);
+        let n = copy_part(&self.pending[..size], dst);
+        self.pending_at = n;
+        n
+    }
+
+    /// Dense form: whole elements, as many as fit `dst` (0 when not even
+    /// one does).
+    fn dense(&mut self, dst: &mut [u8]) -> usize {
+        let from = self.next.min(self.data.len());
+        let fit = (dst.len() / 4).min(self.data.len() - from);
+        for (d, x) in dst.chunks_exact_mut(4).zip(&self.data[from..from + fit]) {
+            d.copy_from_slice(&x.to_le_bytes());
+        }
+        self.next = from + fit;
+        4 * fit
+    }
+
+    /// Sparse form: the stored values of whole groups of eight, as many
+    /// groups as surely fit `dst` (0 when not even one does). A group
+    /// takes up to [`GROUP_BYTES`].
+    fn values(&mut self, dst: &mut [u8]) -> usize {
+        let full = self.data.len() / 8;
+        let mut g = self.next;
+        let mut out = 0usize;
+        // Whole groups, as many at a time as surely fit: each writes all
+        // its eight elements at the next places and moves on only past
+        // the stored ones (no branch per element).
+        loop {
+            let fit = ((dst.len() - out) / GROUP_BYTES).min(full.saturating_sub(g));
+            if fit == 0 {
+                break;
+            }
+            let groups = self.data[8 * g..8 * (g + fit)].chunks_exact(8);
+            for (chunk, &byte) in groups.zip(&self.bitmap[g..g + fit]) {
+                if byte == 0 {
+                    continue;
+                }
+                // Each group takes at most GROUP_BYTES, so the window is
+                // always there.
+                let Some(window) = dst
+                    .get_mut(out..out + GROUP_BYTES)
+                    .and_then(|w| <&mut [u8; GROUP_BYTES]>::try_from(w).ok())
+                else {
+                    continue;
+                };
+                if byte == 0xFF {
+                    for (d, x) in window.chunks_exact_mut(4).zip(chunk) {
+                        d.copy_from_slice(&x.to_bits().to_le_bytes());
+                    }
+                    out += GROUP_BYTES;
+                } else {
+                    let mut w = 0usize;
+                    for x in chunk {
+                        let r = x.to_bits();
+                        // `w` stays below 32: the mask only tells the compiler so.
+                        let a = w & (GROUP_BYTES - 4);
+                        window[a..a + 4].copy_from_slice(&r.to_le_bytes());
+                        w += 4 * usize::from(r != 0);
+                    }
+                    out += w;
+                }
+            }
+            g += fit;
+        }
+        // The last, partial group, element by element.
+        if g == full && g < self.bitmap.len() {
+            let rest = &self.data[8 * g..];
+            let need = 4 * rest.iter().filter(|x| x.to_bits() != 0).count();
+            if dst.len() - out >= need {
+                for x in rest.iter().filter(|x| x.to_bits() != 0) {
+                    dst[out..out + 4].copy_from_slice(&x.to_bits().to_le_bytes());
+                    out += 4;
+                }
+                g += 1;
+            }
+        }
+        self.next = g;
+        out
+    }
+}
+
+/// Copies as much of `src` as fits into `dst`; returns how much.
+fn copy_part(src: &[u8], dst: &mut [u8]) -> usize {
+    let n = src.len().min(dst.len());
+    dst[..n].copy_from_slice(&src[..n]);
+    n
 }
 
 /// Bytes of the elements in the form the encoder takes.
@@ -851,6 +1004,31 @@ mod tests {
                 }
             }
             prop_assert_eq!(t.encode(), want);
+        }
+
+        /// Written in pieces of any sizes (a cell's payload, a few bytes,
+        /// one), the encoding is the same bytes as written at once, and a
+        /// piece past the end writes nothing.
+        #[test]
+        fn an_encoding_in_pieces_is_the_whole(
+            t in tensor_strategy(),
+            sizes in proptest::collection::vec(1usize..80, 1..12),
+        ) {
+            let whole = t.encode();
+            let mut e = t.encoding();
+            prop_assert_eq!(e.len(), whole.len());
+            prop_assert_eq!(e.len(), t.encoded_len());
+            let mut got = Vec::new();
+            let mut i = 0;
+            while e.remaining() > 0 {
+                let mut piece = vec![0xA5u8; sizes[i % sizes.len()]];
+                let n = e.fill(&mut piece);
+                prop_assert_eq!(n, piece.len().min(whole.len() - got.len()));
+                got.extend_from_slice(&piece[..n]);
+                i += 1;
+            }
+            prop_assert_eq!(&got, &whole);
+            prop_assert_eq!(e.fill(&mut [0u8; 4]), 0);
         }
 
         /// Undamaged encodings round-trip bit for bit, fed cell-sized or

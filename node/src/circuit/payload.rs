@@ -10,10 +10,10 @@
 
 use chacha20poly1305::aead::{Aead, AeadInPlace, KeyInit};
 use chacha20poly1305::{ChaCha20Poly1305, Nonce};
-use mixnn_crypto::cells::CellSuite;
+use mixnn_crypto::cells::{CellSuite, MessageSource};
 use mixnn_crypto::onion::HOP_PAYLOAD_BYTES;
 use mixnn_crypto::{verify_signature, Identity};
-use mixnn_model::tensor::StreamDecoder;
+use mixnn_model::tensor::{Encoding, StreamDecoder};
 use mixnn_model::{DecodeLimits, HostTensor, InitSpec, OptimizerSpec, StageSpec};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
@@ -378,6 +378,47 @@ pub enum JobMsg {
     },
 }
 
+/// A [`JobMsg`]'s encoding in the making ([`JobMsg::encoding`]).
+pub struct JobEncoding<'a> {
+    head: [u8; 10],
+    head_len: usize,
+    body: JobBody<'a>,
+    len: usize,
+    /// Bytes written so far.
+    at: usize,
+}
+
+enum JobBody<'a> {
+    Tensor(Encoding<'a>),
+    Bytes(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+impl MessageSource for JobEncoding<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn fill(&mut self, dst: &mut [u8]) {
+        let mut out = 0;
+        if self.at < self.head_len {
+            let n = (self.head_len - self.at).min(dst.len());
+            dst[..n].copy_from_slice(&self.head[self.at..self.at + n]);
+            out = n;
+        }
+        let rest = &mut dst[out..];
+        let from = (self.at + out).saturating_sub(self.head_len);
+        match &mut self.body {
+            JobBody::Tensor(e) => {
+                e.fill(rest);
+            }
+            JobBody::Bytes(b) => rest.copy_from_slice(&b[from..from + rest.len()]),
+            JobBody::Owned(b) => rest.copy_from_slice(&b[from..from + rest.len()]),
+        }
+        self.at += dst.len();
+    }
+}
+
 /// The kind of a [`JobMsg`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MsgKind {
@@ -473,6 +514,50 @@ impl JobMsg {
             }
         }
         Ok(())
+    }
+
+    /// The encoding, written straight into the cells that carry it
+    /// ([`MessageSource`]): a tensor is encoded a cell's worth at a time,
+    /// a state's blob copied from where it lies. The same bytes as
+    /// [`JobMsg::encode_into`].
+    pub fn encoding(&self) -> Result<JobEncoding<'_>, PayloadError> {
+        let mut head = [0u8; 10];
+        let (head_len, body) = match self {
+            JobMsg::Forward { step, tensor }
+            | JobMsg::Infer { step, tensor }
+            | JobMsg::Backward { step, tensor } => {
+                head[0] = match self {
+                    JobMsg::Forward { .. } => K_FORWARD,
+                    JobMsg::Infer { .. } => K_INFER,
+                    _ => K_BACKWARD,
+                };
+                head[1..9].copy_from_slice(&step.to_le_bytes());
+                (9, JobBody::Tensor(tensor.encoding()))
+            }
+            JobMsg::State { op, step, blob } => {
+                head[0] = K_STATE;
+                head[1..9].copy_from_slice(&step.to_le_bytes());
+                head[9] = match op {
+                    StateOp::Checkpoint => 1,
+                    StateOp::Restore => 2,
+                };
+                (10, JobBody::Bytes(blob))
+            }
+            JobMsg::Ack { .. } | JobMsg::Control { .. } => (0, JobBody::Owned(self.encode()?)),
+        };
+        let len = head_len
+            + match &body {
+                JobBody::Tensor(e) => e.len(),
+                JobBody::Bytes(b) => b.len(),
+                JobBody::Owned(b) => b.len(),
+            };
+        Ok(JobEncoding {
+            head,
+            head_len,
+            body,
+            len,
+            at: 0,
+        })
     }
 
     pub fn encode(&self) -> Result<Vec<u8>, PayloadError> {
@@ -950,10 +1035,19 @@ mod tests {
                 reports: vec![vec![1, 2, 3]],
             },
         ] {
-            assert_eq!(
-                JobMsg::decode(&m.encode().expect("encode"), limits).expect("decode"),
-                m
-            );
+            let bytes = m.encode().expect("encode");
+            assert_eq!(JobMsg::decode(&bytes, limits).expect("decode"), m);
+            // Written in pieces straight into cells: the same bytes, for
+            // pieces that cut the header, the body and anything between.
+            for piece in [1, 3, 7, 9, 10, 64] {
+                let mut e = m.encoding().expect("encoding");
+                assert_eq!(MessageSource::len(&e), bytes.len());
+                let mut got = vec![0xEE; bytes.len()];
+                for chunk in got.chunks_mut(piece) {
+                    e.fill(chunk);
+                }
+                assert_eq!(got, bytes, "{m:?} in pieces of {piece}");
+            }
         }
         assert!(JobMsg::decode(&[1, 2, 3], limits).is_err());
         assert!(JobMsg::decode(&[9; 30], limits).is_err());
