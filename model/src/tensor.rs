@@ -370,11 +370,13 @@ impl StreamDecoder {
             let from = self.header + 4 * self.data.len();
             let to = self.header + 4 * upto;
             if to > from {
-                for c in prefix[from..to].chunks_exact(4) {
-                    let raw = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                    self.stored += usize::from(raw != 0);
-                    self.data.push(f32::from_bits(raw));
-                }
+                let start = self.data.len();
+                self.data.extend(
+                    prefix[from..to]
+                        .chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                );
+                self.stored += count_stored(&self.data[start..]);
             }
             return Ok(());
         }
@@ -400,6 +402,31 @@ impl StreamDecoder {
             u32::from_le_bytes([c[0], c[1], c[2], c[3]])
         };
         let (mut g, mut used, mut stored_zero) = (self.groups, self.used, self.stored_zero);
+        // Sixty-four elements at a time while their values are in hand:
+        // each stored value takes the next set bit's place, lowest first
+        // (one short loop a word, not one a group of eight).
+        let words_end = (self.n / 64) * 8;
+        while g + 8 <= words_end {
+            let Ok(word) = <[u8; 8]>::try_from(&bitmap[g..g + 8]) else {
+                break;
+            };
+            let mut bits = u64::from_le_bytes(word);
+            let k = bits.count_ones() as usize;
+            if used + k > in_hand {
+                break;
+            }
+            let Ok(out) = <&mut [f32; 64]>::try_from(&mut self.data[8 * g..8 * g + 64]) else {
+                break;
+            };
+            for c in values[4 * used..4 * (used + k)].chunks_exact(4) {
+                let raw = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+                stored_zero |= raw == 0;
+                out[bits.trailing_zeros() as usize & 63] = f32::from_bits(raw);
+                bits &= bits.wrapping_sub(1);
+            }
+            used += k;
+            g += 8;
+        }
         while g < bitmap_len {
             let byte = bitmap[g];
             let k = byte.count_ones() as usize;
