@@ -42,7 +42,10 @@
 //! [`CellOpener::open_to`]); only the first cell (the length prefix) and the
 //! last ones (the padding) go through a copy. The message buffer can be
 //! handed back with [`MessageReader::recycle`], and the next message of at
-//! most its length reuses it without a fill.
+//! most its length reuses it without a fill. A message that is made as it
+//! goes (a tensor's encoding) is written straight into each cell's payload
+//! and sealed there ([`MessageCells::from_source`], a [`MessageSource`]), so
+//! no buffer holds it whole.
 
 use hkdf::Hkdf;
 use rand::rngs::OsRng;
