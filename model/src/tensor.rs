@@ -14,6 +14,10 @@
 //! sparse form is lossless: activations after a ReLU, their masked
 //! gradients and MNIST images are mostly `+0.0`, and they cross the
 //! network at a fraction of their dense size.
+//!
+//! [`HostTensor::encoding`] gives the same bytes in pieces of any size, so a
+//! sender writes each cell straight from the tensor, and [`StreamDecoder`]
+//! takes them as they arrive.
 
 use serde::{Deserialize, Serialize};
 
