@@ -620,6 +620,15 @@ impl Encoding<'_> {
         let mut out = 0;
         while out < want {
             let n = self.step(&mut dst[out..want]);
+            if n == 0 {
+                // Cannot happen (the length counts exactly the bytes the
+                // tensor gives); a piece that made no progress ends the
+                // write rather than looping.
+                debug_assert!(false, "an encoding step wrote nothing");
+                dst[out..want].fill(0);
+                self.at = self.len;
+                return want;
+            }
             self.at += n;
             out += n;
         }
