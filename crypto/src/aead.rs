@@ -1,8 +1,9 @@
 //! The AEADs under every cell: ChaCha20-Poly1305 (RFC 8439) through
 //! OpenSSL's libcrypto, with aws-lc's assembly and the RustCrypto
 //! implementation as fallbacks; and AES-256-GCM (NIST SP 800-38D) through
-//! ring, with aws-lc and the RustCrypto implementation as fallbacks. A
-//! circuit's client picks the suite of each segment ([`CellSuite`]).
+//! aws-lc or ring, whichever runs it faster on the CPU, with the RustCrypto
+//! implementation as the last fallback. A circuit's client picks the suite
+//! of each segment ([`CellSuite`]).
 //!
 //! Every implementation of a suite produces the same bytes (a test in
 //! `tests/cells.rs` checks each against the RustCrypto crate on random
