@@ -284,11 +284,7 @@ impl CellAead {
                         data,
                     )
                     .ok()?;
-                let tag = tag.as_ref();
-                if tag.len() != TAG_BYTES {
-                    return None;
-                }
-                out.copy_from_slice(tag);
+                out = tag.as_ref().try_into().ok()?;
             }
             Engine::Ring(k) => {
                 let tag = k
@@ -298,11 +294,7 @@ impl CellAead {
                         data,
                     )
                     .ok()?;
-                let tag = tag.as_ref();
-                if tag.len() != TAG_BYTES {
-                    return None;
-                }
-                out.copy_from_slice(tag);
+                out = tag.as_ref().try_into().ok()?;
             }
             Engine::Portable(c) => {
                 let tag = c
