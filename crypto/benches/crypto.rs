@@ -13,7 +13,8 @@
 //!   64 KiB chunks, in place with a detached tag; cells run on `openssl`.
 //! - `raw_aead_1MiB/{ring,openssl,aws_lc}_aes256gcm/{seal,open}`: AES-256-GCM
 //!   the same way, and `cells_aes256gcm` the cells' AES-256-GCM backend
-//!   (ring) through [`CellAead`].
+//!   through [`CellAead`] (ring, or aws-lc where the CPU has AVX-512:
+//!   `aes_gcm_backend`).
 //!   `cells/seal_open_1MiB_exact` shows a message of exactly 1 MiB, which
 //!   its length prefix pushes into the 32-cell bucket (half padding).
 
@@ -274,8 +275,8 @@ fn cells(c: &mut Criterion) {
     );
 
     // OpenSSL, the ChaCha20-Poly1305 backend cells use, and aws-lc, its
-    // fallback; ring's AES-256-GCM, the backend of AES cells, and aws-lc's,
-    // its fallback.
+    // fallback; the AES-256-GCM backend of AES cells on this CPU, and
+    // aws-lc's AES-256-GCM beside it.
     for (name, aead) in [
         (
             "openssl",
