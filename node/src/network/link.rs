@@ -60,6 +60,23 @@ const READ_AHEAD_BYTES: usize = 128 * 1024;
 /// next hop a second time. Twice a frame holds one whole with room to spare.
 const TLS_BUFFER_BYTES: usize = 2 * crate::network::mux::FRAME_BYTES;
 
+/// A TCP segment's payload at a 64 KiB MTU (loopback's) under IPv6 with
+/// TCP timestamps, the smaller of the two families: 65,536 less 40, 20
+/// and 12 bytes of headers.
+pub const SEGMENT_64K_BYTES: usize = 65_536 - 40 - 20 - 12;
+
+/// Bytes on the wire of `plaintext` bytes written through TLS 1.3: records
+/// of at most 16 KiB, each with a 5-byte header, its content type and a
+/// 16-byte tag.
+pub const fn tls_wire_bytes(plaintext: usize) -> usize {
+    plaintext + plaintext.div_ceil(16 * 1024) * (5 + 1 + 16)
+}
+
+/// A cell frame under its multiplexer header (12 bytes) fits one segment
+/// (see [`mixnn_crypto::cells::CELL_BYTES`]).
+const _: () =
+    assert!(tls_wire_bytes(12 + crate::circuit::wire::CELL_FRAME_BYTES) <= SEGMENT_64K_BYTES);
+
 /// Why a connection could not be secured.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -888,9 +905,11 @@ mod tests {
             a.flush().await.expect("flush");
             let writes = a_to_b.lock().expect("lane").writes[before..].to_vec();
             assert_eq!(writes.len(), 1, "one write of every record: {writes:?}");
-            // Its five records: the frame and each record's header, type
-            // and tag.
-            assert_eq!(writes[0], 12 + body.len() + 5 * (5 + 1 + 16));
+            // Its four records: the frame and each record's header, type
+            // and tag, within one TCP segment at a 64 KiB MTU.
+            assert_eq!(writes[0], 12 + body.len() + 4 * (5 + 1 + 16));
+            assert_eq!(writes[0], tls_wire_bytes(12 + body.len()));
+            assert!(writes[0] <= SEGMENT_64K_BYTES, "{} bytes", writes[0]);
 
             let mut got = vec![0u8; 12 + body.len()];
             b.read_exact(&mut got).await.expect("read");
