@@ -318,6 +318,17 @@ async fn tampered_cells_replayed_setups_and_long_routes_are_refused() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A stream of the first circuit version (64 KiB cells) is refused when
+    // it is negotiated, before a frame could be misread.
+    let mut control = net.client.network().stream_control();
+    let old = libp2p::StreamProtocol::new("/mixnn/circuit/1.0.0");
+    assert_ne!(old, CIRCUIT_PROTOCOL);
+    match control.open_stream(m0.peer, old).await {
+        Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_)) => {}
+        Err(e) => panic!("expected the protocol to be refused, got {e}"),
+        Ok(_) => panic!("a node accepted a circuit stream of the first version"),
+    }
+
     // A route longer than the onion allows is refused before anything is sent.
     let hops: Vec<RingHop> = (0..17)
         .map(|i| mix_hop(&candidate(&net, peers[i % 4])))

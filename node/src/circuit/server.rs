@@ -42,8 +42,11 @@ use crate::metrics::Metrics;
 use crate::network::PeerAddrs;
 use crate::node::NodeState;
 
-/// The mixnn circuit protocol on direct libp2p streams.
-pub const CIRCUIT_PROTOCOL: StreamProtocol = StreamProtocol::new("/mixnn/circuit/1.0.0");
+/// The mixnn circuit protocol on direct libp2p streams. Version 2: cells
+/// of [`mixnn_crypto::cells::CELL_BYTES`] (64 KiB less 256 bytes; 64 KiB in
+/// version 1), so a node of either version refuses the other's streams at
+/// negotiation instead of misreading their frames.
+pub const CIRCUIT_PROTOCOL: StreamProtocol = StreamProtocol::new("/mixnn/circuit/2.0.0");
 
 /// How long a hop waits on its peers.
 #[derive(Clone, Copy, Debug)]
