@@ -294,15 +294,13 @@ impl RunningNode {
             let server = CircuitServer::new(
                 state.clone(),
                 host,
-                network.stream_control(),
-                network.peer_addrs(),
+                &network,
                 budget,
                 Timeouts {
                     idle: Duration::from_secs(state.config.circuit_idle_secs),
                     first_cell: Duration::from_secs(state.config.first_cell_secs),
                     ..Timeouts::default()
                 },
-                network.peer_id(),
                 tap,
             )?;
             tasks.push(tokio::spawn(server.run(work.child_token())));

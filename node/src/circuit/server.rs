@@ -39,7 +39,7 @@ use super::payload::{
 use super::session::Kind;
 use super::wire::{self, FrameKind, WireError};
 use crate::metrics::Metrics;
-use crate::network::PeerAddrs;
+use crate::network::{Network, PeerAddrs};
 use crate::node::NodeState;
 
 /// The mixnn circuit protocol on direct libp2p streams. Version 2: cells
@@ -127,6 +127,8 @@ struct Admission {
 pub struct CircuitServer {
     state: Arc<NodeState>,
     host: Option<Arc<Host>>,
+    /// Finds a next hop this node has not met ([`CircuitServer::open_next`]).
+    network: Network,
     control: libp2p_stream::Control,
     replay: sled::Tree,
     admission: Mutex<Admission>,
@@ -175,15 +177,12 @@ enum End {
 }
 
 impl CircuitServer {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         state: Arc<NodeState>,
         host: Option<Arc<Host>>,
-        control: libp2p_stream::Control,
-        addrs: PeerAddrs,
+        network: &Network,
         budget: Arc<MemoryBudget>,
         timeouts: Timeouts,
-        me: PeerId,
         tap: Option<Arc<dyn HopTap>>,
     ) -> Result<Arc<Self>, crate::store::StoreError> {
         let replay = state.data.replay_tree()?;
@@ -195,16 +194,17 @@ impl CircuitServer {
         Ok(Arc::new(Self {
             state,
             host,
-            control,
+            network: network.clone(),
+            control: network.stream_control(),
             replay,
             admission: Mutex::new(Admission {
                 machine: CircuitAdmission::new(limits),
                 tokens: HashMap::new(),
             }),
-            addrs,
+            addrs: network.peer_addrs(),
             budget,
             timeouts,
-            me,
+            me: network.peer_id(),
             tap,
         }))
     }
@@ -513,35 +513,14 @@ impl CircuitServer {
                 slot: hosting.as_ref().map(|(_, a, _)| a.body.slot_id),
             });
         }
-        let mut control = self.control.clone();
-        let down = match tokio::time::timeout(
-            self.timeouts.open,
-            control.open_stream(next, CIRCUIT_PROTOCOL),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                report(
-                    ErrorCode::NextHopFailed,
-                    format!("cannot open a stream to the next hop: {e}"),
-                )
-                .await;
+        let down = match self.open_next(next).await {
+            Ok(s) => s,
+            Err(e) => {
+                report(ErrorCode::NextHopFailed, e.clone()).await;
                 if let Some((host, a, slot)) = &hosting {
                     host.evict(&a.body.slot_id, slot);
                 }
                 return End::Failed(format!("next hop {next}: {e}"));
-            }
-            Err(_) => {
-                report(
-                    ErrorCode::NextHopFailed,
-                    "the next hop did not answer in time".into(),
-                )
-                .await;
-                if let Some((host, a, slot)) = &hosting {
-                    host.evict(&a.body.slot_id, slot);
-                }
-                return End::Failed(format!("next hop {next}: timeout"));
             }
         };
         let (down_r, mut down_w) = down.split();
@@ -617,6 +596,34 @@ impl CircuitServer {
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), up_task).await;
         end
+    }
+
+    /// Opens the circuit's stream to `next`, within the open timeout. The
+    /// client chose the route, so this node may never have met `next`:
+    /// where the stream cannot be opened with the addresses it knows, it
+    /// fetches `next`'s descriptor (whose addresses become dialable) and
+    /// tries once more. The error is the report for the client.
+    async fn open_next(&self, next: PeerId) -> Result<Stream, String> {
+        let mut control = self.control.clone();
+        let open = async {
+            let first = match control.open_stream(next, CIRCUIT_PROTOCOL).await {
+                Ok(s) => return Ok(s),
+                Err(libp2p_stream::OpenStreamError::Io(e)) => e,
+                Err(e) => return Err(format!("cannot open a stream to the next hop: {e}")),
+            };
+            if let Err(e) = self.network.get_descriptor(next).await {
+                return Err(format!(
+                    "cannot open a stream to the next hop: {first}; nor find its descriptor: {e}"
+                ));
+            }
+            control
+                .open_stream(next, CIRCUIT_PROTOCOL)
+                .await
+                .map_err(|e| format!("cannot open a stream to the next hop: {e}"))
+        };
+        tokio::time::timeout(self.timeouts.open, open)
+            .await
+            .unwrap_or_else(|_| Err("the next hop did not answer in time".into()))
     }
 
     async fn mix_pump(
