@@ -63,12 +63,12 @@ const TLS_BUFFER_BYTES: usize = 2 * crate::network::mux::FRAME_BYTES;
 /// A TCP segment's payload at a 64 KiB MTU (loopback's) under IPv6 with
 /// TCP timestamps, the smaller of the two families: 65,536 less 40, 20
 /// and 12 bytes of headers.
-pub const SEGMENT_64K_BYTES: usize = 65_536 - 40 - 20 - 12;
+const SEGMENT_64K_BYTES: usize = 65_536 - 40 - 20 - 12;
 
 /// Bytes on the wire of `plaintext` bytes written through TLS 1.3: records
 /// of at most 16 KiB, each with a 5-byte header, its content type and a
 /// 16-byte tag.
-pub const fn tls_wire_bytes(plaintext: usize) -> usize {
+const fn tls_wire_bytes(plaintext: usize) -> usize {
     plaintext + plaintext.div_ceil(16 * 1024) * (5 + 1 + 16)
 }
 
