@@ -11,6 +11,7 @@ pub mod descriptor;
 pub mod fuzzing;
 pub mod identity;
 pub mod onion;
+pub mod padding;
 pub mod replay;
 
 pub use descriptor::{

@@ -276,6 +276,13 @@ fn random<const N: usize>() -> [u8; N] {
     b
 }
 
+/// A state message's bytes before any host fills its window: random, so
+/// that no host can tell where the windows of the others lie.
+#[allow(clippy::result_large_err, reason = "cold error path")]
+fn padding(len: usize) -> Result<Vec<u8>, Fault> {
+    mixnn_crypto::padding::padding(len).map_err(|e| Fault::Fatal(JobError::Invalid(e.to_string())))
+}
+
 #[allow(clippy::result_large_err, reason = "cold error path")]
 pub(crate) fn rng() -> Result<rand::rngs::StdRng, JobError> {
     rand::rngs::StdRng::from_rng(rand::rngs::OsRng).map_err(|e| JobError::Invalid(e.to_string()))
@@ -1443,8 +1450,7 @@ impl<'a> Driver<'a> {
         let network = self.network;
         let ckpt_stages = &self.ckpt.stages;
         let rings = self.rings.as_mut().ok_or_else(no_rings)?;
-        let mut blob = vec![0u8; rings.state_total];
-        rng()?.fill_bytes(&mut blob);
+        let mut blob = padding(rings.state_total)?;
         for (j, stage) in remote.enumerate() {
             let w = rings.windows[j];
             let range = w.range().ok_or_else(|| {
@@ -1598,8 +1604,7 @@ impl<'a> Driver<'a> {
         let network = self.network;
         let remote = self.remote.clone();
         let rings = self.rings.as_mut().ok_or_else(no_rings)?;
-        let mut blob = vec![0u8; rings.state_total];
-        rng()?.fill_bytes(&mut blob);
+        let blob = padding(rings.state_total)?;
         let during = format!("checkpoint of step {step}");
         let msg = JobMsg::State {
             op: StateOp::Checkpoint,
