@@ -62,6 +62,27 @@ fn check_rows(t: &HostTensor, want: usize, max_batch: u32) -> Result<(), HostErr
     Ok(())
 }
 
+/// A message's reply from [`Host::process`].
+pub struct Processed {
+    pub reply: JobMsg,
+    /// A checkpoint's new version of the slot, to store with
+    /// [`Host::store_checkpoint`] after the reply is sent and before the
+    /// slot's next message.
+    pub store: Option<StoredSlot>,
+}
+
+/// The slot `s` at its current version, holding `state`, as stored.
+fn stored(id: &SlotId, s: &HostedSlot, state: Vec<u8>) -> StoredSlot {
+    StoredSlot {
+        id: *id,
+        owner: s.owner,
+        version: s.version,
+        param_count: s.slot.spec().param_count() as u64,
+        lease: s.lease,
+        state,
+    }
+}
+
 /// What [`Host::start`] did with a message.
 pub enum Started {
     /// On the slot's worker; [`Queued::output`] waits for it.
@@ -677,16 +698,16 @@ impl Host {
 
     /// Store `state` as the slot's current version; gives it back.
     fn persist(&self, id: &SlotId, s: &HostedSlot, state: Vec<u8>) -> Result<Vec<u8>, HostError> {
-        let stored = StoredSlot {
-            id: *id,
-            owner: s.owner,
-            version: s.version,
-            param_count: s.slot.spec().param_count() as u64,
-            lease: s.lease,
-            state,
-        };
+        let stored = stored(id, s, state);
         self.store.put_slot(&stored)?;
         Ok(stored.state)
+    }
+
+    /// Store a checkpoint that [`Host::process`] left to be stored once
+    /// its reply is on its way ([`Processed::store`]). Blocking.
+    pub fn store_checkpoint(&self, slot: &StoredSlot) -> Result<(), HostError> {
+        self.store.put_slot(slot)?;
+        Ok(())
     }
 
     /// Persist the slot's current state as a new version.
@@ -784,6 +805,12 @@ impl Host {
 
     /// Run one message through the slot. Returns the message for the next
     /// hop. Blocking (dfdx computes on this thread).
+    ///
+    /// A checkpoint's state is sealed into the reply at once, and the new
+    /// version is left in [`Processed::store`] for the caller to store
+    /// once the reply is on its way: the job's client holds the
+    /// checkpoint as soon as the reply reaches it, and the host's copy
+    /// is stored meanwhile, before the slot takes its next message.
     pub fn process(
         &self,
         slot_id: &SlotId,
@@ -791,6 +818,20 @@ impl Host {
         a: &Assignment,
         msg: JobMsg,
         keys: &OwnerKeys,
+    ) -> Result<Processed, HostError> {
+        let mut store = None;
+        let reply = self.process_message(slot_id, shared, a, msg, keys, &mut store)?;
+        Ok(Processed { reply, store })
+    }
+
+    fn process_message(
+        &self,
+        slot_id: &SlotId,
+        shared: &SharedSlot,
+        a: &Assignment,
+        msg: JobMsg,
+        keys: &OwnerKeys,
+        store: &mut Option<StoredSlot>,
     ) -> Result<JobMsg, HostError> {
         let body = &a.body;
         let mut s = shared.lock();
@@ -902,9 +943,14 @@ impl Host {
                                 "a checkpoint for step {step} of a slot that has applied {applied} steps"
                             )));
                         }
-                        let state = self.checkpoint(slot_id, &mut s)?;
+                        let state = s
+                            .slot
+                            .to_bytes()
+                            .map_err(|e| HostError::Compute(e.to_string()))?;
                         seal_state(&keys.state_up, &state, &mut blob[range])
                             .map_err(|e| HostError::Compute(e.to_string()))?;
+                        s.version += 1;
+                        *store = Some(stored(slot_id, &s, state));
                     }
                     StateOp::Restore => {
                         let state = open_state(&keys.state_down, &blob[range]).map_err(|_| {
@@ -1081,6 +1127,16 @@ mod tests {
     }
 
     fn assignment(owner: &Identity, id: u8, lease_secs: u64, create: bool) -> Assignment {
+        assignment_with(owner, id, lease_secs, create, None)
+    }
+
+    fn assignment_with(
+        owner: &Identity,
+        id: u8,
+        lease_secs: u64,
+        create: bool,
+        state: Option<crate::circuit::payload::StateWindow>,
+    ) -> Assignment {
         let stage = Arch::parse("mlp:4-3-2").expect("arch").stages().remove(0);
         let body = AssignmentBody {
             slot_id: [id; 16],
@@ -1103,7 +1159,7 @@ mod tests {
             skip_zero_inputs: false,
             max_batch: 4,
             session: [id; 16],
-            state: None,
+            state,
             lease_secs,
             nonce: rand::random(),
         };
@@ -1173,6 +1229,56 @@ mod tests {
             h.sweep(now + 3601).expect("sweep").expired,
             vec![([2; 16], true)]
         );
+    }
+
+    /// A checkpoint's reply carries the slot's sealed state at once; the
+    /// new version comes back to be stored once the reply is on its way,
+    /// and until then the store keeps the version before it.
+    #[test]
+    fn a_checkpoint_is_sealed_into_its_reply_and_stored_after_it() {
+        let store = Arc::new(MemoryStore::default());
+        let h = host(store.clone());
+        let owner = Identity::generate();
+        let window = crate::circuit::payload::StateWindow {
+            offset: 0,
+            len: 1024,
+            total: 1024,
+        };
+        let a = assignment_with(&owner, 6, 600, true, Some(window));
+        let (slot, created) = h.bind(&a, &ONION).expect("bind");
+        assert!(created);
+        let version = |store: &MemoryStore| {
+            store
+                .get_meta(&[6; 16])
+                .expect("meta")
+                .expect("slot")
+                .version
+        };
+        let before = version(&store);
+        let msg = JobMsg::State {
+            op: StateOp::Checkpoint,
+            step: 0,
+            blob: vec![0; 1024],
+        };
+        let done = h
+            .process(&[6; 16], &slot, &a, msg, &keys())
+            .expect("checkpoint");
+        let JobMsg::State { blob, .. } = done.reply else {
+            panic!("not a state reply");
+        };
+        let state = open_state(&keys().state_up, &blob).expect("the sealed state opens");
+        let stored = done.store.expect("a version to store");
+        assert_eq!(stored.version, before + 1);
+        assert_eq!(stored.state, state);
+        assert_eq!(version(&store), before, "stored before the reply went");
+        h.store_checkpoint(&stored).expect("store");
+        let now = store.get_slot(&[6; 16]).expect("get").expect("slot");
+        assert_eq!((now.version, &now.state), (before + 1, &state));
+        // A step that is not a checkpoint leaves nothing to store.
+        let done = h
+            .process(&[6; 16], &slot, &a, forward(0), &keys())
+            .expect("forward");
+        assert!(done.store.is_none());
     }
 
     #[test]

@@ -41,6 +41,7 @@ use super::wire::{self, FrameKind, WireError};
 use crate::metrics::Metrics;
 use crate::network::{Network, PeerAddrs};
 use crate::node::NodeState;
+use crate::store::StoredSlot;
 
 /// The mixnn circuit protocol on direct libp2p streams. Version 2: cells
 /// of [`mixnn_crypto::cells::CELL_BYTES`] (64 KiB less 256 bytes; 64 KiB in
@@ -701,6 +702,54 @@ impl CircuitServer {
         F: Fn(ErrorCode, String) -> Fut,
         Fut: std::future::Future<Output = ()>,
     {
+        let mut storing = Storing::default();
+        let end = self
+            .host_messages(
+                up_r,
+                down_w,
+                down_cid,
+                circuit,
+                buf,
+                host,
+                a,
+                slot,
+                keys,
+                report,
+                id,
+                &mut storing,
+            )
+            .await;
+        // However the circuit ends, the slot is released or evicted only
+        // once its last checkpoint is stored.
+        match storing.wait().await {
+            Err(e) if matches!(end, End::Clean) => {
+                report(ErrorCode::Compute, e.clone()).await;
+                End::Failed(e)
+            }
+            _ => end,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn host_messages<F, Fut>(
+        &self,
+        up_r: &mut ReadHalf<Stream>,
+        down_w: WriteHalf<Stream>,
+        down_cid: u64,
+        circuit: &CancellationToken,
+        buf: &mut Vec<u8>,
+        host: &Arc<Host>,
+        a: &Arc<Assignment>,
+        slot: &SharedSlot,
+        keys: OwnerKeys,
+        report: &F,
+        id: CircuitId,
+        storing: &mut Storing,
+    ) -> End
+    where
+        F: Fn(ErrorCode, String) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
         // Tensors of the slot's sides, or the job's state messages when
         // this circuit carries them.
         let expect: Expect = Host::expect(slot, a);
@@ -820,6 +869,11 @@ impl CircuitServer {
                 } => Kind::Restore,
                 _ => Kind::Other,
             };
+            // The last checkpoint is stored before the slot moves on.
+            if let Err(e) = storing.wait().await {
+                report(ErrorCode::Compute, e.clone()).await;
+                return End::Failed(e);
+            }
             if let Err(why) = slot.turn(kind, self.timeouts.idle).await {
                 report(ErrorCode::Compute, why.into()).await;
                 return End::Failed(why.into());
@@ -835,6 +889,7 @@ impl CircuitServer {
             // awaited here; anything else may touch storage and runs on a
             // blocking thread.
             let t = Instant::now();
+            let mut to_store = None;
             let out = match host.start(&a.body.slot_id, slot, a, job) {
                 Ok(Started::Queued(q)) => q.output().await,
                 Ok(Started::Blocking(job)) => {
@@ -844,6 +899,10 @@ impl CircuitServer {
                     })
                     .await
                     .unwrap_or_else(|e| Err(HostError::Compute(e.to_string())))
+                    .map(|p| {
+                        to_store = p.store;
+                        p.reply
+                    })
                 }
                 Err(e) => Err(e),
             };
@@ -905,6 +964,9 @@ impl CircuitServer {
             if let Err(e) = writer.flush(self.timeouts.idle).await {
                 return End::NextHop(e);
             }
+            if let Some(stored) = to_store {
+                storing.start(host, stored);
+            }
             self.metrics().cells_relayed.inc_by(total as u64);
             self.metrics()
                 .bytes_relayed
@@ -912,6 +974,32 @@ impl CircuitServer {
             if finish {
                 tracing::info!(event = "slot_checkpointed", slot = %hex::encode(a.body.slot_id), reason = "finish");
             }
+        }
+    }
+}
+
+/// A checkpoint being stored on a blocking thread while its reply
+/// travels on: one at a time, waited for before the slot's next message.
+#[derive(Default)]
+struct Storing(Option<tokio::task::JoinHandle<Result<(), HostError>>>);
+
+impl Storing {
+    fn start(&mut self, host: &Arc<Host>, stored: StoredSlot) {
+        let host = host.clone();
+        self.0 = Some(tokio::task::spawn_blocking(move || {
+            host.store_checkpoint(&stored)
+        }));
+    }
+
+    /// Waits for the checkpoint being stored, if any; its error in words.
+    async fn wait(&mut self) -> Result<(), String> {
+        let Some(task) = self.0.take() else {
+            return Ok(());
+        };
+        match task.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("storing the slot's checkpoint: {e}")),
+            Err(e) => Err(format!("storing the slot's checkpoint: {e}")),
         }
     }
 }
