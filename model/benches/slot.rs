@@ -2,7 +2,8 @@
 //! stage (which recompute forward in backward), and one `SlotWorker` per
 //! stage (which keep the tape); for mlp:784-512-256-10 at batch 256 and
 //! LeNet-5 at batch 128. Plus one stage's forward and backward: the MLP's
-//! first linear layer, and LeNet-5's second convolution.
+//! first linear layer, and LeNet-5's second convolution. And a checkpoint's
+//! work on the MLP's first layer: its state to bytes and back, its digest.
 //!
 //! `cargo bench -p mixnn-model --bench slot`
 
@@ -120,7 +121,33 @@ fn stage(c: &mut Criterion, name: &str, arch: &str, index: usize, batch: usize) 
     g.finish();
 }
 
+/// A checkpoint's work on one stage: its state to bytes and back, and its
+/// parameter digest (the MLP's first layer with momentum: 3.2 MB).
+fn state(c: &mut Criterion, name: &str, arch: &str, index: usize) {
+    let arch = Arch::parse(arch).expect("arch");
+    let spec = &arch.stages()[index];
+    let s = slot(
+        spec,
+        index,
+        OptimizerSpec::Momentum {
+            lr: 0.05,
+            momentum: 0.9,
+        },
+    );
+    let bytes = s.to_bytes();
+    let mut g = c.benchmark_group(name);
+    g.sample_size(30);
+    g.throughput(criterion::Throughput::Bytes(bytes.len() as u64));
+    g.bench_function("to_bytes", |b| b.iter(|| s.to_bytes()));
+    g.bench_function("from_bytes", |b| {
+        b.iter(|| Slot::from_bytes(&bytes).expect("from"))
+    });
+    g.bench_function("params_digest", |b| b.iter(|| s.params_digest()));
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
+    state(c, "mlp_linear784x512_state", "mlp:784-512-256-10", 0);
     model(c, "mlp784-512-256-10_b256", "mlp:784-512-256-10", 256);
     model(c, "lenet5_b128", "lenet5", 128);
     stage(c, "mlp_linear784x512_b256", "mlp:784-512-256-10", 0, 256);
