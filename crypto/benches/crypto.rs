@@ -274,9 +274,9 @@ fn cells(c: &mut Criterion) {
         &|chunk, i, tag| gcm.borrow_mut().open(&nonce(i), chunk, tag),
     );
 
-    // OpenSSL, the ChaCha20-Poly1305 backend cells use, and aws-lc, its
-    // fallback; the AES-256-GCM backend of AES cells on this CPU, and
-    // aws-lc's AES-256-GCM beside it.
+    // OpenSSL and aws-lc, the ChaCha20-Poly1305 backends cells choose
+    // between by the CPU (`chacha_backend`); the AES-256-GCM backend of
+    // AES cells on this CPU, and aws-lc's AES-256-GCM beside it.
     for (name, aead) in [
         (
             "openssl",

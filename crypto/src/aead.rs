@@ -1,6 +1,7 @@
 //! The AEADs under every cell: ChaCha20-Poly1305 (RFC 8439) through
-//! OpenSSL's libcrypto, with aws-lc's assembly and the RustCrypto
-//! implementation as fallbacks; and AES-256-GCM (NIST SP 800-38D) through
+//! OpenSSL's libcrypto or aws-lc's assembly, whichever runs it faster on
+//! the CPU, with aws-lc and then the RustCrypto implementation as
+//! fallbacks; and AES-256-GCM (NIST SP 800-38D) through
 //! aws-lc or ring, whichever runs it faster on the CPU, with the RustCrypto
 //! implementation as the last fallback. A circuit's client picks the suite
 //! of each segment ([`CellSuite`]).
@@ -9,10 +10,12 @@
 //! `tests/cells.rs` checks each against the RustCrypto crate on random
 //! keys, nonces and lengths), so which one sealed a cell never shows on the
 //! wire. OpenSSL runs ChaCha20 and Poly1305 with AVX-512 where the CPU has
-//! it (AVX2 otherwise), about 1.5 times aws-lc's stitched AVX2 code and
-//! twice the portable crate on one core here. aws-lc serves where libcrypto
-//! refuses the cipher (a build without ChaCha20, a FIPS-only provider); the
-//! portable crate only where both refuse, which neither does for a 32-byte
+//! it, about 1.5 times aws-lc's stitched AVX2 code and twice the portable
+//! crate on one core; where the CPU has AVX2 and not AVX-512, aws-lc's
+//! stitched code beats OpenSSL's AVX2 code ([`chacha_backend`]). aws-lc
+//! also serves where libcrypto refuses the cipher (a build without
+//! ChaCha20, a FIPS-only provider); the portable crate only where both
+//! refuse, which neither does for a 32-byte
 //! key. Where the CPU has AES and carry-less multiply instructions
 //! ([`aes_in_hardware`]), AES-256-GCM runs about three times faster than
 //! the fastest ChaCha20-Poly1305 (10.4 against 3.3 GB/s on a 64 KiB cell
@@ -119,6 +122,31 @@ pub fn aes_gcm_backend() -> Backend {
     }
 }
 
+/// The fastest ChaCha20-Poly1305 on this CPU: OpenSSL's libcrypto where
+/// the CPU has AVX-512 (its ChaCha20 and Poly1305 on 512-bit vectors:
+/// 2.99 against aws-lc's 1.79 GiB/s sealing 1 MiB on an Intel Xeon), and
+/// aws-lc's stitched AVX2 code on any other x86-64 CPU, where OpenSSL has
+/// only its AVX2 code: on an AMD EPYC with AVX2 and no AVX-512, sealing
+/// 1 MiB in 64 KiB pieces, aws-lc 1.92–2.11 against OpenSSL's 1.79–1.88
+/// GiB/s (medians of 400 rounds alternating the two, three runs; opening
+/// alike). OpenSSL elsewhere, as before this choice.
+pub fn chacha_backend() -> Backend {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512vl")
+        {
+            Backend::OpenSsl
+        } else {
+            Backend::Assembly
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        Backend::OpenSsl
+    }
+}
+
 /// Whether this CPU runs AES-256-GCM in hardware: AES and carry-less
 /// multiply instructions (AES-NI and PCLMULQDQ on x86-64, AES and PMULL on
 /// Arm).
@@ -142,10 +170,12 @@ pub fn aes_in_hardware() -> bool {
 /// Which implementation seals and opens.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
-    /// OpenSSL's libcrypto (the default for ChaCha20-Poly1305).
+    /// OpenSSL's libcrypto (the default for ChaCha20-Poly1305 on x86-64
+    /// CPUs with AVX-512 and off x86-64: [`chacha_backend`]).
     OpenSsl,
-    /// aws-lc's assembly (the default for AES-256-GCM on x86-64 CPUs
-    /// with AVX-512, and off x86-64: [`aes_gcm_backend`]).
+    /// aws-lc's assembly (the default for ChaCha20-Poly1305 on other
+    /// x86-64 CPUs, and for AES-256-GCM on x86-64 CPUs with AVX-512 and
+    /// off x86-64: [`aes_gcm_backend`]).
     Assembly,
     /// ring's assembly (the default for AES-256-GCM on other x86-64 CPUs).
     Ring,
@@ -169,9 +199,10 @@ pub struct CellAead {
 }
 
 impl CellAead {
-    /// The fastest ChaCha20-Poly1305 implementation available for `key`.
+    /// The fastest ChaCha20-Poly1305 implementation available for `key`
+    /// ([`chacha_backend`]).
     pub fn new(key: &[u8; 32]) -> Self {
-        Self::with_backend(key, Backend::OpenSsl)
+        Self::with_backend(key, chacha_backend())
     }
 
     /// The fastest implementation of `suite` available for `key`.
@@ -541,6 +572,7 @@ mod tests {
         ];
         for mut aead in [
             CellAead::new(&key),
+            CellAead::with_backend(&key, Backend::OpenSsl),
             CellAead::with_backend(&key, Backend::Assembly),
             CellAead::portable(&key),
         ] {
@@ -551,7 +583,11 @@ mod tests {
             assert!(aead.open_in_place(&nonce, &aad, &mut data, &want_tag));
             assert_eq!(&data[..], &plain[..]);
         }
-        assert_eq!(CellAead::new(&key).backend(), Backend::OpenSsl);
+        assert_eq!(CellAead::new(&key).backend(), chacha_backend());
+        assert_eq!(
+            CellAead::with_backend(&key, Backend::OpenSsl).backend(),
+            Backend::OpenSsl
+        );
         assert_eq!(
             CellAead::with_backend(&key, Backend::Assembly).backend(),
             Backend::Assembly
