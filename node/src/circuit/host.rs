@@ -820,19 +820,6 @@ impl Host {
         keys: &OwnerKeys,
     ) -> Result<Processed, HostError> {
         let mut store = None;
-        let reply = self.process_message(slot_id, shared, a, msg, keys, &mut store)?;
-        Ok(Processed { reply, store })
-    }
-
-    fn process_message(
-        &self,
-        slot_id: &SlotId,
-        shared: &SharedSlot,
-        a: &Assignment,
-        msg: JobMsg,
-        keys: &OwnerKeys,
-        store: &mut Option<StoredSlot>,
-    ) -> Result<JobMsg, HostError> {
         let body = &a.body;
         let mut s = shared.lock();
         if shared.is_retired() {
@@ -853,7 +840,7 @@ impl Host {
             self.touch(slot_id, &mut s, self.lease_secs(body), unix_now())?;
         }
         let check_rows = |t: &HostTensor, want: usize| check_rows(t, want, body.max_batch);
-        match (msg, body.direction) {
+        let reply = match (msg, body.direction) {
             (JobMsg::Forward { step, tensor }, Direction::Forward) if !body.infer_only => {
                 check_rows(&tensor, s.slot.input_dim())?;
                 let out = s
@@ -950,7 +937,7 @@ impl Host {
                         seal_state(&keys.state_up, &state, &mut blob[range])
                             .map_err(|e| HostError::Compute(e.to_string()))?;
                         s.version += 1;
-                        *store = Some(stored(slot_id, &s, state));
+                        store = Some(stored(slot_id, &s, state));
                     }
                     StateOp::Restore => {
                         let state = open_state(&keys.state_down, &blob[range]).map_err(|_| {
@@ -983,7 +970,8 @@ impl Host {
                     ""
                 }
             ))),
-        }
+        }?;
+        Ok(Processed { reply, store })
     }
 
     /// What messages on a circuit bound to `slot` by `a` may be.

@@ -571,12 +571,32 @@ impl CircuitServer {
                     .await
             }
             Some((host, a, slot)) => {
+                let mut storing = Storing::default();
                 let end = self
                     .host_pump(
-                        &mut up_r, down_w, down_cid, &circuit, &mut buf, &host, &a, &slot,
-                        owner_keys, &report, id,
+                        &mut up_r,
+                        down_w,
+                        down_cid,
+                        &circuit,
+                        &mut buf,
+                        &host,
+                        &a,
+                        &slot,
+                        owner_keys,
+                        &report,
+                        id,
+                        &mut storing,
                     )
                     .await;
+                // However the circuit ends, the slot is released or evicted
+                // only once its last checkpoint is stored.
+                let end = match storing.wait().await {
+                    Err(e) if matches!(end, End::Clean) => {
+                        report(ErrorCode::Compute, e.clone()).await;
+                        End::Failed(e)
+                    }
+                    _ => end,
+                };
                 match &end {
                     End::Clean => host.release(&a.body.slot_id, &slot),
                     _ => host.evict(&a.body.slot_id, &slot),
@@ -685,53 +705,6 @@ impl CircuitServer {
 
     #[allow(clippy::too_many_arguments)]
     async fn host_pump<F, Fut>(
-        &self,
-        up_r: &mut ReadHalf<Stream>,
-        down_w: WriteHalf<Stream>,
-        down_cid: u64,
-        circuit: &CancellationToken,
-        buf: &mut Vec<u8>,
-        host: &Arc<Host>,
-        a: &Arc<Assignment>,
-        slot: &SharedSlot,
-        keys: OwnerKeys,
-        report: &F,
-        id: CircuitId,
-    ) -> End
-    where
-        F: Fn(ErrorCode, String) -> Fut,
-        Fut: std::future::Future<Output = ()>,
-    {
-        let mut storing = Storing::default();
-        let end = self
-            .host_messages(
-                up_r,
-                down_w,
-                down_cid,
-                circuit,
-                buf,
-                host,
-                a,
-                slot,
-                keys,
-                report,
-                id,
-                &mut storing,
-            )
-            .await;
-        // However the circuit ends, the slot is released or evicted only
-        // once its last checkpoint is stored.
-        match storing.wait().await {
-            Err(e) if matches!(end, End::Clean) => {
-                report(ErrorCode::Compute, e.clone()).await;
-                End::Failed(e)
-            }
-            _ => end,
-        }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn host_messages<F, Fut>(
         &self,
         up_r: &mut ReadHalf<Stream>,
         down_w: WriteHalf<Stream>,
