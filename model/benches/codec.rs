@@ -1,10 +1,13 @@
 //! The tensor codec on a `[256, 512]` activation: dense (no zeros), sparse
 //! (half `+0.0`, as after a ReLU) and mostly zero (four in five `+0.0`, as
-//! an MNIST batch), encode and decode, per MiB of the dense tensor.
+//! an MNIST batch), encode and decode, per MiB of the dense tensor; and
+//! the finiteness check a slot runs on every tensor it takes, beside the
+//! element-by-element search it replaced.
 //!
 //! `cargo bench -p mixnn-model --bench codec`
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use mixnn_model::tensor::first_non_finite;
 use mixnn_model::{DecodeLimits, HostTensor};
 
 fn tensor(zero_percent: u64) -> HostTensor {
@@ -51,6 +54,17 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    g.finish();
+
+    let mut g = c.benchmark_group("finite_256x784");
+    g.throughput(Throughput::Bytes(256 * 784 * 4));
+    let x: Vec<f32> = (0..256 * 784).map(|i| (i % 97) as f32 * 0.01).collect();
+    g.bench_function("first_non_finite", |b| {
+        b.iter(|| first_non_finite(std::hint::black_box(&x)))
+    });
+    g.bench_function("position_is_finite", |b| {
+        b.iter(|| std::hint::black_box(&x).iter().position(|v| !v.is_finite()))
+    });
     g.finish();
 }
 

@@ -408,7 +408,7 @@ impl ModelParams {
                 .chunks_exact(4)
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
-            if let Some(index) = values.iter().position(|x| !x.is_finite()) {
+            if let Some(index) = crate::tensor::first_non_finite(&values) {
                 return Err(SafetensorsError::NonFinite {
                     name: name.to_string(),
                     index,

@@ -409,7 +409,7 @@ pub(crate) fn check_batch(
 }
 
 pub(crate) fn check_finite(data: &[f32], what: &'static str) -> Result<(), ModelError> {
-    match data.iter().position(|x| !x.is_finite()) {
+    match crate::tensor::first_non_finite(data) {
         Some(index) => Err(ModelError::NonFinite { what, index }),
         None => Ok(()),
     }

@@ -27,6 +27,26 @@ pub const MAX_RANK: usize = 4;
 /// Flag in the first byte: the elements follow in the sparse form.
 pub const SPARSE: u8 = 0x80;
 
+/// The index of the first NaN or infinity in `data`, if any: the answer
+/// of `data.iter().position(|x| !x.is_finite())`, found a block at a time
+/// with no branch per element, so that the check vectorises. A slot checks
+/// every tensor it takes from the network (hundreds of thousands of values
+/// a step); the branch per element cost a host about 0.8 ms a step.
+pub fn first_non_finite(data: &[f32]) -> Option<usize> {
+    /// A value is NaN or infinite exactly when its exponent bits are all set.
+    const EXPONENT: u32 = 0x7f80_0000;
+    const BLOCK: usize = 512;
+    let bad = |x: &f32| x.to_bits() & EXPONENT == EXPONENT;
+    data.chunks(BLOCK).enumerate().find_map(|(i, block)| {
+        let any = block.iter().fold(0u32, |any, x| any | u32::from(bad(x)));
+        if any == 0 {
+            None
+        } else {
+            block.iter().position(bad).map(|j| i * BLOCK + j)
+        }
+    })
+}
+
 /// A dense row-major `f32` tensor in host memory: what crosses the wire.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 pub struct HostTensor {
@@ -795,6 +815,42 @@ mod tests {
             HostTensor::decode(&scalar.encode(), DecodeLimits::default()).expect("ok"),
             scalar
         );
+    }
+
+    proptest! {
+        /// The first NaN or infinity, as the element-by-element search
+        /// finds it, wherever the non-finite values fall (block edges,
+        /// the tail) and among the finite values nearest them.
+        #[test]
+        fn first_non_finite_is_the_first_nan_or_infinity(
+            len in 0usize..2100,
+            places in proptest::collection::vec((0usize..2100, 0usize..4), 0..4),
+            seed in any::<u64>(),
+        ) {
+            let edge = [f32::MAX, f32::MIN, f32::MIN_POSITIVE, -0.0, 1e-45, -1e-45];
+            let mut s = seed | 1;
+            let mut data: Vec<f32> = (0..len)
+                .map(|_| {
+                    s ^= s << 13;
+                    s ^= s >> 7;
+                    s ^= s << 17;
+                    match s % 4 {
+                        0 => edge[(s >> 8) as usize % edge.len()],
+                        1 => 0.0,
+                        _ => f32::from_bits((s >> 32) as u32 & 0xff7f_ffff),
+                    }
+                })
+                .collect();
+            for (at, kind) in places {
+                if let Some(x) = data.get_mut(at) {
+                    *x = [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, f32::from_bits(0xff80_0001)][kind];
+                }
+            }
+            prop_assert_eq!(
+                first_non_finite(&data),
+                data.iter().position(|x| !x.is_finite())
+            );
+        }
     }
 
     #[test]

@@ -274,7 +274,7 @@ pub fn npy_features(path: &Path, bytes: &[u8], features: usize) -> Result<Vec<f3
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    if let Some(i) = values.iter().position(|x| !x.is_finite()) {
+    if let Some(i) = mixnn_model::tensor::first_non_finite(&values) {
         return Err(bad(format!("non-finite value at index {i}")));
     }
     Ok(values)
