@@ -181,7 +181,8 @@ impl HostTensor {
     pub fn encoding(&self) -> Encoding<'_> {
         let n = self.data.len();
         let rank = u8::try_from(self.shape.len()).unwrap_or(u8::MAX);
-        let stored = count_stored(&self.data);
+        let arch = pulp::Arch::new();
+        let stored = arch.dispatch(|| count_stored(&self.data));
         let sparse = prefers_sparse(n, stored);
         let mut head = Vec::with_capacity(1 + 4 * self.shape.len());
         head.push(if sparse {
@@ -197,7 +198,7 @@ impl HostTensor {
             data: &self.data,
             head,
             bitmap: if sparse {
-                sparse_bitmap(&self.data)
+                arch.dispatch(|| sparse_bitmap(&self.data))
             } else {
                 Vec::new()
             },
@@ -443,6 +444,12 @@ impl StreamDecoder {
             let Ok(out) = <&mut [f32; 64]>::try_from(&mut self.data[8 * g..8 * g + 64]) else {
                 break;
             };
+            if let Some(zero) = unpack_word(word, &values[4 * used..], out) {
+                stored_zero |= zero;
+                used += k;
+                g += 8;
+                continue;
+            }
             for c in values[4 * used..4 * (used + k)].chunks_exact(4) {
                 let raw = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 stored_zero |= raw == 0;
@@ -566,6 +573,7 @@ impl StreamDecoder {
 }
 
 /// Elements the sparse form would store: all but those that are `+0.0`.
+#[inline(always)]
 fn count_stored(data: &[f32]) -> usize {
     data.iter().filter(|x| x.to_bits() != 0).count()
 }
@@ -575,6 +583,7 @@ const GROUP_BYTES: usize = 32;
 
 /// The sparse form's bitmap of `data`: bit `i % 8` of byte `i / 8` set
 /// when element `i` is not `+0.0`.
+#[inline(always)]
 fn sparse_bitmap(data: &[f32]) -> Vec<u8> {
     let mut bitmap = vec![0u8; data.len().div_ceil(8)];
     let mut groups = data.chunks_exact(8);
@@ -723,35 +732,8 @@ impl Encoding<'_> {
                 break;
             }
             let groups = self.data[8 * g..8 * (g + fit)].chunks_exact(8);
-            for (chunk, &byte) in groups.zip(&self.bitmap[g..g + fit]) {
-                if byte == 0 {
-                    continue;
-                }
-                // Each group takes at most GROUP_BYTES, so the window is
-                // always there.
-                let Some(window) = dst
-                    .get_mut(out..out + GROUP_BYTES)
-                    .and_then(|w| <&mut [u8; GROUP_BYTES]>::try_from(w).ok())
-                else {
-                    continue;
-                };
-                if byte == 0xFF {
-                    for (d, x) in window.chunks_exact_mut(4).zip(chunk) {
-                        d.copy_from_slice(&x.to_bits().to_le_bytes());
-                    }
-                    out += GROUP_BYTES;
-                } else {
-                    let mut w = 0usize;
-                    for x in chunk {
-                        let r = x.to_bits();
-                        // `w` stays below 32: the mask only tells the compiler so.
-                        let a = w & (GROUP_BYTES - 4);
-                        window[a..a + 4].copy_from_slice(&r.to_le_bytes());
-                        w += 4 * usize::from(r != 0);
-                    }
-                    out += w;
-                }
-            }
+            let bits = &self.bitmap[g..g + fit];
+            out = pack_groups(groups, bits, dst, out);
             g += fit;
         }
         // The last, partial group, element by element.
@@ -769,6 +751,197 @@ impl Encoding<'_> {
         self.next = g;
         out
     }
+}
+
+/// [`Encoding::values`]' whole groups: each writes its eight elements at
+/// `out` and moves `out` past the stored ones (`dst` has room for a whole
+/// group per group). Through [`pack_groups_avx2`] where the CPU has AVX2.
+fn pack_groups(
+    groups: std::slice::ChunksExact<'_, f32>,
+    bits: &[u8],
+    dst: &mut [u8],
+    out: usize,
+) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new() {
+        return simd.vectorize(|| pack_groups_avx2(simd, groups, bits, dst, out));
+    }
+    pack_groups_scalar(groups, bits, dst, out)
+}
+
+/// [`pack_groups`] element by element, with no branch per element.
+fn pack_groups_scalar(
+    groups: std::slice::ChunksExact<'_, f32>,
+    bits: &[u8],
+    dst: &mut [u8],
+    mut out: usize,
+) -> usize {
+    for (chunk, &byte) in groups.zip(bits) {
+        if byte == 0 {
+            continue;
+        }
+        // Each group takes at most GROUP_BYTES, so the window is
+        // always there.
+        let Some(window) = dst
+            .get_mut(out..out + GROUP_BYTES)
+            .and_then(|w| <&mut [u8; GROUP_BYTES]>::try_from(w).ok())
+        else {
+            continue;
+        };
+        if byte == 0xFF {
+            for (d, x) in window.chunks_exact_mut(4).zip(chunk) {
+                d.copy_from_slice(&x.to_bits().to_le_bytes());
+            }
+            out += GROUP_BYTES;
+        } else {
+            let mut w = 0usize;
+            for x in chunk {
+                let r = x.to_bits();
+                // `w` stays below 32: the mask only tells the compiler so.
+                let a = w & (GROUP_BYTES - 4);
+                window[a..a + 4].copy_from_slice(&r.to_le_bytes());
+                w += 4 * usize::from(r != 0);
+            }
+            out += w;
+        }
+    }
+    out
+}
+
+/// For each bitmap byte, the places of its set bits, lowest first: the
+/// lanes a permutation takes so that a group's stored elements come first.
+#[cfg(target_arch = "x86_64")]
+static PACK: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let (mut j, mut k) = (0, 0);
+        while j < 8 {
+            if byte & (1 << j) != 0 {
+                table[byte][k] = j as u32;
+                k += 1;
+            }
+            j += 1;
+        }
+        byte += 1;
+    }
+    table
+};
+
+/// [`Encoding::values`]' whole groups with AVX2: each group's stored
+/// elements moved to its front by one permutation, all 32 bytes written at
+/// `out`, and `out` moved past the stored ones. The caller leaves room for
+/// a whole group per group. The same bytes as the scalar loop.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn pack_groups_avx2(
+    simd: pulp::x86::V3,
+    groups: std::slice::ChunksExact<'_, f32>,
+    bits: &[u8],
+    dst: &mut [u8],
+    mut out: usize,
+) -> usize {
+    use std::arch::x86_64::{__m256, __m256i};
+    for (chunk, &byte) in groups.zip(bits) {
+        let (Ok(x), Some(window)) = (
+            <[f32; 8]>::try_from(chunk),
+            dst.get_mut(out..out + GROUP_BYTES),
+        ) else {
+            break;
+        };
+        let x: __m256 = pulp::cast(x);
+        let lanes: __m256i = pulp::cast(PACK[usize::from(byte)]);
+        let packed: [u8; GROUP_BYTES] = pulp::cast(simd.avx2._mm256_permutevar8x32_ps(x, lanes));
+        window.copy_from_slice(&packed);
+        out += 4 * byte.count_ones() as usize;
+    }
+    out
+}
+
+/// One bitmap word's sixty-four elements from `values` (its stored ones
+/// first) into `out` with AVX2, a group of eight at a time: the group's
+/// values moved to their places by one permutation and the other places
+/// zeroed. Returns whether a stored value was `+0.0`, or `None` (nothing
+/// written) without AVX2, for a word of fewer than [`UNPACK_MIN_STORED`]
+/// stored values (one short loop places those sooner), or without a whole
+/// group's bytes in `values` past the word's last group.
+fn unpack_word(word: [u8; 8], values: &[u8], out: &mut [f32; 64]) -> Option<bool> {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(simd) = pulp::x86::V3::try_new()
+        .filter(|_| u64::from_le_bytes(word).count_ones() as usize >= UNPACK_MIN_STORED)
+    {
+        let last = word[..7]
+            .iter()
+            .map(|b| b.count_ones() as usize)
+            .sum::<usize>();
+        if values.len() >= 4 * last + GROUP_BYTES {
+            return Some(simd.vectorize(|| unpack_word_avx2(simd, word, values, out)));
+        }
+    }
+    let _ = (word, values, out);
+    None
+}
+
+/// The fewest stored values in a word that [`unpack_word`] places with
+/// AVX2 (criterion on `[256, 512]`: four in five `+0.0` decoded 8% slower
+/// with every word through AVX2, half `+0.0` 35% faster).
+const UNPACK_MIN_STORED: usize = 12;
+
+/// For each bitmap byte, at each set bit's place, how many set bits are
+/// below it: the lane of a group's stored values that goes there.
+#[cfg(target_arch = "x86_64")]
+static UNPACK: [[u32; 8]; 256] = {
+    let mut table = [[0u32; 8]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        let (mut j, mut k) = (0, 0);
+        while j < 8 {
+            if byte & (1 << j) != 0 {
+                table[byte][j] = k;
+                k += 1;
+            }
+            j += 1;
+        }
+        byte += 1;
+    }
+    table
+};
+
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn unpack_word_avx2(
+    simd: pulp::x86::V3,
+    word: [u8; 8],
+    values: &[u8],
+    out: &mut [f32; 64],
+) -> bool {
+    use std::arch::x86_64::{__m256, __m256i};
+    let places: __m256i = pulp::cast([1u32, 2, 4, 8, 16, 32, 64, 128]);
+    let zero: __m256i = pulp::cast([0u32; 8]);
+    let mut stored_zero = 0u32;
+    let mut used = 0usize;
+    for (byte, dst) in word.iter().zip(out.chunks_exact_mut(8)) {
+        let Some(Ok(window)) = values
+            .get(4 * used..4 * used + GROUP_BYTES)
+            .map(<[u8; GROUP_BYTES]>::try_from)
+        else {
+            break;
+        };
+        let x: __m256 = pulp::cast(window);
+        let lanes: __m256i = pulp::cast(UNPACK[usize::from(*byte)]);
+        let moved: __m256i = pulp::cast(simd.avx2._mm256_permutevar8x32_ps(x, lanes));
+        let set = simd
+            .avx2
+            ._mm256_and_si256(simd.avx._mm256_set1_epi32(i32::from(*byte)), places);
+        let keep = simd.avx2._mm256_cmpeq_epi32(set, places);
+        let y = simd.avx2._mm256_and_si256(moved, keep);
+        let zeros = simd.avx2._mm256_cmpeq_epi32(y, zero);
+        stored_zero |= simd.avx._mm256_movemask_ps(pulp::cast(zeros)) as u32 & u32::from(*byte);
+        let y: [f32; 8] = pulp::cast(y);
+        dst.copy_from_slice(&y);
+        used += byte.count_ones() as usize;
+    }
+    stored_zero != 0
 }
 
 /// Copies as much of `src` as fits into `dst`; returns how much.
@@ -816,6 +989,116 @@ mod tests {
             HostTensor::decode(&scalar.encode(), DecodeLimits::default()).expect("ok"),
             scalar
         );
+    }
+
+    /// The AVX2 group packer writes what the scalar one writes, for every
+    /// bitmap byte and values of every kind.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn groups_pack_the_same_with_avx2_as_element_by_element() {
+        let Some(simd) = pulp::x86::V3::try_new() else {
+            eprintln!("no AVX2 here: nothing to compare");
+            return;
+        };
+        let values = [
+            1.5f32,
+            -0.0,
+            f32::MAX,
+            -2.25,
+            f32::MIN_POSITIVE,
+            1e-45,
+            7.0,
+            -8.5,
+        ];
+        let mut data = Vec::with_capacity(256 * 8);
+        let mut bits = Vec::with_capacity(256);
+        for byte in 0..=255u8 {
+            for j in 0..8 {
+                data.push(if byte & (1 << j) != 0 {
+                    values[(usize::from(byte) + j) % 8]
+                } else {
+                    0.0
+                });
+            }
+            bits.push(byte);
+        }
+        let mut a = vec![0xAAu8; data.len() * 4 + 3];
+        let mut b = a.clone();
+        let na = pack_groups_scalar(data.chunks_exact(8), &bits, &mut a, 3);
+        let nb = simd.vectorize(|| pack_groups_avx2(simd, data.chunks_exact(8), &bits, &mut b, 3));
+        assert_eq!(na, nb);
+        assert_eq!(a[..na], b[..nb]);
+        let stored = data.iter().filter(|x| x.to_bits() != 0).count();
+        assert_eq!(na, 3 + 4 * stored);
+    }
+
+    /// A word unpacked with AVX2 puts each stored value at its set bit and
+    /// `+0.0` elsewhere, for every bitmap byte, and tells a stored `+0.0`.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn words_unpack_each_value_at_its_bit_with_avx2() {
+        if pulp::x86::V3::try_new().is_none() {
+            eprintln!("no AVX2 here: nothing to check");
+            return;
+        }
+        let kinds = [
+            1.5f32,
+            -0.0,
+            f32::MAX,
+            -2.25,
+            f32::MIN_POSITIVE,
+            1e-45,
+            7.0,
+            -8.5,
+        ];
+        for first in 0..=255u8 {
+            let word = [
+                first,
+                !first,
+                0,
+                0xFF,
+                first.rotate_left(3),
+                1,
+                0x80,
+                first ^ 0x5A,
+            ];
+            let mut expected = [0f32; 64];
+            let mut values = Vec::new();
+            for (g, byte) in word.iter().enumerate() {
+                for j in 0..8 {
+                    if byte & (1 << j) != 0 {
+                        let v = kinds[(values.len() / 4 + j) % 8];
+                        expected[8 * g + j] = v;
+                        values.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            let stored = values.len() / 4;
+            values.extend_from_slice(&[0x5Au8; GROUP_BYTES]);
+            let mut out = [9f32; 64];
+            assert_eq!(unpack_word(word, &values, &mut out), Some(false));
+            let bits = |a: &[f32; 64]| a.map(f32::to_bits);
+            assert_eq!(bits(&out), bits(&expected), "word {word:?}");
+            // A stored +0.0 is told apart.
+            if stored > 0 {
+                values[..4].copy_from_slice(&0f32.to_le_bytes());
+                assert_eq!(unpack_word(word, &values, &mut out), Some(true));
+            }
+            // Too few bytes for the last group's window: nothing written.
+            let short = &values[..4 * stored];
+            let mut untouched = [9f32; 64];
+            if word[..7]
+                .iter()
+                .map(|b| b.count_ones() as usize)
+                .sum::<usize>()
+                * 4
+                + GROUP_BYTES
+                > short.len()
+            {
+                assert_eq!(unpack_word(word, short, &mut untouched), None);
+                assert_eq!(bits(&untouched), [9f32.to_bits(); 64]);
+            }
+        }
     }
 
     proptest! {
