@@ -432,6 +432,7 @@ impl StreamDecoder {
         // each stored value takes the next set bit's place, lowest first
         // (one short loop a word, not one a group of eight).
         let words_end = (self.n / 64) * 8;
+        let simd = avx2();
         while g + 8 <= words_end {
             let Ok(word) = <[u8; 8]>::try_from(&bitmap[g..g + 8]) else {
                 break;
@@ -444,7 +445,7 @@ impl StreamDecoder {
             let Ok(out) = <&mut [f32; 64]>::try_from(&mut self.data[8 * g..8 * g + 64]) else {
                 break;
             };
-            if let Some(zero) = unpack_word(word, &values[4 * used..], out) {
+            if let Some(zero) = unpack_word(simd, word, &values[4 * used..], out) {
                 stored_zero |= zero;
                 used += k;
                 g += 8;
@@ -763,10 +764,24 @@ fn pack_groups(
     out: usize,
 ) -> usize {
     #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V3::try_new() {
+    if let Some(simd) = avx2() {
         return simd.vectorize(|| pack_groups_avx2(simd, groups, bits, dst, out));
     }
     pack_groups_scalar(groups, bits, dst, out)
+}
+
+/// AVX2's token where the CPU has it (x86-64 only); asked for once per
+/// message piece, not once per group.
+#[cfg(target_arch = "x86_64")]
+type Avx2 = pulp::x86::V3;
+#[cfg(not(target_arch = "x86_64"))]
+type Avx2 = std::convert::Infallible;
+
+fn avx2() -> Option<Avx2> {
+    #[cfg(target_arch = "x86_64")]
+    return pulp::x86::V3::try_new();
+    #[cfg(not(target_arch = "x86_64"))]
+    None
 }
 
 /// [`pack_groups`] element by element, with no branch per element.
@@ -847,13 +862,19 @@ fn pack_groups_avx2(
 /// first) into `out` with AVX2, a group of eight at a time: the group's
 /// values moved to their places by one permutation and the other places
 /// zeroed. Returns whether a stored value was `+0.0`, or `None` (nothing
-/// written) without AVX2, for a word of fewer than [`UNPACK_MIN_STORED`]
-/// stored values (one short loop places those sooner), or without a whole
-/// group's bytes in `values` past the word's last group.
-fn unpack_word(word: [u8; 8], values: &[u8], out: &mut [f32; 64]) -> Option<bool> {
+/// written) without AVX2 (`simd`, from [`avx2`]), for a word of fewer than
+/// [`UNPACK_MIN_STORED`] stored values (one short loop places those
+/// sooner), or without a whole group's bytes in `values` past the word's
+/// last group.
+fn unpack_word(
+    simd: Option<Avx2>,
+    word: [u8; 8],
+    values: &[u8],
+    out: &mut [f32; 64],
+) -> Option<bool> {
     #[cfg(target_arch = "x86_64")]
-    if let Some(simd) = pulp::x86::V3::try_new()
-        .filter(|_| u64::from_le_bytes(word).count_ones() as usize >= UNPACK_MIN_STORED)
+    if let Some(simd) =
+        simd.filter(|_| u64::from_le_bytes(word).count_ones() as usize >= UNPACK_MIN_STORED)
     {
         let last = word[..7]
             .iter()
@@ -863,7 +884,7 @@ fn unpack_word(word: [u8; 8], values: &[u8], out: &mut [f32; 64]) -> Option<bool
             return Some(simd.vectorize(|| unpack_word_avx2(simd, word, values, out)));
         }
     }
-    let _ = (word, values, out);
+    let _ = (simd, word, values, out);
     None
 }
 
@@ -1030,10 +1051,7 @@ mod tests {
     /// Without AVX2 it leaves every word to the short loop.
     #[test]
     fn words_unpack_each_value_at_its_bit_with_avx2() {
-        #[cfg(target_arch = "x86_64")]
-        let avx2 = pulp::x86::V3::try_new().is_some();
-        #[cfg(not(target_arch = "x86_64"))]
-        let avx2 = false;
+        let simd = avx2();
         let kinds = KINDS;
         for first in 0..=255u8 {
             let word = [
@@ -1060,17 +1078,19 @@ mod tests {
             let stored = values.len() / 4;
             values.extend_from_slice(&[0x5Au8; GROUP_BYTES]);
             let mut out = [9f32; 64];
-            if !avx2 {
-                assert_eq!(unpack_word(word, &values, &mut out), None);
+            assert_eq!(unpack_word(None, word, &values, &mut out), None);
+            assert_eq!(out.map(f32::to_bits), [9f32.to_bits(); 64]);
+            if simd.is_none() {
+                assert_eq!(unpack_word(simd, word, &values, &mut out), None);
                 continue;
             }
-            assert_eq!(unpack_word(word, &values, &mut out), Some(false));
+            assert_eq!(unpack_word(simd, word, &values, &mut out), Some(false));
             let bits = |a: &[f32; 64]| a.map(f32::to_bits);
             assert_eq!(bits(&out), bits(&expected), "word {word:?}");
             // A stored +0.0 is told apart.
             if stored > 0 {
                 values[..4].copy_from_slice(&0f32.to_le_bytes());
-                assert_eq!(unpack_word(word, &values, &mut out), Some(true));
+                assert_eq!(unpack_word(simd, word, &values, &mut out), Some(true));
             }
             // Too few bytes for the last group's window: nothing written.
             let short = &values[..4 * stored];
@@ -1083,7 +1103,7 @@ mod tests {
                 + GROUP_BYTES
                 > short.len()
             {
-                assert_eq!(unpack_word(word, short, &mut untouched), None);
+                assert_eq!(unpack_word(simd, word, short, &mut untouched), None);
                 assert_eq!(bits(&untouched), [9f32.to_bits(); 64]);
             }
         }
