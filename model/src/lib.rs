@@ -20,6 +20,7 @@
 //! the same parameters, bit for bit, as the same model trained locally.
 
 mod conv;
+pub mod cpu;
 pub mod data;
 pub mod digest;
 mod error;

@@ -64,6 +64,7 @@ fn own_pool() -> Option<rayon::ThreadPool> {
     one_per_core()?
         .use_current_thread()
         .thread_name(|i| format!("{COMPUTE_THREAD_PREFIX}-{i}"))
+        .exit_handler(|_| crate::cpu::record_end())
         .build()
         .ok()
 }
@@ -100,6 +101,7 @@ fn update_pool() -> Option<rayon::ThreadPool> {
     one_per_core()?
         .thread_name(|i| format!("{UPDATE_THREAD_PREFIX}-{i}"))
         .start_handler(|_| lower_priority())
+        .exit_handler(|_| crate::cpu::record_end())
         .build()
         .ok()
 }
@@ -989,5 +991,54 @@ mod tests {
             "{} worker and helper threads, {before} before, {cores} cores",
             helpers()
         );
+    }
+
+    /// A worker's helper and update threads end with it; their clocks
+    /// stay readable (`mixnn bench paper` counts their CPU per party).
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_stopped_worker_s_helpers_leave_their_clocks() {
+        let gettid = || rustix::thread::gettid().as_raw_nonzero().get() as u32;
+        let w = worker();
+        w.forward(0, &HostTensor::zeros(vec![2, w.input_dim()]))
+            .expect("forward");
+        let (me, mut ids) = w
+            .call(move |st| {
+                let me = gettid();
+                let mut ids = rayon::broadcast(|_| gettid());
+                if let Some(pool) = &st.update {
+                    ids.extend(pool.broadcast(|_| gettid()));
+                }
+                (me, ids)
+            })
+            .expect("alive");
+        ids.retain(|&t| t != me);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        if cores < 2 {
+            assert!(ids.is_empty(), "{ids:?}");
+            return;
+        }
+        // One helper in the compute pool, one update thread per core.
+        assert_eq!(ids.len(), 2 * cores - 1, "{ids:?}");
+        drop(w);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let ended = loop {
+            let ended: Vec<_> = crate::cpu::ended_threads()
+                .into_iter()
+                .filter(|e| ids.contains(&e.tid))
+                .collect();
+            if ended.len() == ids.len() || std::time::Instant::now() > deadline {
+                break ended;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        assert_eq!(ended.len(), ids.len(), "{ended:?} of {ids:?}");
+        for e in &ended {
+            assert!(
+                e.name.starts_with(COMPUTE_THREAD_PREFIX)
+                    || e.name.starts_with(UPDATE_THREAD_PREFIX),
+                "{e:?}"
+            );
+        }
     }
 }

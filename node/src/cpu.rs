@@ -4,27 +4,60 @@
 
 use std::collections::BTreeMap;
 
-/// Nanoseconds of CPU the calling thread has used.
-pub fn thread_cpu_ns() -> Option<u64> {
-    schedstat(std::path::Path::new("/proc/thread-self/schedstat"))
-}
+pub use mixnn_model::cpu::thread_cpu_ns;
+use mixnn_model::cpu::{ended_threads, schedstat};
 
-/// Nanoseconds of CPU used by this process's live threads, summed by
-/// thread name (threads that ended are not counted).
-pub fn threads_cpu_ns() -> Option<BTreeMap<String, u64>> {
-    let mut out = BTreeMap::new();
-    for entry in std::fs::read_dir("/proc/self/task").ok()? {
-        let Ok(entry) = entry else { continue };
-        let dir = entry.path();
-        let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        let Some(ns) = schedstat(&dir.join("schedstat")) else {
-            continue;
-        };
-        *out.entry(name.trim_end().to_string()).or_insert(0) += ns;
+/// The CPU clocks of this process's threads at one moment, by thread id,
+/// with each thread's name: the live threads', and the final clocks of
+/// those that left them as they ended ([`mixnn_model::cpu::record_end`]:
+/// a slot worker's helper and update threads, which end with its job run).
+#[derive(Clone, Debug, Default)]
+pub struct ThreadClocks(BTreeMap<u32, (String, u64)>);
+
+impl ThreadClocks {
+    /// Reads every live thread's clock and the ended threads' last ones;
+    /// `None` off Linux.
+    pub fn read() -> Option<ThreadClocks> {
+        let mut out = BTreeMap::new();
+        for e in ended_threads() {
+            out.insert(e.tid, (e.name, e.cpu_ns));
+        }
+        for entry in std::fs::read_dir("/proc/self/task").ok()? {
+            let Ok(entry) = entry else { continue };
+            let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
+                continue;
+            };
+            let dir = entry.path();
+            // A thread may end between the listing and these reads.
+            let Ok(name) = std::fs::read_to_string(dir.join("comm")) else {
+                continue;
+            };
+            let Some(ns) = schedstat(&dir.join("schedstat")) else {
+                continue;
+            };
+            out.insert(tid, (name.trim_end().to_string(), ns));
+        }
+        Some(ThreadClocks(out))
     }
-    Some(out)
+
+    /// Nanoseconds of CPU each thread used since `before`, summed by
+    /// thread name. A thread started since counts in full. A thread that
+    /// ended since counts up to its last clock if it left one, and not at
+    /// all otherwise, so that an earlier run's threads that end meanwhile
+    /// take nothing away from this run's figures. A thread id the kernel
+    /// gave to a new thread (another name, or a clock that went back)
+    /// counts as new.
+    pub fn used_since(&self, before: &ThreadClocks) -> BTreeMap<String, u64> {
+        let mut out = BTreeMap::new();
+        for (tid, (name, ns)) in &self.0 {
+            let start = match before.0.get(tid) {
+                Some((was, then)) if was == name && then <= ns => *then,
+                _ => 0,
+            };
+            *out.entry(name.clone()).or_insert(0) += ns - start;
+        }
+        out
+    }
 }
 
 /// Nanoseconds of CPU the whole process has used (threads that ended
@@ -39,39 +72,167 @@ pub fn process_cpu_ns() -> Option<u64> {
     Some((utime + stime) * 10_000_000)
 }
 
-fn schedstat(path: &std::path::Path) -> Option<u64> {
-    let s = std::fs::read_to_string(path).ok()?;
-    s.split_whitespace().next()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn clocks(threads: &[(u32, &str, u64)]) -> ThreadClocks {
+        ThreadClocks(
+            threads
+                .iter()
+                .map(|&(tid, name, ns)| (tid, (name.to_string(), ns)))
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn each_thread_counts_what_it_used_since_and_ended_threads_take_nothing_away() {
+        let before = clocks(&[
+            (10, "party-0", 1_000),
+            (11, "pool", 5_000),
+            (12, "pool", 9_000_000), // an earlier run's helper, about to end
+            (13, "party-1", 7_000),
+        ]);
+        let after = clocks(&[
+            (10, "party-0", 1_600),
+            (11, "pool", 5_900),
+            (14, "pool", 300), // started since: counts in full
+            (13, "mix", 40),   // tid reused under another name
+        ]);
+        let used = after.used_since(&before);
+        assert_eq!(used.get("party-0"), Some(&600));
+        assert_eq!(used.get("pool"), Some(&(900 + 300)));
+        assert_eq!(used.get("mix"), Some(&40));
+        assert_eq!(used.get("party-1"), None);
+        // A reused tid whose clock went back counts as a new thread.
+        let reused = clocks(&[(10, "party-0", 200)]);
+        assert_eq!(reused.used_since(&before).get("party-0"), Some(&200));
+    }
+
+    /// Keeps the calling thread busy until its clock has moved `ms`
+    /// (or, without a clock to read, for `ms` of wall time).
+    fn spin(ms: u64) {
+        let wall = std::time::Instant::now();
+        let start = thread_cpu_ns();
+        let mut x = 0u64;
+        loop {
+            for _ in 0..10_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            let done = match (start, thread_cpu_ns()) {
+                (Some(s), Some(now)) => now.saturating_sub(s) >= ms * 1_000_000,
+                _ => wall.elapsed() >= std::time::Duration::from_millis(ms),
+            };
+            if done {
+                return;
+            }
+        }
+    }
+
     #[test]
     fn a_busy_thread_clock_moves_and_is_found_by_name() {
-        let Some(before) = thread_cpu_ns() else {
+        let (Some(before), Some(clocks_before)) = (thread_cpu_ns(), ThreadClocks::read()) else {
             // Not Linux: nothing to read.
-            assert!(threads_cpu_ns().is_none());
+            assert!(ThreadClocks::read().is_none());
             return;
         };
         let t = std::thread::Builder::new()
             .name("cpu-test-spin".into())
-            .spawn(|| {
-                let start = std::time::Instant::now();
-                let mut x = 0u64;
-                while start.elapsed() < std::time::Duration::from_millis(60) {
-                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
-                }
+            .spawn(move || {
+                spin(60);
                 let used = thread_cpu_ns().unwrap_or(0);
-                let by_name = threads_cpu_ns().unwrap_or_default();
+                let by_name = ThreadClocks::read()
+                    .unwrap_or_default()
+                    .used_since(&clocks_before);
                 (used, by_name.get("cpu-test-spin").copied().unwrap_or(0))
             })
             .expect("spawn");
         let (used, by_name) = t.join().expect("join");
-        assert!(used >= 20_000_000, "a 60 ms spin used {used} ns");
-        assert!(by_name >= 20_000_000, "{by_name}");
+        assert!(used >= 60_000_000, "a 60 ms spin used {used} ns");
+        assert!(by_name >= 60_000_000, "{by_name}");
         assert!(thread_cpu_ns().unwrap_or(0) >= before);
         assert!(process_cpu_ns().is_some());
+    }
+
+    #[test]
+    fn a_thread_that_ends_between_readings_does_not_hide_its_successor() {
+        // An earlier run's thread, busy before the first reading, ends
+        // before the second; a thread of the same name does this run's
+        // work. Summing clocks by name would give nothing (the earlier
+        // thread's clock leaves the sum); by thread, the successor's work.
+        const NAME: &str = "cpu-test-turn";
+        let (release, wait) = std::sync::mpsc::sync_channel::<()>(0);
+        let (ready, busy) = std::sync::mpsc::sync_channel::<()>(0);
+        let earlier = std::thread::Builder::new()
+            .name(NAME.into())
+            .spawn(move || {
+                spin(80);
+                let _ = ready.send(());
+                let _ = wait.recv();
+            })
+            .expect("spawn");
+        busy.recv().expect("the earlier thread ran");
+        let Some(before) = ThreadClocks::read() else {
+            drop(release);
+            let _ = earlier.join();
+            return;
+        };
+        drop(release);
+        earlier.join().expect("join");
+        let later = std::thread::Builder::new()
+            .name(NAME.into())
+            .spawn(move || {
+                spin(30);
+                ThreadClocks::read().unwrap_or_default().used_since(&before)
+            })
+            .expect("spawn");
+        let used = later.join().expect("join");
+        let ns = used.get(NAME).copied().unwrap_or(0);
+        assert!(
+            ns >= 30_000_000,
+            "the later thread's 30 ms spin counted {ns} ns"
+        );
+        assert!(
+            ns < 80_000_000,
+            "the earlier thread's 80 ms counted too: {ns} ns"
+        );
+    }
+
+    #[test]
+    fn a_thread_that_leaves_its_clock_as_it_ends_counts_up_to_its_end() {
+        // A slot worker's helper: busy before the first reading, busy
+        // again after it, then ended before the second.
+        const NAME: &str = "cpu-test-helper";
+        let (go, wait) = std::sync::mpsc::sync_channel::<()>(0);
+        let (ready, busy) = std::sync::mpsc::sync_channel::<()>(0);
+        let helper = std::thread::Builder::new()
+            .name(NAME.into())
+            .spawn(move || {
+                spin(40);
+                let _ = ready.send(());
+                if wait.recv().is_ok() {
+                    spin(30);
+                }
+                mixnn_model::cpu::record_end();
+            })
+            .expect("spawn");
+        busy.recv().expect("the helper ran");
+        let Some(before) = ThreadClocks::read() else {
+            drop(go);
+            let _ = helper.join();
+            return;
+        };
+        go.send(()).expect("the helper waits");
+        helper.join().expect("join");
+        let used = ThreadClocks::read().unwrap_or_default().used_since(&before);
+        let ns = used.get(NAME).copied().unwrap_or(0);
+        assert!(
+            ns >= 30_000_000,
+            "the helper's 30 ms after the reading counted {ns} ns"
+        );
+        assert!(
+            ns < 40_000_000,
+            "its 40 ms before the reading counted too: {ns} ns"
+        );
     }
 }

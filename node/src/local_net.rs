@@ -2,7 +2,7 @@
 //! (or the memory transport), each with its own data directory. `mixnn demo`
 //! and `mixnn bench` run jobs through it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -160,17 +160,17 @@ impl LocalNet {
         Self::start_inner(volunteers, transport, 5, None, true).await
     }
 
-    /// CPU nanoseconds each volunteer's threads have used so far (its slot
-    /// workers' not included: see the `host_worker_cpu_seconds` metric);
-    /// `None` unless started with [`LocalNet::start_parties`] on Linux.
-    pub fn party_cpu_ns(&self) -> Option<Vec<u64>> {
+    /// CPU nanoseconds each volunteer's threads used, out of `used` (CPU
+    /// by thread name, from [`crate::cpu::ThreadClocks::used_since`]; its
+    /// slot workers' not included: see the `host_worker_cpu_seconds`
+    /// metric); `None` unless started with [`LocalNet::start_parties`].
+    pub fn party_cpu_ns(&self, used: &BTreeMap<String, u64>) -> Option<Vec<u64>> {
         if self.threads.len() != self.volunteers.len() {
             return None;
         }
-        let by_name = crate::cpu::threads_cpu_ns()?;
         Some(
             (0..self.volunteers.len())
-                .map(|i| by_name.get(&party_thread_name(i)).copied().unwrap_or(0))
+                .map(|i| used.get(&party_thread_name(i)).copied().unwrap_or(0))
                 .collect(),
         )
     }

@@ -516,31 +516,21 @@ const COMPUTE_POOL: &str = mixnn_model::COMPUTE_THREAD_PREFIX;
 /// What the process and each volunteer had used at one moment.
 struct Usage {
     process: Option<u64>,
-    /// rayon's threads (the slot workers' helpers in matrix products, and
-    /// their update threads).
-    pool: Option<u64>,
-    /// Per volunteer: its threads' CPU (ns), its slot workers' CPU
-    /// (seconds), bytes it relayed or sent.
-    threads: Option<Vec<u64>>,
+    /// Every live thread's clock: the volunteers' threads, rayon's (the
+    /// slot workers' helpers in matrix products, and their update
+    /// threads) and the client's.
+    clocks: Option<crate::cpu::ThreadClocks>,
+    /// Per volunteer: its slot workers' CPU (seconds), bytes it relayed
+    /// or sent.
     workers: Vec<f64>,
     relayed: Vec<u64>,
 }
 
 impl Usage {
     fn read(net: &LocalNet) -> Usage {
-        let pool = crate::cpu::threads_cpu_ns().map(|t| {
-            t.iter()
-                .filter(|(name, _)| {
-                    name.starts_with(COMPUTE_POOL)
-                        || name.starts_with(mixnn_model::UPDATE_THREAD_PREFIX)
-                })
-                .map(|(_, ns)| ns)
-                .sum()
-        });
         Usage {
             process: crate::cpu::process_cpu_ns(),
-            pool,
-            threads: net.party_cpu_ns(),
+            clocks: crate::cpu::ThreadClocks::read(),
             workers: net
                 .volunteers
                 .iter()
@@ -571,20 +561,29 @@ fn party_costs(
     let hops: Vec<_> = rings.forward.iter().chain(&rings.backward).collect();
     let mut parties: Vec<(Option<usize>, PartyCost)> = Vec::new();
     let mut volunteers_ns = 0u64;
-    let pool_ns = match (before.pool, after.pool) {
-        (Some(b), Some(a)) => a.saturating_sub(b) as f64,
-        _ => 0.0,
+    // By thread, not by name: an earlier run's threads (the same names)
+    // that end during this one must not take their clocks out of its sums.
+    let used = match (&before.clocks, &after.clocks) {
+        (Some(b), Some(a)) => Some(a.used_since(b)),
+        _ => None,
     };
+    let pool_ns = used.as_ref().map_or(0.0, |used| {
+        used.iter()
+            .filter(|(name, _)| {
+                name.starts_with(COMPUTE_POOL)
+                    || name.starts_with(mixnn_model::UPDATE_THREAD_PREFIX)
+            })
+            .map(|(_, ns)| *ns as f64)
+            .sum()
+    });
+    let party_threads = used.as_ref().and_then(|used| net.party_cpu_ns(used));
     let worker_total: f64 = (0..net.volunteers.len())
         .map(|i| (after.workers[i] - before.workers[i]).max(0.0))
         .sum();
     for (i, node) in net.volunteers.iter().enumerate() {
         let peer = node.network.peer_id();
         let on_ring: Vec<_> = hops.iter().filter(|h| h.peer == peer).collect();
-        let threads = match (&before.threads, &after.threads) {
-            (Some(b), Some(a)) => a[i].saturating_sub(b[i]),
-            _ => 0,
-        };
+        let threads = party_threads.as_ref().map_or(0, |t| t[i]);
         let worker_s = (after.workers[i] - before.workers[i]).max(0.0);
         let pool_share = if worker_total > 0.0 {
             pool_ns * worker_s / worker_total
