@@ -154,6 +154,33 @@ mod tests {
         assert!(process_cpu_ns().is_some());
     }
 
+    /// Runs a thread named `name` that spins `first_ms`, waits while the
+    /// clocks are read, then runs `then` (where there was a reading) and
+    /// ends. Returns the reading, taken after the thread has ended.
+    fn read_between(
+        name: &str,
+        first_ms: u64,
+        then: impl FnOnce() + Send + 'static,
+    ) -> Option<ThreadClocks> {
+        let (go, wait) = std::sync::mpsc::sync_channel::<bool>(0);
+        let (ready, busy) = std::sync::mpsc::sync_channel::<()>(0);
+        let t = std::thread::Builder::new()
+            .name(name.into())
+            .spawn(move || {
+                spin(first_ms);
+                let _ = ready.send(());
+                if wait.recv() == Ok(true) {
+                    then();
+                }
+            })
+            .expect("spawn");
+        busy.recv().expect("the thread ran");
+        let reading = ThreadClocks::read();
+        go.send(reading.is_some()).expect("the thread waits");
+        t.join().expect("join");
+        reading
+    }
+
     #[test]
     fn a_thread_that_ends_between_readings_does_not_hide_its_successor() {
         // An earlier run's thread, busy before the first reading, ends
@@ -161,24 +188,9 @@ mod tests {
         // work. Summing clocks by name would give nothing (the earlier
         // thread's clock leaves the sum); by thread, the successor's work.
         const NAME: &str = "cpu-test-turn";
-        let (release, wait) = std::sync::mpsc::sync_channel::<()>(0);
-        let (ready, busy) = std::sync::mpsc::sync_channel::<()>(0);
-        let earlier = std::thread::Builder::new()
-            .name(NAME.into())
-            .spawn(move || {
-                spin(80);
-                let _ = ready.send(());
-                let _ = wait.recv();
-            })
-            .expect("spawn");
-        busy.recv().expect("the earlier thread ran");
-        let Some(before) = ThreadClocks::read() else {
-            drop(release);
-            let _ = earlier.join();
+        let Some(before) = read_between(NAME, 80, || {}) else {
             return;
         };
-        drop(release);
-        earlier.join().expect("join");
         let later = std::thread::Builder::new()
             .name(NAME.into())
             .spawn(move || {
@@ -186,15 +198,16 @@ mod tests {
                 ThreadClocks::read().unwrap_or_default().used_since(&before)
             })
             .expect("spawn");
-        let used = later.join().expect("join");
-        let ns = used.get(NAME).copied().unwrap_or(0);
+        // The later thread's 30 ms, not the earlier one's 80.
+        assert_counted(&later.join().expect("join"), NAME, 30, 80);
+    }
+
+    /// `used` holds at least `ms` and under `under_ms` for `name`.
+    fn assert_counted(used: &BTreeMap<String, u64>, name: &str, ms: u64, under_ms: u64) {
+        let ns = used.get(name).copied().unwrap_or(0);
         assert!(
-            ns >= 30_000_000,
-            "the later thread's 30 ms spin counted {ns} ns"
-        );
-        assert!(
-            ns < 80_000_000,
-            "the earlier thread's 80 ms counted too: {ns} ns"
+            (ms * 1_000_000..under_ms * 1_000_000).contains(&ns),
+            "{name}: {ns} ns counted, expected {ms} ms to under {under_ms} ms"
         );
     }
 
@@ -203,36 +216,14 @@ mod tests {
         // A slot worker's helper: busy before the first reading, busy
         // again after it, then ended before the second.
         const NAME: &str = "cpu-test-helper";
-        let (go, wait) = std::sync::mpsc::sync_channel::<()>(0);
-        let (ready, busy) = std::sync::mpsc::sync_channel::<()>(0);
-        let helper = std::thread::Builder::new()
-            .name(NAME.into())
-            .spawn(move || {
-                spin(40);
-                let _ = ready.send(());
-                if wait.recv().is_ok() {
-                    spin(30);
-                }
-                mixnn_model::cpu::record_end();
-            })
-            .expect("spawn");
-        busy.recv().expect("the helper ran");
-        let Some(before) = ThreadClocks::read() else {
-            drop(go);
-            let _ = helper.join();
+        let Some(before) = read_between(NAME, 40, || {
+            spin(30);
+            mixnn_model::cpu::record_end();
+        }) else {
             return;
         };
-        go.send(()).expect("the helper waits");
-        helper.join().expect("join");
         let used = ThreadClocks::read().unwrap_or_default().used_since(&before);
-        let ns = used.get(NAME).copied().unwrap_or(0);
-        assert!(
-            ns >= 30_000_000,
-            "the helper's 30 ms after the reading counted {ns} ns"
-        );
-        assert!(
-            ns < 40_000_000,
-            "its 40 ms before the reading counted too: {ns} ns"
-        );
+        // Its 30 ms after the reading, not the 40 before it.
+        assert_counted(&used, NAME, 30, 40);
     }
 }
