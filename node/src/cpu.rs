@@ -19,9 +19,6 @@ impl ThreadClocks {
     /// `None` off Linux.
     pub fn read() -> Option<ThreadClocks> {
         let mut out = BTreeMap::new();
-        for e in ended_threads() {
-            out.insert(e.tid, (e.name, e.cpu_ns));
-        }
         for entry in std::fs::read_dir("/proc/self/task").ok()? {
             let Ok(entry) = entry else { continue };
             let Some(tid) = entry.file_name().to_str().and_then(|t| t.parse().ok()) else {
@@ -36,6 +33,13 @@ impl ThreadClocks {
                 continue;
             };
             out.insert(tid, (name.trim_end().to_string(), ns));
+        }
+        // The ended threads after the live ones: a thread leaves its clock
+        // before it leaves `/proc`, so one that ends during the listing is
+        // found either way (read the other way round, a pool that ended
+        // in between was missed). A live thread's clock stands.
+        for e in ended_threads() {
+            out.entry(e.tid).or_insert((e.name, e.cpu_ns));
         }
         Some(ThreadClocks(out))
     }
